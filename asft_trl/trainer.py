@@ -25,7 +25,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from . import reference as ref_utils
 from .config import ASFTConfig
-from .data_checks import check_dataset_format, report_dropped
+from .data.checks import check_dataset_format, report_dropped
 from .losses import asft_loss, weight_stats
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class ASFTTrainer(SFTTrainer):
             dict_args = args.to_dict()
             dict_args["hub_token"] = args.hub_token  # to_dict hides the hub_token
             args = ASFTConfig(**{k: v for k, v in dict_args.items() if k in ASFTConfig.__dataclass_fields__})
-        if ref_model is not None and ref_model is model:
+        if ref_model is not None and not isinstance(ref_model, str) and ref_model is model:
             raise ValueError(
                 "`model` and `ref_model` are the same object, so the anchor would move with the policy. Omit "
                 "`ref_model`: a frozen copy of the starting model (or, under PEFT, the adapters switched off) is used."

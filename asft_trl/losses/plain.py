@@ -38,13 +38,15 @@ class TokenTerms:
 def kl_per_token(log_p_from: torch.Tensor, log_p_to: torch.Tensor) -> torch.Tensor:
     """KL(from || to) per row, summed over the last (vocabulary) dimension.
 
-    Written as sum_v from_v * f(d_v) with d = log from - log to and f(d) = exp(-d) - 1 + d, which equals the textbook
-    sum_v from_v * d_v (because sum_v to_v = 1) but is a sum of non-negative terms: rounding can't make it negative,
-    and it is exactly 0 when the two distributions are equal. Terms below 0 by rounding (|d| ~ 1e-7) are clamped,
-    which moves the gradient by less than the float32 noise of the textbook form.
+    Written as sum_v [ (to_v - from_v) + from_v * (log from_v - log to_v) ], which equals the textbook
+    sum_v from_v * (log from_v - log to_v) (the added terms sum to 0) but is a sum of non-negative terms
+    (x - 1 - log x >= 0 with x = to_v / from_v, times from_v): rounding can't make the KL negative, and it is exactly 0
+    when the two distributions are equal. Terms that rounding pushes below 0 (where from_v ~ to_v) are clamped, which
+    moves the gradient by less than the float32 noise of the textbook form.
     """
-    d = log_p_from - log_p_to
-    return (log_p_from.exp() * (torch.expm1(-d) + d).clamp_min(0)).sum(-1)
+    p_from = log_p_from.exp()
+    terms = (log_p_to.exp() - p_from) + p_from * (log_p_from - log_p_to)
+    return terms.clamp_min(0).sum(-1)
 
 
 def asft_token_terms(

@@ -1,0 +1,57 @@
+"""Turn a recipe's dataset fields into a `DatasetDict`: a Hub id, a local file, a TRL dataset mixture, or a task this
+package generates (no download). Only loading: formatting and checks live elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import DatasetDict, load_dataset
+
+
+
+def _quickstart_splits(seed: int) -> DatasetDict:
+    from ..quickstart.task import make_splits
+
+    return make_splits(seed=seed)
+
+
+# Generated datasets, by the name a recipe uses as `dataset_name`. Each builder takes the seed and returns splits.
+GENERATED_DATASETS = {
+    "asft/quickstart": _quickstart_splits,
+}
+
+_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+def load_training_data(script_args, dataset_args=None, seed: int = 42) -> DatasetDict:
+    """Load the recipe's dataset.
+
+    `dataset_name` may be a generated dataset (see GENERATED_DATASETS), a local file (json/jsonl/parquet/csv), a
+    local directory saved with `save_to_disk`, or anything `datasets.load_dataset` accepts. A TRL dataset mixture
+    (`datasets:` in the recipe) takes precedence, as in `trl sft`.
+    """
+    if dataset_args is not None and getattr(dataset_args, "datasets", None):
+        from trl import get_dataset
+
+        return get_dataset(dataset_args)
+    name = script_args.dataset_name
+    if not name:
+        raise ValueError(
+            "No dataset given. Set `dataset_name` in the recipe (a Hub id, a local .json/.jsonl/.parquet/.csv file, or "
+            f"one of the generated datasets {sorted(GENERATED_DATASETS)}), or a `datasets:` mixture."
+        )
+    if name in GENERATED_DATASETS:
+        return GENERATED_DATASETS[name](seed=seed)
+    path = Path(name)
+    if path.is_file():
+        builder = _LOCAL_FORMATS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"dataset_name={name!r} is a file of an unknown type. Use one of {sorted(_LOCAL_FORMATS)}."
+            )
+        return load_dataset(builder, data_files={script_args.dataset_train_split: str(path)})
+    if path.is_dir() and (path / "dataset_dict.json").exists():
+        from datasets import load_from_disk
+
+        return load_from_disk(str(path))
+    return load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)

@@ -1,0 +1,57 @@
+"""What a run tells a person at its end: held-out metrics before and after, final loss and KL, where the model went.
+
+Only reads the trainer's state and runs evaluation; it never changes the model or the files of the run.
+"""
+
+from __future__ import annotations
+
+HELD_OUT_KEYS = ("eval_loss", "eval_nll", "eval_kl", "eval_mean_token_accuracy")
+
+
+def held_out_report(trainer, eval_dataset, script_args) -> dict:
+    """Evaluate on the held-out split: the trainer's eval metrics, plus the task metric when the recipe names one."""
+    metrics = trainer.evaluate()
+    report = {key: metrics[key] for key in HELD_OUT_KEYS if key in metrics}
+    if getattr(script_args, "held_out_metric", None) == "quickstart":
+        from .quickstart.task import score
+
+        subset = eval_dataset.select(range(min(script_args.held_out_size, len(eval_dataset))))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        model.eval()
+        report.update(score(model, trainer.processing_class, subset))
+        model.train(was_training)
+    return report
+
+
+def _last(history: list[dict], key: str):
+    for entry in reversed(history):
+        if key in entry:
+            return entry[key]
+    return None
+
+
+def print_summary(trainer, before: dict, after: dict) -> None:
+    args = trainer.args
+    history = trainer.state.log_history
+    lines = [
+        "",
+        f"== {args.method_name} run finished (loss_type={args.loss_type}, kl_coef={args.kl_coef}, "
+        f"kl_direction={args.kl_direction}) ==",
+        f"  steps: {trainer.state.global_step}   train runtime: {_last(history, 'train_runtime') or 0:.1f}s",
+        f"  final train loss: {_fmt(_last(history, 'loss'))}   final KL to the reference: {_fmt(_last(history, 'kl'))}"
+        f"   DFT weight ESS: {_fmt(_last(history, 'dft_weight_ess'))}",
+    ]
+    dropped = {k: v for k, v in getattr(trainer, "dropped_examples", {}).items() if v}
+    if dropped:
+        lines.append(f"  examples dropped (completion truncated to nothing): {dropped}")
+    if before or after:
+        lines.append("  held-out            before      after")
+        for key in sorted(set(before) | set(after)):
+            lines.append(f"    {key:<16} {_fmt(before.get(key)):>9}  {_fmt(after.get(key)):>9}")
+    lines.append(f"  model saved to: {args.output_dir}")
+    trainer.accelerator.print("\n".join(lines))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,147 @@
+"""The training script: parse the recipe -> load model and data -> ASFTTrainer -> train -> save -> summary.
+
+Run it as `asft-trl train --config recipes/X.yaml [--field value ...]`, or under accelerate/torchrun as
+`accelerate launch [--config_file ...] -m asft_trl.train --config recipes/X.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+from .config import ASFTConfig
+
+
+@dataclass
+class ASFTScriptArguments(ScriptArguments):
+    """Script arguments of `trl sft`, plus what an ASFT run needs around the trainer."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id, local .json/.jsonl/.parquet/.csv file, `save_to_disk` folder, or a generated dataset "
+            "(asft/quickstart)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow training into an output_dir that already holds a run (its files are replaced)."},
+    )
+    held_out_metric: str | None = field(
+        default=None,
+        metadata={
+            "help": "Task metric to report on the test split before and after training: 'quickstart' (exact match of "
+            "greedy answers on the generated task). The eval loss is reported whenever there is a test split."
+        },
+    )
+    held_out_size: int = field(default=64, metadata={"help": "Number of test examples the task metric scores."})
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Accelerate config for `asft-trl train`: a file path or one of TRL's names (single_gpu, "
+            "multi_gpu, zero1, zero2, zero3, fsdp1, fsdp2). Ignored when the script is started by accelerate or "
+            "torchrun directly."
+        },
+    )
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    return TrlParser((ASFTScriptArguments, ASFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+
+
+def check_output_dir(output_dir: str, resume_from_checkpoint, overwrite: bool) -> None:
+    """Refuse to train over an earlier run unless resuming it or told to overwrite: nothing written is lost silently."""
+    path = Path(output_dir)
+    if resume_from_checkpoint or overwrite or not path.is_dir():
+        return
+    previous = sorted(p.name for p in path.iterdir() if p.name.startswith("checkpoint-") or p.suffix in (
+        ".safetensors", ".bin") or p.name in ("trainer_state.json", "adapter_config.json", "config.json"))
+    if previous:
+        raise FileExistsError(
+            f"output_dir={output_dir!r} already holds a run ({', '.join(previous[:4])}). Fix: resume it with "
+            "--resume_from_checkpoint true (or a checkpoint path), choose another --output_dir, or pass "
+            "--overwrite_output_dir true to replace it."
+        )
+
+
+def _resume_value(value):
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "0", ""):
+        return None
+    return value
+
+
+def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig, dataset_args=None):
+    from accelerate.logging import get_logger
+    from trl import get_peft_config, get_quantization_config
+
+    from .data import load_training_data
+    from accelerate import PartialState
+
+    from .quickstart.model import HUB_ID, resolve_quickstart_model
+    from .summary import held_out_report, print_summary
+    from .trainer import ASFTTrainer
+
+    logger = get_logger(__name__)
+    resume = _resume_value(training_args.resume_from_checkpoint)
+    check_output_dir(training_args.output_dir, resume, script_args.overwrite_output_dir)
+
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+    model_path = model_args.model_name_or_path
+    if model_path == HUB_ID:  # the quickstart model: the Hub when reachable, else the offline GGUF copy
+        with PartialState().main_process_first():
+            model_path = resolve_quickstart_model(model_path, cache_dir=os.path.join("outputs", "models"))
+
+    splits = load_training_data(script_args, dataset_args, seed=training_args.seed)
+    train_split = splits[script_args.dataset_train_split]
+    has_test = script_args.dataset_test_split in splits
+    eval_split = splits[script_args.dataset_test_split] if has_test else None
+
+    trainer = ASFTTrainer(
+        model=model_path,
+        args=training_args,
+        train_dataset=train_split,
+        eval_dataset=eval_split if training_args.eval_strategy != "no" or has_test else None,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+    )
+    logger.info(f"Method: {training_args.method_name} (loss_type={training_args.loss_type}, kl_coef={training_args.kl_coef})")
+
+    before = held_out_report(trainer, eval_split, script_args) if eval_split is not None else {}
+    trainer.train(resume_from_checkpoint=resume)
+    after = held_out_report(trainer, eval_split, script_args) if eval_split is not None else {}
+
+    trainer.save_model(training_args.output_dir)
+    trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=script_args.dataset_name)
+    if trainer.accelerator.is_main_process:
+        report = {"method": training_args.method_name, "before": before, "after": after,
+                  "dropped_examples": trainer.dropped_examples}
+        with open(os.path.join(training_args.output_dir, "held_out.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        print_summary(trainer, before, after)
+    trainer.accelerator.wait_for_everyone()
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return trainer
+
+
+def parse(argv: list[str] | None = None, prog: str | None = None):
+    """Parse a recipe plus overrides; unknown fields (in the YAML or on the command line) are an error."""
+    return make_parser(prog=prog).parse_args_and_config(argv, fail_with_unknown_args=True)
+
+
+if __name__ == "__main__":
+    main(*parse(prog="python -m asft_trl.train"))

@@ -1,0 +1,65 @@
+"""ASFTConfig: defaults, the four methods as two switches, and errors that name the field and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from trl import SFTConfig
+
+from asft_trl import ASFTConfig
+
+NEW_FIELDS = ["kl_coef", "kl_direction", "loss_type", "ref_model_name_or_path", "ref_model_init_kwargs", "disable_dropout"]
+
+
+def test_defaults_are_the_papers_asft(tmp_path):
+    args = ASFTConfig(output_dir=str(tmp_path))
+    assert isinstance(args, SFTConfig)
+    assert (args.kl_coef, args.kl_direction, args.loss_type) == (0.05, "forward", "dft")
+    assert args.method_name == "ASFT"
+
+
+@pytest.mark.parametrize(
+    "loss_type, kl_coef, name", [("nll", 0.0, "SFT"), ("dft", 0.0, "DFT"), ("nll", 0.1, "SFT+KL"), ("dft", 0.1, "ASFT")]
+)
+def test_four_methods_are_two_switches(tmp_path, loss_type, kl_coef, name):
+    assert ASFTConfig(output_dir=str(tmp_path), loss_type=loss_type, kl_coef=kl_coef).method_name == name
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("kl_coef", -0.1, ["kl_coef=-0.1", ">= 0"]),
+        ("kl_coef", float("nan"), ["kl_coef=nan", "finite"]),
+        ("kl_coef", float("inf"), ["kl_coef=inf", "finite"]),
+        ("kl_coef", "lots", ["kl_coef='lots'", "float"]),
+        ("kl_direction", "backward", ["kl_direction='backward'", "'forward'", "'reverse'"]),
+        ("loss_type", "focal", ["loss_type='focal'", "'dft'", "'nll'"]),
+        ("ref_model_init_kwargs", "[1, 2]", ["ref_model_init_kwargs"]),
+    ],
+)
+def test_bad_values_name_the_field_the_value_and_the_fix(tmp_path, field, value, words):
+    with pytest.raises(ValueError) as error:
+        ASFTConfig(output_dir=str(tmp_path), **{field: value})
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_every_new_field_is_documented_twice():
+    fields = {f.name: f for f in dataclasses.fields(ASFTConfig)}
+    for name in NEW_FIELDS:
+        assert fields[name].metadata.get("help"), f"{name} has no metadata help"
+        assert f"{name} (`" in ASFTConfig.__doc__, f"{name} is missing from the docstring"
+
+
+def test_dict_field_accepts_json_from_the_command_line(tmp_path):
+    args = ASFTConfig(output_dir=str(tmp_path), ref_model_init_kwargs='{"dtype": "bfloat16"}')
+    assert args.ref_model_init_kwargs == {"dtype": "bfloat16"}
+
+
+def test_cpu_only_machine_does_not_need_extra_flags(tmp_path):
+    import torch
+
+    args = ASFTConfig(output_dir=str(tmp_path))
+    if not torch.cuda.is_available():
+        assert args.bf16 is False
