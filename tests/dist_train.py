@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             "world_size": trainer.args.world_size,
             "distributed_type": str(trainer.accelerator.distributed_type),
             "log_history": trainer.state.log_history,
-            "train_dataset_input_ids": trainer.train_dataset["input_ids"],
+            "train_dataset_input_ids": [list(row) for row in trainer.train_dataset["input_ids"]],
         }
         (out / "result.json").write_text(json.dumps(result))
     trainer.accelerator.wait_for_everyone()

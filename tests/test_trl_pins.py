@@ -1,0 +1,62 @@
+"""Pins the TRL internals asft-trl relies on. A TRL upgrade that moves any of them fails here, loudly, first."""
+
+from __future__ import annotations
+
+import inspect
+
+import trl
+from packaging.version import Version
+from trl import SFTConfig, SFTTrainer
+
+
+def test_trl_version_in_supported_range():
+    assert Version("1.16") <= Version(trl.__version__) < Version("2"), trl.__version__
+
+
+def test_sft_trainer_private_hooks():
+    # We override `_prepare_dataset` with this exact signature to check formats and count dropped rows
+    params = list(inspect.signature(SFTTrainer._prepare_dataset).parameters)
+    assert params == ["self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"]
+    source = inspect.getsource(SFTTrainer.__init__)
+    # Metrics mechanism, token counting, MoE aux loss and model tags that compute_loss reuses
+    for name in ("self._metrics", "self._total_train_tokens", "self._tp_size", "self.aux_loss_enabled",
+                 "self.router_aux_loss_coef", "self._tag_names", "add_fused_lm_head"):
+        assert name in source, name
+    assert "_name" in vars(SFTTrainer) and "_tag_names" in vars(SFTTrainer)
+    assert hasattr(SFTTrainer, "_paper") and hasattr(SFTTrainer, "get_tp_size")
+
+
+def test_fused_lm_head_contract():
+    from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
+
+    fields = FusedCausalLMOutput.__dataclass_fields__
+    assert {"log_probs", "label_mask"} <= set(fields)
+    assert "fused_lm_head=True" in inspect.getsource(SFTTrainer.compute_loss)
+    # The patch is an instance attribute that `reference.frozen_copy` drops from the copy
+    assert "model.forward = types.MethodType" in inspect.getsource(add_fused_lm_head)
+
+
+def test_reference_model_utilities():
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from trl.models import prepare_deepspeed, prepare_fsdp
+    from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
+
+    assert list(inspect.signature(prepare_deepspeed).parameters) == ["model", "accelerator"]
+    assert list(inspect.signature(prepare_fsdp).parameters) == ["model", "accelerator"]
+    assert "adapter_name" in inspect.signature(use_adapter).parameters
+    assert callable(create_model_from_path) and callable(disable_dropout_in_model) and callable(get_config_model_id)
+    assert resolve_accelerate_config_argument(["--accelerate_config", "zero3"])[0] == "--config_file"
+
+
+def test_config_internals():
+    assert "model_init_kwargs" in SFTConfig._VALID_DICT_FIELDS
+    assert SFTConfig.__dataclass_fields__["loss_type"].default == "nll"
+
+
+def test_transformers_counts_items_for_models_that_accept_loss_kwargs():
+    """ASFTTrainer sets `model_accepts_loss_kwargs = True` so `num_items_in_batch` is always counted."""
+    from transformers import Trainer
+
+    assert "self.model_accepts_loss_kwargs" in inspect.getsource(Trainer._get_num_items_in_batch) or \
+        "model_accepts_loss_kwargs" in inspect.getsource(Trainer)
+    assert hasattr(Trainer, "loss_is_scaled_for_ga")
