@@ -6,8 +6,8 @@ tests/dist_train.py ...`, gloo on CPU). It writes into `--out`:
 - `weights.pt` (main process only): the trained model's state dict, moved to CPU;
 - `result.json` (main process only): `num_processes`, `world_size`, the Trainer's `log_history`;
 - `batches-rank{k}.json` (every process): for each micro-batch the optimizer step it belonged to, the unpadded
-  `input_ids` rows it held, and the `num_items_in_batch` it was normalised by, so the test can check that each
-  optimizer step covered the same global set of examples as the single-process run.
+  `input_ids` rows it held, the `num_items_in_batch` it was normalised by and its own completion-token count, so the
+  test can check that each optimizer step covered the same global set of examples as the single-process run.
 
 `make_dataset()` and `training_args()` are imported by the test too, so the in-process and the launched runs share
 one definition of the data and of the settings.
@@ -81,7 +81,8 @@ def training_args(output_dir, *, batch_size: int, grad_accum: int, learning_rate
 
 
 def recording_trainer_class():
-    """ASFTTrainer that records, per micro-batch, the optimizer step, the unpadded rows and `num_items_in_batch`."""
+    """ASFTTrainer that records, per micro-batch, the optimizer step, the unpadded rows, `num_items_in_batch` and the
+    micro-batch's own completion-token count."""
     from asft_trl import ASFTTrainer
 
     class RecordingASFTTrainer(ASFTTrainer):
@@ -90,9 +91,12 @@ def recording_trainer_class():
                 ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
                 rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
                 n = num_items_in_batch.item() if hasattr(num_items_in_batch, "item") else num_items_in_batch
+                local = int((inputs["labels"][:, 1:] != -100).sum())  # this micro-batch's completion tokens
                 if not hasattr(self, "recorded_batches"):
                     self.recorded_batches = []
-                self.recorded_batches.append({"step": self.state.global_step, "rows": rows, "num_items": n})
+                self.recorded_batches.append(
+                    {"step": self.state.global_step, "rows": rows, "num_items": n, "local_items": local}
+                )
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     return RecordingASFTTrainer
