@@ -27,8 +27,10 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# Each run gets its own output folder, so an earlier run is never overwritten
 quickstart: $(STAMP)
-	$(VENV)/bin/asft-trl train --config recipes/quickstart.yaml
+	HF_HUB_DISABLE_TELEMETRY=1 $(VENV)/bin/asft-trl train --config recipes/quickstart.yaml \
+		--output_dir outputs/quickstart/$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

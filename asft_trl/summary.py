@@ -16,11 +16,9 @@ def held_out_report(trainer, eval_dataset, script_args) -> dict:
         from .quickstart.task import score
 
         subset = eval_dataset.select(range(min(script_args.held_out_size, len(eval_dataset))))
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        was_training = model.training
-        model.eval()
-        report.update(score(model, trainer.processing_class, subset))
-        model.train(was_training)
+        result = score(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, subset)
+        report["task_accuracy"] = result["accuracy"]
+        report["task_examples_wrong"] = [list(f) for f in result["failures"]]
     return report
 
 
@@ -48,6 +46,8 @@ def print_summary(trainer, before: dict, after: dict) -> None:
     if before or after:
         lines.append("  held-out            before      after")
         for key in sorted(set(before) | set(after)):
+            if not isinstance(before.get(key, after.get(key)), (int, float)):
+                continue
             lines.append(f"    {key:<16} {_fmt(before.get(key)):>9}  {_fmt(after.get(key)):>9}")
     lines.append(f"  model saved to: {args.output_dir}")
     trainer.accelerator.print("\n".join(lines))

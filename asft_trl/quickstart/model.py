@@ -54,6 +54,8 @@ def _fix_special_tokens(tokenizer, model) -> None:
         tokenizer.eos_token = END_OF_TURN
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # GGUF tokenizers come without a length limit (model_max_length ~1e30); use the model's context size instead.
+    tokenizer.model_max_length = model.config.max_position_embeddings
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
