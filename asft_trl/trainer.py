@@ -193,7 +193,7 @@ class ASFTTrainer(SFTTrainer):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if self._fused_capture is not None:
                 log_probs, mask = self._fused_capture
-                self._log_weight_metrics(log_probs[mask])
+                self._log_completion_metrics("train" if self.model.training else "eval", -log_probs[mask])
                 self._fused_capture = None
             return result
         return self._compute_anchored_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -237,30 +237,28 @@ class ASFTTrainer(SFTTrainer):
         local = torch.stack([v.detach().float().sum() for v in values])
         return self.accelerator.gather_for_metrics(local.unsqueeze(0)).sum(0).tolist()
 
-    def _log_weight_metrics(self, token_log_probs: torch.Tensor) -> None:
-        # Logged for "nll" too (as p(y_t)), so SFT and DFT runs can be compared on the same scale
-        mode = "train" if self.model.training else "eval"
-        weight = token_log_probs.float().exp()
-        count, nll, w_sum, w_sq = self._gathered_sums(torch.ones_like(weight), -token_log_probs, weight, weight**2)
-        mean, ess = weight_stats(torch.tensor(w_sum), torch.tensor(w_sq), torch.tensor(count))
-        self._metrics[mode]["nll"].append(nll / count if count else 0.0)
-        self._metrics[mode]["dft_weight_mean"].append(mean)
-        self._metrics[mode]["dft_weight_ess"].append(ess)
+    def _log_completion_metrics(self, mode: str, nll: torch.Tensor, **per_token: torch.Tensor) -> None:
+        """Log the mean `nll`, the DFT weight statistics of p(y_t) = exp(-nll), and the mean of each `per_token` term.
 
-    def _log_token_metrics(self, mode: str, terms, inputs) -> None:
-        prob = terms.nll.neg().exp()
-        count, kl, nll, w_sum, w_sq, entropy, top1 = self._gathered_sums(
-            torch.ones_like(terms.nll), terms.kl, terms.nll, prob, prob**2, terms.entropy, terms.is_top1
+        The weights are logged for "nll" runs too, so SFT and DFT runs can be compared on the same scale.
+        """
+        prob = nll.float().neg().exp()
+        count, nll_sum, w_sum, w_sq, *sums = self._gathered_sums(
+            torch.ones_like(prob), nll, prob, prob**2, *per_token.values()
         )
         mean, ess = weight_stats(torch.tensor(w_sum), torch.tensor(w_sq), torch.tensor(count))
-        per_token = (lambda total: total / count) if count else (lambda total: 0.0)
         metrics = self._metrics[mode]
-        metrics["kl"].append(per_token(kl))
-        metrics["nll"].append(per_token(nll))
+        metrics["nll"].append(nll_sum / count if count else 0.0)
         metrics["dft_weight_mean"].append(mean)
         metrics["dft_weight_ess"].append(ess)
-        metrics["entropy"].append(per_token(entropy))
-        metrics["mean_token_accuracy"].append(per_token(top1))
+        for name, total in zip(per_token, sums):
+            metrics[name].append(total / count if count else 0.0)
+
+    def _log_token_metrics(self, mode: str, terms, inputs) -> None:
+        self._log_completion_metrics(
+            mode, terms.nll, kl=terms.kl, entropy=terms.entropy, mean_token_accuracy=terms.is_top1
+        )
+        metrics = self._metrics[mode]
         if mode == "train":
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
