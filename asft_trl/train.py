@@ -6,7 +6,6 @@ Run it as `asft-trl train --config recipes/X.yaml [--field value ...]`, or under
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -78,12 +77,11 @@ def _resume_value(value):
 
 
 def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig, dataset_args=None):
+    from accelerate import PartialState
     from accelerate.logging import get_logger
     from trl import get_peft_config, get_quantization_config
 
     from .data import load_training_data
-    from accelerate import PartialState
-
     from .quickstart.model import HUB_ID, resolve_quickstart_model
     from .summary import held_out_report, print_summary
     from .trainer import ASFTTrainer
@@ -107,14 +105,13 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
 
     splits = load_training_data(script_args, dataset_args, seed=training_args.seed)
     train_split = splits[script_args.dataset_train_split]
-    has_test = script_args.dataset_test_split in splits
-    eval_split = splits[script_args.dataset_test_split] if has_test else None
+    eval_split = splits[script_args.dataset_test_split] if script_args.dataset_test_split in splits else None
 
     trainer = ASFTTrainer(
         model=model_path,
         args=training_args,
         train_dataset=train_split,
-        eval_dataset=eval_split if training_args.eval_strategy != "no" or has_test else None,
+        eval_dataset=eval_split,
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )

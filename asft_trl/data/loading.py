@@ -8,7 +8,6 @@ from pathlib import Path
 from datasets import DatasetDict, load_dataset
 
 
-
 def _quickstart_splits(seed: int) -> DatasetDict:
     from ..quickstart.task import make_splits
 

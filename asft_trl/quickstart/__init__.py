@@ -3,7 +3,7 @@
     from asft_trl.quickstart import HUB_ID, resolve_quickstart_model, make_splits, score
 
     model_path = resolve_quickstart_model(HUB_ID, cache_dir="~/.cache/asft-trl")  # Hub id, or offline GGUF copy
-    splits = make_splits(n_train=640, n_eval=64, seed=0)                           # "reverse these words" task
+    splits = make_splits(seed=0)                  # "reverse these words": 800 train, 64 held-out prompts
     score(model, tokenizer, splits["test"])["accuracy"]                             # greedy exact match
 """
 
