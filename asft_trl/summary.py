@@ -44,11 +44,11 @@ def print_summary(trainer, before: dict, after: dict) -> None:
     if dropped:
         lines.append(f"  examples dropped (completion truncated to nothing): {dropped}")
     if before or after:
-        lines.append("  held-out            before      after")
+        lines.append(f"  {'held-out':<28} {'before':>9}  {'after':>9}")
         for key in sorted(set(before) | set(after)):
             if not isinstance(before.get(key, after.get(key)), (int, float)):
                 continue
-            lines.append(f"    {key:<16} {_fmt(before.get(key)):>9}  {_fmt(after.get(key)):>9}")
+            lines.append(f"    {key:<26} {_fmt(before.get(key)):>9}  {_fmt(after.get(key)):>9}")
     lines.append(f"  model saved to: {args.output_dir}")
     trainer.accelerator.print("\n".join(lines))
 
