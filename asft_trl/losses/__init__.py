@@ -1,9 +1,11 @@
 """The ASFT objective as pure functions of tensors.
 
-Nothing in this package knows about models, trainers or processes: it takes logits (or, later, hidden states and
-head weights) and labels, and returns per-token terms and the normalised loss. The trainer wires models to it.
+Nothing in this package knows about models, trainers or processes. `plain` takes logits and is the reference;
+`fused` takes hidden states and head weights and never builds the [tokens x vocab] logits; both return per-token
+terms and the normalised loss, and the tests hold them to each other. The trainer wires models to them.
 """
 
+from .fused import HeadTransform, auto_chunk_size, chunked_asft_loss
 from .plain import (
     KL_DIRECTIONS,
     LOSS_TYPES,
@@ -17,9 +19,12 @@ from .plain import (
 __all__ = [
     "KL_DIRECTIONS",
     "LOSS_TYPES",
+    "HeadTransform",
     "TokenTerms",
     "asft_loss",
     "asft_token_terms",
+    "auto_chunk_size",
+    "chunked_asft_loss",
     "kl_per_token",
     "weight_stats",
 ]

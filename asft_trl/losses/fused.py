@@ -1,0 +1,253 @@
+"""Chunked, fused ASFT loss: the loss and its gradients from hidden states and LM-head weights, never building the
+[tokens x vocab] logits of the policy or the reference.
+
+The scored positions are walked in chunks of `chunk_size` tokens. For each chunk, both heads are projected over the
+full vocabulary in float32, the per-token task term, DFT weight and KL are computed, and the gradient with respect to
+the chunk's hidden states (and, when trainable, the head weight and bias) is formed from the closed-form logit
+gradient in the same pass (see docs/method.md):
+
+    forward KL:  dL/dz = w (p - onehot(y)) + kl_coef (p - p_ref)
+    reverse KL:  dL/dz = w (p - onehot(y)) + kl_coef p ((log p - log p_ref) - KL)
+
+so the backward pass only rescales stored gradients. Peak extra memory is a few [chunk x vocab] float32 buffers plus
+the float32 gradients of the inputs, whatever the sequence length and batch size.
+
+`asft_trl.losses.plain` is the reference this module is tested against (loss and gradients). Like it, this module
+knows nothing of models, trainers or processes: the caller selects the scored positions and passes the heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .plain import KL_DIRECTIONS, LOSS_TYPES, TokenTerms
+
+# [chunk x vocab] float32 elements per buffer when `chunk_size` is not given: 16 MiB on CPU, 256 MiB on a GPU, where
+# small chunks would leave the matrix multiplications memory-bound
+_AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a model's head does after `hidden @ weight.T + bias`: z = softcap * tanh(scale * y / softcap)."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def auto_chunk_size(vocab_size: int, device: torch.device) -> int:
+    """Tokens per chunk when none is given: as many as fit a fixed [chunk x vocab] budget for the device."""
+    budget = _AUTO_CHUNK_ELEMENTS.get(torch.device(device).type, _AUTO_CHUNK_ELEMENTS["cuda"])
+    return max(1, budget // max(1, vocab_size))
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: a GPU multiplies low-precision inputs into a float32 result; elsewhere everything is float32."""
+    if hidden.is_cuda:
+        for tensor in (hidden, weight):
+            if tensor.dtype in (torch.bfloat16, torch.float16):
+                return tensor.dtype
+    return torch.float32
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b as float32, computed in `dtype` (products never rounded to it); added into `out` when given."""
+    if dtype == torch.float32:
+        a, b = a.float(), b.float()
+        return a @ b if out is None else out.addmm_(a, b)
+    a, b = a.to(dtype), b.to(dtype)
+    if out is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+
+
+def _project(hidden, weight, bias, dtype) -> torch.Tensor:
+    out = _mm(hidden, weight.t(), dtype)
+    if bias is not None:
+        out += bias.float()
+    return out
+
+
+def _transform(y: torch.Tensor, head: HeadTransform) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply the head transform in place; return the logits and tanh (kept for the gradient) when soft-capping."""
+    if head.logit_scale != 1.0:
+        y.mul_(head.logit_scale)
+    if head.softcap is None:
+        return y, None
+    t = y.div_(head.softcap).tanh_()
+    return t * head.softcap, t
+
+
+def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[i, v] * b[i, v] without a [rows x vocab] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
+
+
+class _ChunkedASFT(torch.autograd.Function):
+    """sum_t (task_t + kl_coef * kl_t) for the scored tokens, with the gradients computed during the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, options):
+        kl_coef, loss_type, kl_direction, head, ref_head, chunk_size = options
+        n, vocab = hidden.shape[0], weight.shape[0]
+        device = hidden.device
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        use_ref = kl_coef > 0
+
+        grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, device=device, dtype=torch.float32) if needs_weight else None
+        grad_bias = torch.zeros(bias.shape, device=device, dtype=torch.float32) if needs_bias else None
+        # Cast once here rather than once per chunk (a no-op when the weights already have the compute dtype)
+        dtype = _compute_dtype(hidden, weight)
+        w_mm = weight.to(dtype)
+        w_ref_mm = ref_weight.to(_compute_dtype(ref_hidden, ref_weight)) if use_ref else None
+
+        per_token = {k: torch.zeros(n, device=device, dtype=torch.float32) for k in ("nll", "kl", "entropy")}
+        is_top1 = torch.zeros(n, device=device, dtype=torch.bool)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        rows_all = torch.arange(min(n, chunk_size), device=device)
+
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            rows, y = rows_all[: end - start], labels[start:end]
+            h = hidden[start:end]
+
+            log_p, tanh_p = _transform(_project(h, w_mm, bias, dtype), head)
+            _log_softmax_(log_p)
+            token_log_p = log_p[rows, y]
+            is_top1[start:end] = log_p.argmax(-1) == y
+            p = log_p.exp()
+            per_token["entropy"][start:end] = -_rowdot(p, log_p)
+            per_token["nll"][start:end] = -token_log_p
+            weight_t = token_log_p.exp() if loss_type == "dft" else torch.ones_like(token_log_p)
+            loss_sum += (weight_t * -token_log_p).sum()
+
+            # grad holds dL/dz for the chunk; it starts as the task term w (p - onehot(y))
+            if use_ref:
+                log_q, _ = _transform(_project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head)
+                _log_softmax_(log_q)
+                q = log_q.exp()
+                if kl_direction == "forward":
+                    # KL(q || p) = sum_v (p - q) + q (log q - log p): a sum of terms >= 0 (see plain.kl_per_token)
+                    kl_terms = log_q.sub_(log_p).mul_(q).add_(p).sub_(q).clamp_min_(0)
+                    kl = kl_terms.sum(-1)
+                    del kl_terms, log_q
+                    grad = p.mul_((weight_t + kl_coef).unsqueeze(-1)).sub_(q.mul_(kl_coef))
+                    del q
+                else:
+                    # KL(p || q) = sum_v (q - p) + p (log p - log q); its gradient needs the textbook sum p (log p - log q)
+                    diff = log_q.neg_().add_(log_p)  # log p - log q
+                    kl_textbook = _rowdot(p, diff)
+                    kl = q.sub_(p).addcmul_(p, diff).clamp_min_(0).sum(-1)
+                    del q
+                    grad = diff.sub_(kl_textbook.unsqueeze(-1)).mul_(p).mul_(kl_coef)
+                    grad.addcmul_(p, weight_t.unsqueeze(-1))
+                    del p
+                per_token["kl"][start:end] = kl
+                loss_sum += kl_coef * kl.sum()
+            else:
+                grad = p.mul_(weight_t.unsqueeze(-1))
+            del log_p
+            grad[rows, y] -= weight_t
+
+            if tanh_p is not None:
+                grad.mul_(1 - tanh_p * tanh_p)
+            if head.logit_scale != 1.0:
+                grad.mul_(head.logit_scale)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = _mm(grad, w_mm, dtype)
+            if grad_weight is not None:
+                _mm(grad.t(), h, dtype, out=grad_weight)
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            del grad, tanh_p
+
+        ctx.save_for_backward(
+            *(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias))
+        )
+        ctx.consumed = False
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(per_token["nll"], per_token["kl"], per_token["entropy"], is_top1)
+        return loss_sum, per_token["nll"], per_token["kl"], per_token["entropy"], is_top1
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if ctx.consumed:
+            raise RuntimeError("The chunked ASFT loss stores its gradients once; it can't be backpropagated twice.")
+        ctx.consumed = True
+        grads = []
+        for saved, needed, dtype in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.dtypes):
+            # In place: a second weight-sized buffer would raise the peak memory of full fine-tuning
+            grads.append(saved.mul_(grad_loss).to(dtype) if needed else None)
+        return (*grads, None, None, None, None, None)
+
+
+def chunked_asft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    head: HeadTransform = HeadTransform(),
+    ref_head: HeadTransform | None = None,
+    kl_coef: float = 0.05,
+    loss_type: str = "dft",
+    kl_direction: str = "forward",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, TokenTerms]:
+    """The ASFT loss, (sum_t task_t + kl_coef * kl_t) / num_items_in_batch, from hidden states and head weights.
+
+    Args:
+        hidden: [N, H] final hidden states of the policy at the scored positions (with grad).
+        weight: [V, H] the policy's LM-head weight; gets a gradient when it requires one (full fine-tuning).
+        labels: [N] target token ids (select the scored positions first: no ignore index).
+        ref_hidden: [N, H] the reference's final hidden states at the same positions (no grad needed).
+        ref_weight: [V, H] the reference's LM-head weight (under LoRA: the policy's own head).
+        bias, ref_bias: [V] head biases, if the heads have them.
+        head, ref_head: what each head does to its logits after the matmul (scaling, soft-capping).
+            `ref_head` defaults to `head`.
+        kl_coef, loss_type, kl_direction, num_items_in_batch: as in `asft_trl.losses.asft_loss`.
+        chunk_size: tokens per chunk; default from a fixed [chunk x vocab] budget (`auto_chunk_size`).
+
+    Returns the loss and per-token `TokenTerms`; here every term is detached (the gradient flows through the loss).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}.")
+    if kl_direction not in KL_DIRECTIONS:
+        raise ValueError(f"kl_direction={kl_direction!r} is not one of {KL_DIRECTIONS}.")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef={kl_coef} is negative; it must be >= 0.")
+    if kl_coef > 0:
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError("kl_coef > 0 needs `ref_hidden` and `ref_weight`.")
+        if ref_weight.shape != weight.shape or ref_hidden.shape != hidden.shape:
+            raise ValueError(
+                f"The reference's head {tuple(ref_weight.shape)} / hidden states {tuple(ref_hidden.shape)} do not match "
+                f"the policy's {tuple(weight.shape)} / {tuple(hidden.shape)}."
+            )
+        ref_hidden = ref_hidden.detach()
+        ref_weight = ref_weight.detach()
+        ref_bias = None if ref_bias is None else ref_bias.detach()
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0], hidden.device)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
+    options = (float(kl_coef), loss_type, kl_direction, head, ref_head or head, int(chunk_size))
+    loss_sum, nll, kl, entropy, is_top1 = _ChunkedASFT.apply(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels.long(), options
+    )
+    prob = (-nll).exp()
+    weight_t = prob if loss_type == "dft" else torch.ones_like(prob)
+    denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch
+    loss = loss_sum / torch.as_tensor(denominator, device=loss_sum.device).clamp(min=1)
+    return loss, TokenTerms(task=weight_t * nll, kl=kl, nll=nll, weight=weight_t, entropy=entropy, is_top1=is_top1)
