@@ -43,6 +43,14 @@ class ASFTConfig(SFTConfig):
         loss_type (`str`, *optional*, defaults to `"dft"`):
             Task term: `"dft"` weights each token's NLL by its detached probability (DFT), `"nll"` is plain SFT.
 
+        use_fused_loss (`bool`, *optional*, defaults to `True`):
+            Compute the ASFT loss from hidden states in chunks, never building the [tokens x vocabulary] logits of the
+            policy or the reference (`asft_trl.losses.fused`). `False` uses the plain implementation, which builds
+            both models' full logits. Only used when `kl_coef > 0`; with `kl_coef=0` the loss is TRL's own.
+        loss_chunk_size (`int`, *optional*):
+            Completion tokens per chunk of the fused loss. Its extra memory is a few [chunk x vocabulary] float32
+            buffers. Default: as many tokens as fit 4M (CPU) or 64M (GPU) logits per buffer.
+
         > Parameters that control the reference (anchor) model
 
         ref_model_name_or_path (`str`, *optional*):
@@ -81,6 +89,21 @@ class ASFTConfig(SFTConfig):
         metadata={
             "help": "Task term: 'dft' weights each token's NLL by its detached probability (DFT), 'nll' is plain SFT.",
             "choices": list(LOSS_TYPES),
+        },
+    )
+    use_fused_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the ASFT loss from hidden states in chunks, never building the [tokens x vocabulary] "
+            "logits of the policy or the reference. False uses the plain implementation, which builds both models' "
+            "full logits. Only used when kl_coef > 0; with kl_coef=0 the loss is TRL's own."
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Completion tokens per chunk of the fused loss. Its extra memory is a few [chunk x vocabulary] "
+            "float32 buffers. Default: as many tokens as fit 4M (CPU) or 64M (GPU) logits per buffer."
         },
     )
     ref_model_name_or_path: str | None = field(
@@ -128,6 +151,11 @@ class ASFTConfig(SFTConfig):
             raise ValueError(
                 f"loss_type={self.loss_type!r} is not supported. Use 'dft' (DFT/ASFT, the default) or 'nll' "
                 "(SFT / SFT+KL)."
+            )
+        if self.loss_chunk_size is not None and int(self.loss_chunk_size) < 1:
+            raise ValueError(
+                f"loss_chunk_size={self.loss_chunk_size} is invalid: it must be a positive number of tokens, or unset "
+                "for the automatic size."
             )
         if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
             # TRL turns bf16 on by default, which stops a CPU-only run before it starts; keep it on where it works

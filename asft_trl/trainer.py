@@ -2,15 +2,15 @@
 
 What this module adds to SFTTrainer, and nothing else:
 - the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT);
-- `compute_loss` for `kl_coef > 0` (the plain implementation in `asft_trl.losses`); with `kl_coef == 0` the loss is
-  TRL's own, untouched;
+- `compute_loss` for `kl_coef > 0`: by default the chunked, fused loss from both models' hidden states
+  (`asft_trl.losses.fused`, reached through `asft_trl.lm_head`), else the plain one from full logits; with
+  `kl_coef == 0` the loss is TRL's own, untouched;
 - the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
 - early, explanatory errors for data TRL would fail on later (see `asft_trl.data_checks`).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import textwrap
 from typing import Any
@@ -19,14 +19,16 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import disable_dropout_in_model
+from trl.trainer.utils import disable_dropout_in_model, maybe_gather_lm_head_ctx
 
+from . import lm_head
 from . import reference as ref_utils
 from .config import ASFTConfig
 from .data.checks import check_dataset_format, report_dropped
-from .losses import asft_loss, weight_stats
+from .losses import asft_loss, chunked_asft_loss, weight_stats
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +94,12 @@ class ASFTTrainer(SFTTrainer):
         # The loss is normalised by `num_items_in_batch`, so the Trainer must count it for every model (it only does
         # for models whose forward takes **kwargs) and must not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
-        self._capture_fused_outputs()
+        self._policy_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._fused_capture = None
+        lm_head.patch_forward(self._policy_lm, on_default_call=self._capture_fused_outputs)
+        self._ref_lm = None  # the reference's own causal LM, when it is a separate model
         self.ref_model = self._build_reference(ref_model, args)
+        self.use_fused_loss = self._fused_loss_applies(args)
 
     # ------------------------------------------------------------------ reference model
 
@@ -144,6 +150,8 @@ class ASFTTrainer(SFTTrainer):
             name = type(ref_model).__name__
         ref_utils.check_same_vocabulary(ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), name)
         ref_utils.freeze(ref_model, disable_dropout=True)
+        lm_head.patch_forward(ref_model)
+        self._ref_lm = ref_model
 
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(ref_model, self.accelerator)
@@ -151,14 +159,34 @@ class ASFTTrainer(SFTTrainer):
             return prepare_fsdp(ref_model, self.accelerator)
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
-    def _reference_logits(self, model, model_inputs: dict[str, Any]) -> torch.Tensor:
-        """Logits of the anchor on exactly the policy's inputs (same positions, same packing information)."""
+    def _fused_loss_applies(self, args: ASFTConfig) -> bool:
+        """Whether the fused loss runs; where it can't, say why once and use the plain loss."""
+        if not args.use_fused_loss or args.kl_coef == 0:
+            return False
+        problem = lm_head.fused_head_problem(self._policy_lm)
+        if problem is None and self._ref_lm is not None:
+            problem = lm_head.fused_head_problem(self._ref_lm)
+        if problem is None and self.aux_loss_enabled:
+            problem = "the MoE router's auxiliary loss is enabled"
+        if problem is None and self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+            problem = "FSDP1 keeps the head's parameters flattened outside the forward (FSDP2 is supported)"
+        if problem is not None:
+            logger.warning(f"The fused ASFT loss is not used because {problem}; the plain loss builds full logits.")
+            return False
+        self._head_transform = lm_head.head_transform(self._policy_lm.config)
+        self._ref_head_transform = (
+            self._head_transform if self._ref_lm is None else lm_head.head_transform(self._ref_lm.config)
+        )
+        return True
+
+    def _run_reference(self, model, model_inputs: dict[str, Any], **kwargs):
+        """The anchor's forward on exactly the policy's inputs (same positions, same packing information)."""
         with torch.no_grad():
             if self.ref_model is not None:
-                return self.ref_model(**model_inputs).logits
+                return self.ref_model(**model_inputs, **kwargs)
             peft_model = self.accelerator.unwrap_model(model)
             with ref_utils.adapters_disabled(peft_model, deterministic=not self.args.disable_dropout):
-                return model(**model_inputs).logits
+                return model(**model_inputs, **kwargs)
 
     # ------------------------------------------------------------------ data
 
@@ -171,21 +199,11 @@ class ASFTTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ loss
 
-    def _capture_fused_outputs(self) -> None:
+    def _capture_fused_outputs(self, kwargs: dict, outputs) -> None:
         """Keep the per-token log-probabilities of TRL's fused LM head, so that the `kl_coef == 0` path (TRL's own
         loss, untouched) still logs the DFT weight statistics without any extra computation."""
-        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        fused_forward = base.forward
-        self._fused_capture = None
-
-        @functools.wraps(fused_forward)
-        def forward(*args, **kwargs):
-            outputs = fused_forward(*args, **kwargs)
-            if kwargs.get("fused_lm_head") and getattr(outputs, "log_probs", None) is not None:
-                self._fused_capture = (outputs.log_probs.detach(), outputs.label_mask)
-            return outputs
-
-        base.forward = forward
+        if kwargs.get("fused_lm_head") and getattr(outputs, "log_probs", None) is not None:
+            self._fused_capture = (outputs.log_probs.detach(), outputs.label_mask)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.kl_coef == 0:
@@ -204,23 +222,56 @@ class ASFTTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-
-        outputs = model(**model_inputs)
-        ref_logits = self._reference_logits(model, model_inputs)
-        if "shift_labels" in inputs:  # context/sequence parallelism passes labels already shifted
-            labels, policy_logits = inputs["shift_labels"], outputs.logits
-        else:
-            labels, policy_logits, ref_logits = inputs["labels"][:, 1:], outputs.logits[:, :-1], ref_logits[:, :-1]
+        # Context/sequence parallelism passes labels already shifted
+        shifted = "shift_labels" in inputs
+        labels = inputs["shift_labels"] if shifted else inputs["labels"][:, 1:]
         mask = labels != -100
-        loss, terms = asft_loss(
-            policy_logits[mask],
-            labels[mask],
-            ref_logits[mask],
+        loss_kwargs = dict(
             kl_coef=self.args.kl_coef,
             loss_type=self.args.loss_type,
             kl_direction=self.args.kl_direction,
             num_items_in_batch=num_items_in_batch,
         )
+
+        if self.use_fused_loss:
+            ref_hidden = self._run_reference(model, model_inputs, asft_hidden_states=True).last_hidden_state
+            ref_hidden = ref_hidden if shifted else ref_hidden[:, :-1]
+            result = {}
+
+            def fused_loss(policy_lm, backbone_outputs):
+                hidden = backbone_outputs.last_hidden_state
+                hidden = hidden if shifted else hidden[:, :-1]
+                weight, bias = lm_head.head_parameters(policy_lm)
+                # Under PEFT the anchor is the same network with adapters off, so its head is the policy's own
+                ref_weight, ref_bias = (weight, bias) if self._ref_lm is None else lm_head.head_parameters(self._ref_lm)
+                heads = {id(t): t for t in (weight, bias, ref_weight, ref_bias) if t is not None}
+                with maybe_gather_lm_head_ctx(*heads.values()):
+                    result["loss"], result["terms"] = chunked_asft_loss(
+                        hidden[mask],
+                        weight,
+                        labels[mask],
+                        ref_hidden[mask],
+                        ref_weight,
+                        bias=bias,
+                        ref_bias=ref_bias,
+                        head=self._head_transform,
+                        ref_head=self._ref_head_transform,
+                        chunk_size=self.args.loss_chunk_size,
+                        **loss_kwargs,
+                    )
+                return CausalLMOutputWithPast(loss=result["loss"])
+
+            outputs = model(**model_inputs, asft_loss_fn=fused_loss)
+            loss, terms = outputs.loss, result["terms"]
+            if return_outputs:  # the logits were never built; only `compute_metrics` users ask for them
+                with torch.no_grad():
+                    outputs = model(**model_inputs)
+        else:
+            outputs = model(**model_inputs)
+            ref_logits = self._run_reference(model, model_inputs).logits
+            policy_logits = outputs.logits if shifted else outputs.logits[:, :-1]
+            ref_logits = ref_logits if shifted else ref_logits[:, :-1]
+            loss, terms = asft_loss(policy_logits[mask], labels[mask], ref_logits[mask], **loss_kwargs)
         # Like TRL: `num_items_in_batch` counts the tokens of every process, and DDP averages gradients across them
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())

@@ -60,3 +60,12 @@ def test_transformers_counts_items_for_models_that_accept_loss_kwargs():
     assert "self.model_accepts_loss_kwargs" in inspect.getsource(Trainer._get_num_items_in_batch) or \
         "model_accepts_loss_kwargs" in inspect.getsource(Trainer)
     assert hasattr(Trainer, "loss_is_scaled_for_ga")
+
+
+def test_lm_head_gather_context_for_the_fused_loss():
+    """The fused loss reads the head's weight directly; under ZeRO-3 TRL's context gathers it."""
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    assert list(inspect.signature(maybe_gather_lm_head_ctx).parameters) == ["params"]
+    with maybe_gather_lm_head_ctx(None):  # a null context without ZeRO-3
+        pass

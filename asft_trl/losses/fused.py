@@ -44,11 +44,15 @@ def auto_chunk_size(vocab_size: int, device: torch.device) -> int:
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The matmul dtype: a GPU multiplies low-precision inputs into a float32 result; elsewhere everything is float32."""
-    if hidden.is_cuda:
-        for tensor in (hidden, weight):
-            if tensor.dtype in (torch.bfloat16, torch.float16):
-                return tensor.dtype
+    """The matmul dtype: on a GPU, the autocast dtype or a low-precision input's, multiplied into a float32 result;
+    elsewhere float32 throughout."""
+    if not hidden.is_cuda:
+        return torch.float32
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    for tensor in (hidden, weight):
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            return tensor.dtype
     return torch.float32
 
 
@@ -94,19 +98,19 @@ class _ChunkedASFT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, options):
-        kl_coef, loss_type, kl_direction, head, ref_head, chunk_size = options
-        n, vocab = hidden.shape[0], weight.shape[0]
+        kl_coef, loss_type, kl_direction, head, ref_head, chunk_size, grad_enabled, dtype, ref_dtype = options
+        n = hidden.shape[0]
         device = hidden.device
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        # `needs_input_grad` is set under no_grad too (evaluation): no gradients are formed there
+        needs_hidden, needs_weight, needs_bias = (grad_enabled and needed for needed in ctx.needs_input_grad[:3])
         use_ref = kl_coef > 0
 
         grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, device=device, dtype=torch.float32) if needs_weight else None
         grad_bias = torch.zeros(bias.shape, device=device, dtype=torch.float32) if needs_bias else None
         # Cast once here rather than once per chunk (a no-op when the weights already have the compute dtype)
-        dtype = _compute_dtype(hidden, weight)
         w_mm = weight.to(dtype)
-        w_ref_mm = ref_weight.to(_compute_dtype(ref_hidden, ref_weight)) if use_ref else None
+        w_ref_mm = ref_weight.to(ref_dtype) if use_ref else None
 
         per_token = {k: torch.zeros(n, device=device, dtype=torch.float32) for k in ("nll", "kl", "entropy")}
         is_top1 = torch.zeros(n, device=device, dtype=torch.bool)
@@ -168,9 +172,7 @@ class _ChunkedASFT(torch.autograd.Function):
                 grad_bias += grad.sum(0)
             del grad, tanh_p
 
-        ctx.save_for_backward(
-            *(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias))
-        )
+        ctx.save_for_backward(*(torch.empty(0) if g is None else g for g in (grad_hidden, grad_weight, grad_bias)))
         ctx.consumed = False
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(per_token["nll"], per_token["kl"], per_token["entropy"], is_top1)
@@ -182,9 +184,9 @@ class _ChunkedASFT(torch.autograd.Function):
             raise RuntimeError("The chunked ASFT loss stores its gradients once; it can't be backpropagated twice.")
         ctx.consumed = True
         grads = []
-        for saved, needed, dtype in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.dtypes):
+        for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             # In place: a second weight-sized buffer would raise the peak memory of full fine-tuning
-            grads.append(saved.mul_(grad_loss).to(dtype) if needed else None)
+            grads.append(saved.mul_(grad_loss).to(dtype) if saved.numel() else None)
         return (*grads, None, None, None, None, None)
 
 
@@ -242,10 +244,15 @@ def chunked_asft_loss(
         chunk_size = auto_chunk_size(weight.shape[0], hidden.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
-    options = (float(kl_coef), loss_type, kl_direction, head, ref_head or head, int(chunk_size))
-    loss_sum, nll, kl, entropy, is_top1 = _ChunkedASFT.apply(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels.long(), options
+    options = (
+        float(kl_coef), loss_type, kl_direction, head, ref_head or head, int(chunk_size), torch.is_grad_enabled(),
+        _compute_dtype(hidden, weight), _compute_dtype(hidden, ref_weight) if kl_coef > 0 else None,
     )
+    # The float32 math must not be recast by an enclosing autocast; the matmul dtype was chosen above
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss_sum, nll, kl, entropy, is_top1 = _ChunkedASFT.apply(
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels.long(), options
+        )
     prob = (-nll).exp()
     weight_t = prob if loss_type == "dft" else torch.ones_like(prob)
     denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch
