@@ -27,6 +27,38 @@ class ASFTScriptArguments(ScriptArguments):
             "(asft/quickstart)."
         },
     )
+    dataset_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Schema of the source dataset, formatted into prompt/completion before training: 'numina_math' "
+            "(problem, solution), 'medmcqa' (question, opa..opd, cop, exp), 'magicoder' (instruction, response). "
+            "Works for the Hub dataset and for a local file with the same columns. Unset (or 'none'): the data is "
+            "used as loaded (any format TRL's SFTTrainer accepts)."
+        },
+    )
+    prompt_template: str = field(
+        default="alpaca",
+        metadata={
+            "help": "How a formatted row is presented: 'alpaca' (the authors' Alpaca prompt_no_input, plain-text "
+            "prompt/completion; TRL appends EOS) or 'chat' (the model's chat template, conversational rows).",
+            "choices": ["alpaca", "chat"],
+        },
+    )
+    dataset_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of training rows to keep: the first usable rows of a permutation drawn from dataset_seed "
+            "(the paper's 10k / 30k / 100k). Unset: all rows."
+        },
+    )
+    dataset_test_size: int | None = field(
+        default=None,
+        metadata={"help": "Number of test-split rows to keep (seeded like dataset_size). Unset: all rows."},
+    )
+    dataset_seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the subset permutation; independent of the training seed."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow training into an output_dir that already holds a run (its files are replaced)."},
@@ -47,6 +79,21 @@ class ASFTScriptArguments(ScriptArguments):
             "torchrun directly."
         },
     )
+
+
+    def __post_init__(self):
+        if isinstance(self.dataset_format, str) and self.dataset_format.lower() in ("", "none", "null"):
+            self.dataset_format = None
+        if self.dataset_format is not None:
+            from .data.registry import get_dataset_format
+
+            get_dataset_format(self.dataset_format)  # an unknown name fails here, before anything is loaded
+        if self.prompt_template not in ("alpaca", "chat"):
+            raise ValueError(f"prompt_template={self.prompt_template!r} is not supported. Use 'alpaca' or 'chat'.")
+        for name in ("dataset_size", "dataset_test_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be a positive number of rows (or unset for all rows).")
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
@@ -76,6 +123,27 @@ def _resume_value(value):
     return value
 
 
+def prepare_training_data(splits, script_args: ASFTScriptArguments, training_args: ASFTConfig):
+    """Format the source dataset named by `dataset_format` and take the seeded subsets; report what was used.
+
+    The report (rows used, unusable rows by reason) is printed and written to `output_dir/data_preparation.json`.
+    """
+    from accelerate import PartialState
+
+    from .data.prepare import prepare_splits
+
+    if not (script_args.dataset_format or script_args.dataset_size or script_args.dataset_test_size):
+        return splits
+    splits, reports = prepare_splits(splits, script_args, num_proc=training_args.dataset_num_proc)
+    state = PartialState()
+    if state.is_main_process:
+        print("Data: " + "\n      ".join(report.summary() for report in reports))
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(os.path.join(training_args.output_dir, "data_preparation.json"), "w") as f:
+            json.dump({"dataset_name": script_args.dataset_name, "splits": [r.to_dict() for r in reports]}, f, indent=2)
+    return splits
+
+
 def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig, dataset_args=None):
     from accelerate import PartialState
     from accelerate.logging import get_logger
@@ -103,7 +171,9 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
         with PartialState().main_process_first():
             model_path = resolve_quickstart_model(model_path, cache_dir=os.path.join("outputs", "models"))
 
-    splits = load_training_data(script_args, dataset_args, seed=training_args.seed)
+    with PartialState().main_process_first():  # the main process fills datasets' cache; the others read it
+        splits = load_training_data(script_args, dataset_args, seed=training_args.seed)
+        splits = prepare_training_data(splits, script_args, training_args)
     train_split = splits[script_args.dataset_train_split]
     eval_split = splits[script_args.dataset_test_split] if script_args.dataset_test_split in splits else None
 
