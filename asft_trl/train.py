@@ -144,6 +144,21 @@ def prepare_training_data(splits, script_args: ASFTScriptArguments, training_arg
     return splits
 
 
+def check_launch(training_args: ASFTConfig) -> None:
+    """Refuse a multi-process launch that did not become one distributed run.
+
+    On a machine without GPUs, `torchrun --nproc_per_node N` without `--use_cpu true` leaves accelerate with no process
+    group: N independent trainings would run and write the same `output_dir`.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        raise SystemExit(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but training sees only one, so each would "
+            "train on its own and overwrite the others' output. On CPU add `--use_cpu true` (gloo); on GPUs check "
+            "that each process can see a GPU."
+        )
+
+
 def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig, dataset_args=None):
     from accelerate import PartialState
     from accelerate.logging import get_logger
@@ -155,6 +170,7 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     from .trainer import ASFTTrainer
 
     logger = get_logger(__name__)
+    check_launch(training_args)
     resume = _resume_value(training_args.resume_from_checkpoint)
     check_output_dir(training_args.output_dir, resume, script_args.overwrite_output_dir)
 

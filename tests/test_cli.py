@@ -100,3 +100,16 @@ def test_accelerate_config_is_resolved(monkeypatch, tiny_model_path, tmp_path):
     assert args.config_file.endswith("zero2.yaml") and args.num_processes == 2
     assert args.module and args.training_script == "asft_trl.train"
     assert args.training_script_args[:2] == ["--config", str(recipe)]
+
+
+def test_multi_process_launch_that_is_not_distributed_is_refused(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from asft_trl.train import check_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--use_cpu true"):
+        check_launch(SimpleNamespace(world_size=1))
+    check_launch(SimpleNamespace(world_size=2))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_launch(SimpleNamespace(world_size=1))
