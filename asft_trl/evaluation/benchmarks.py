@@ -83,7 +83,7 @@ def _math_row(row: dict, source: str) -> dict:
 
 
 def _medical_row(row: dict, source: str) -> dict:
-    if "opa" in row:  # MedMCQA: opa..opd and `cop`, the 0-based index of the right option
+    if row.get("opa") is not None:  # MedMCQA: opa..opd and `cop`, the 0-based index of the right option
         options = [row[k] for k in ("opa", "opb", "opc", "opd")]
     else:
         options = _first(row, ("options", "choices"), "options", source)
@@ -113,7 +113,7 @@ def _code_row(row: dict, source: str, variant: str | None) -> dict:
     prompt = _first(row, ("prompt", "text"), "prompt", source)
     imports = row.get("test_imports") or []
     imports = "\n".join(imports) if isinstance(imports, (list, tuple)) else str(imports)
-    if "test_list" in row:  # MBPP(+): a task description; the model writes the whole function
+    if row.get("test_list") is not None:  # MBPP(+): a task description; the model writes the whole function
         tests = list(row["test_list"])
         test = str(row["test"]) if variant == "plus" else "\n".join(tests)
         if variant == "plus" and not row.get("test"):
@@ -129,7 +129,7 @@ def _code_row(row: dict, source: str, variant: str | None) -> dict:
 
 def _quickstart_row(row: dict, source: str) -> dict:
     prompt = _first(row, ("prompt", "question"), "prompt", source)
-    if "answer" in row:
+    if row.get("answer") is not None:
         answer = row["answer"]
     else:
         completion = _first(row, ("completion",), "gold answer (`answer`, or a `completion`)", source)
@@ -150,12 +150,24 @@ def normalize_row(suite: str, row: dict, source: str, variant: str | None = None
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a local .jsonl/.json/.parquet/.csv file (or a `save_to_disk` folder)."""
+    """Rows of a local .jsonl/.json/.parquet/.csv file (or a `save_to_disk` folder).
+
+    JSON files are read as they are, row by row (through `datasets` rows of different shapes would be forced into
+    one schema, e.g. an `options` list in one row and a dict in the next)."""
+    import json
+
     from datasets import load_dataset, load_from_disk
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Data file {path} does not exist.")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json data file must hold a list of rows (or use .jsonl).")
+        return data
     if path.is_dir():
         return list(load_from_disk(str(path)))
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
