@@ -24,10 +24,12 @@ class EvalArguments:
         benchmarks: names from the suite (default: all the paper's benchmarks of the suite).
         data_files: `name=path` pairs: score local files (same schema as the Hub set) instead of the Hub.
         limit: score only the first N items of each benchmark (smoke tests).
+        quickstart_seed: the quickstart training run's `seed`; its generated held-out split depends on it.
         predictions: a JSONL file of earlier generations to score without a model.
 
         > Model
-        model: Hub id or local folder (the quickstart's materialised GGUF folder is a normal folder).
+        model: Hub id or local folder. `HuggingFaceTB/SmolLM2-135M-Instruct` resolves as in training: the Hub when
+            reachable, else the offline GGUF copy materialised under outputs/models.
         adapter: a PEFT adapter folder loaded on top of `model`.
         dtype: `auto`, `float32`, `bfloat16` or `float16`.
 
@@ -59,6 +61,11 @@ class EvalArguments:
         metadata={"help": "Local data instead of the Hub, as name=path pairs (e.g. math500=my_math.jsonl)."},
     )
     limit: int | None = field(default=None, metadata={"help": "Score only the first N items of each benchmark."})
+    quickstart_seed: int = field(
+        default=42,
+        metadata={"help": "quickstart suite: the training run's `seed` (42 unless the recipe set one); the generated "
+                  "train/held-out split depends on it, so this must match to score truly held-out prompts."},
+    )
     predictions: str | None = field(
         default=None, metadata={"help": "Score this JSONL of generations/predictions; no model is loaded."}
     )

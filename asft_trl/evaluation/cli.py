@@ -106,9 +106,13 @@ def run(args: EvalArguments) -> dict:
         files = args.local_files()
         names = args.benchmarks or list(files) or suite_benchmarks(args.suite)
         # Every benchmark is loaded and checked before the model: a bad file fails in seconds, not after an hour.
-        items = {name: load_benchmark(name, args.suite, files.get(name), args.limit) for name in names}
+        items = {name: load_benchmark(name, args.suite, files.get(name), args.limit, args.quickstart_seed)
+                 for name in names}
+        from ..quickstart.model import HUB_ID, resolve_quickstart_model
         from .generation import load_model_and_tokenizer
 
+        if args.model == HUB_ID:  # the quickstart model: the Hub when reachable, else the offline GGUF copy
+            args.model = resolve_quickstart_model(args.model, cache_dir=Path("outputs") / "models")
         model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
         by_benchmark = {}
         for name, bench_items in items.items():
