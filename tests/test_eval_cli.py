@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from asft_trl.cli import main as asft_main
-from asft_trl.evaluation.benchmarks import SchemaError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -46,7 +45,7 @@ def test_math_end_to_end_then_rescore_predictions(tiny_model_path, tmp_path, cap
     assert rescored["benchmarks"]["math500"]["accuracy"] == pytest.approx(0.5)
     assert rescored["benchmarks"]["math500"]["pass@2"] == pytest.approx(1.0)
 
-    with pytest.raises(FileExistsError, match="--overwrite"):  # an earlier run is never replaced silently
+    with pytest.raises(SystemExit, match="--overwrite"):  # an earlier run is never replaced silently
         eval_cli("math", "--predictions", predictions, "--output_dir", tmp_path / "rescored")
 
     assert eval_cli("compare", out / "results.json", tmp_path / "rescored" / "results.json") == 0
@@ -100,11 +99,11 @@ def test_quickstart_suite_on_its_held_out_split_and_local_file(tiny_model_path, 
 def test_bad_input_fails_before_a_model_is_loaded(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
-    with pytest.raises(SchemaError, match=r"\['answer', 'final_answer', 'gold'\]"):
+    with pytest.raises(SystemExit, match=r"\['answer', 'final_answer', 'gold'\]"):
         eval_cli("math", "--model", tmp_path / "no-such-model", "--data_files", f"x={bad}", "--output_dir", tmp_path / "o")
-    with pytest.raises(ValueError, match="--model"):
+    with pytest.raises(SystemExit, match="--model"):
         eval_cli("math", "--output_dir", tmp_path / "o")
-    with pytest.raises(ValueError, match="template"):
+    with pytest.raises(SystemExit, match="template"):
         eval_cli("medical", "--model", "m", "--template", "chat")
-    with pytest.raises(ValueError, match="not a suite"):
+    with pytest.raises(SystemExit, match="not a suite"):
         eval_cli("poetry", "--model", "m")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 from .arguments import SUITES, EvalArguments
@@ -92,7 +93,6 @@ def _generate_rows(args: EvalArguments, name: str, items: list[dict], model, tok
 
 def run(args: EvalArguments) -> dict:
     out = _check_output_dir(args)
-    settings = dataclasses.asdict(args)
     if args.predictions:
         rows = read_jsonl(args.predictions)
         by_benchmark: dict[str, list[dict]] = {}
@@ -114,17 +114,21 @@ def run(args: EvalArguments) -> dict:
         if args.model == HUB_ID:  # the quickstart model: the Hub when reachable, else the offline GGUF copy
             args.model = resolve_quickstart_model(args.model, cache_dir=Path("outputs") / "models")
         model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
-        by_benchmark = {}
+        by_benchmark, seconds = {}, {}
         for name, bench_items in items.items():
             print(f"[asft-trl eval] {args.suite}/{name}: {len(bench_items)} items", file=sys.stderr)
+            start = time.perf_counter()
             by_benchmark[name] = _generate_rows(args, name, bench_items, model, tokenizer)
+            seconds[name] = round(time.perf_counter() - start, 1)
         write_jsonl(out / "generations.jsonl", [row for rows in by_benchmark.values() for row in rows])
 
     metrics, scored_all = {}, []
     for name, rows in by_benchmark.items():
         metrics[name], scored = _score(args.suite, rows, args)
+        if not args.predictions:
+            metrics[name]["generation_seconds"] = seconds[name]
         scored_all.extend(scored)
-    results = build_results(args.suite, metrics, settings)
+    results = build_results(args.suite, metrics, dataclasses.asdict(args))
     import json
 
     write_jsonl(out / "scored.jsonl", scored_all)
@@ -148,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + f"\n\nSuites: {', '.join(SUITES)}. `asft-trl eval math --help` lists every option.")
         if not argv:
             return 2
-    run(parse_args(argv))
+    try:
+        run(parse_args(argv))
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        # Bad settings or data: one line that says what to fix, not a traceback.
+        raise SystemExit(f"asft-trl eval: error: {error}") from error
     return 0
 
 
