@@ -1,4 +1,5 @@
-"""`asft-trl` command line. `asft-trl train --config recipes/X.yaml [--field value ...] [accelerate launch flags]`.
+"""`asft-trl` command line. `asft-trl train --config recipes/X.yaml [--field value ...] [accelerate launch flags]`;
+`asft-trl plot RUN_DIR ...` (training curves) and `asft-trl study` (the drift study) run in this process.
 
 Like `trl sft`: the recipe is parsed (and so validated) here first, then the training script is started through
 `accelerate launch`, with the recipe's or the command line's `accelerate_config` and any flags that are not recipe
@@ -49,9 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asft-trl", description="Anchored Supervised Fine-Tuning on TRL.")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("train", help="Train from a YAML recipe (TRL's parser; CLI overrides win).", add_help=False)
+    sub.add_parser("plot", help="Draw the training curves of one or more runs into a PNG.", add_help=False)
+    sub.add_parser("study", help="Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep; write docs/study.md.",
+                   add_help=False)
     args, _ = parser.parse_known_args(argv[:1])
     if args.command == "train":
         return _train(argv[1:])
+    if args.command == "plot":
+        from .diagnostics.plot import main as plot_main
+
+        return plot_main(argv[1:])
+    if args.command == "study":
+        from .study import main as study_main
+
+        return study_main(argv[1:])
     parser.print_help()
     return 0 if not argv else 2
 
