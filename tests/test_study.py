@@ -18,6 +18,7 @@ def test_plan_names_the_four_methods_and_shares_coinciding_runs():
     assert RunSpec("dft", 0.0) in methods and sweep[0] == RunSpec("dft", 0.0)
 
 
+@pytest.mark.slow
 def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
     doc = tmp_path / "docs" / "study.md"
     doc.parent.mkdir()
