@@ -195,7 +195,8 @@ if __name__ == "__main__":
 
 def write_run_curves(trainer, metrics=DEFAULT_METRICS) -> Path | None:
     """At the end of a training run: save `trainer_state.json` and `asft_run.json` into the output dir and draw
-    `curves.png` there. Main process only. A plotting failure is logged, never raised: the run itself has finished."""
+    `curves.png` there (the metrics of `metrics` that the run logged). Main process only. A plotting failure is
+    logged, never raised: the run itself has finished."""
     if not trainer.is_world_process_zero():
         return None
     args = trainer.args
@@ -205,8 +206,10 @@ def write_run_curves(trainer, metrics=DEFAULT_METRICS) -> Path | None:
     with open(Path(args.output_dir) / RUN_INFO_FILE, "w") as f:
         json.dump(info, f, indent=2)
     try:
-        out, _, _ = plot_run_dirs([args.output_dir], metrics, Path(args.output_dir) / "curves.png",
-                                  title=f"{run_label(info)} ({Path(args.output_dir).name})")
+        run = load_run(args.output_dir)
+        logged = [m for m in metrics if run.series(m)[0]]  # e.g. no `kl` without a KL term: not worth a warning here
+        fig, _ = plot_runs([run], logged or list(metrics), title=f"{run.label} ({Path(args.output_dir).name})")
+        out = save_figure(fig, Path(args.output_dir) / "curves.png")
     except Exception as error:  # noqa: BLE001 -- the model is saved; a missing figure must not fail the run
         logger.warning("Could not draw the training curves of %s: %s", args.output_dir, error)
         return None
