@@ -7,8 +7,8 @@ with hand-written reference answers (`GENERAL_PROMPTS`), so forgetting outside t
     drift_kl  = mean over the answer tokens of KL(base || policy)     (0 before any update)
     drift_nll = mean NLL of the hand-written answers under the policy
 
-`DriftCallback` logs both at every training log step (and once at step 0) into the trainer's `log_history`, so they
-land in `trainer_state.json` beside `kl`, `loss` and the rest, and `asft-trl plot` draws them.
+`DriftCallback` logs both at step 0 and at training log steps (every `every_steps`) into the trainer's
+`log_history`, so they land in `trainer_state.json` beside `kl`, `loss` and the rest, and `asft-trl plot` draws them.
 
 The base model is, in this order: the trainer's reference model when it has one; under PEFT, the policy network with
 its adapters switched off; otherwise a frozen copy of the policy taken when training begins. The base model's
@@ -19,7 +19,6 @@ module only measures; it never changes the policy or the training data.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -36,19 +35,23 @@ logger = logging.getLogger(__name__)
 # facts, short explanations, advice and a little code. Answers are short so the measure stays cheap on a CPU.
 GENERAL_PROMPTS: tuple[tuple[str, str], ...] = (
     ("What is the capital of Italy?", "The capital of Italy is Rome."),
-    ("Why is the sky blue?", "Sunlight is scattered by the air, and blue light is scattered the most, so the sky looks blue."),
-    ("Give me a tip for sleeping better.", "Go to bed at the same time every night and keep your bedroom dark and cool."),
+    ("Why is the sky blue?",
+     "Sunlight is scattered by the air, and blue light is scattered the most, so the sky looks blue."),
+    ("Give me a tip for sleeping better.",
+     "Go to bed at the same time every night and keep your bedroom dark and cool."),
     ("How many days are there in a week?", "There are seven days in a week."),
     ("What do bees make?", "Bees make honey and wax."),
     ("Write a Python function that adds two numbers.", "def add(a, b):\n    return a + b"),
     ("What is the freezing point of water?", "Water freezes at 0 degrees Celsius, or 32 degrees Fahrenheit."),
     ("Translate 'thank you' into Spanish.", "'Thank you' in Spanish is 'gracias'."),
     ("Name three primary colors.", "Red, blue and yellow are the three primary colors."),
-    ("What is photosynthesis?", "Photosynthesis is how plants use sunlight, water and carbon dioxide to make sugar and oxygen."),
+    ("What is photosynthesis?",
+     "Photosynthesis is how plants use sunlight, water and carbon dioxide to make sugar and oxygen."),
     ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
     ("How do I boil an egg?", "Put the egg in boiling water for about nine minutes, then cool it in cold water."),
     ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system."),
-    ("Explain what a noun is.", "A noun is a word that names a person, place, thing or idea, like 'teacher' or 'city'."),
+    ("Explain what a noun is.",
+     "A noun is a word that names a person, place, thing or idea, like 'teacher' or 'city'."),
     ("What should I pack for a day at the beach?", "Pack sunscreen, water, a towel, a hat and some snacks."),
     ("How many minutes are in an hour?", "There are sixty minutes in an hour."),
 )
@@ -176,6 +179,9 @@ class DriftCallback(TrainerCallback):
         self._policy = model
         start = time.perf_counter()
         if self.ref_model is None and not _is_peft(model):
+            if state.global_step > 0:
+                logger.warning("Resumed at step %d with no reference model: drift_kl is measured from the resumed "
+                               "weights, not from the model before fine-tuning.", state.global_step)
             # Only the copy's outputs on the fixed prompts are needed, and they are kept: the copy is dropped at once
             self._base = self.probe.base_log_probs(model, freeze(frozen_copy(model)))
         else:
