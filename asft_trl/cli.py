@@ -1,5 +1,6 @@
 """`asft-trl` command line. `asft-trl train --config recipes/X.yaml [--field value ...] [accelerate launch flags]`;
-`asft-trl eval SUITE --model PATH [...]` (asft_trl/evaluation/cli.py).
+`asft-trl eval SUITE --model PATH [...]` (asft_trl/evaluation/cli.py), `asft-trl plot RUN_DIR ...` (training curves)
+and `asft-trl study` (the drift study) run in this process.
 
 Like `trl sft`: the recipe is parsed (and so validated) here first, then the training script is started through
 `accelerate launch`, with the recipe's or the command line's `accelerate_config` and any flags that are not recipe
@@ -9,6 +10,7 @@ fields (e.g. `--num_processes 2`) passed on to accelerate.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -45,19 +47,27 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+# Commands that run in this process: name -> (help, module with `main(argv) -> int`)
+_IN_PROCESS_COMMANDS = {
+    "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", ".evaluation.cli"),
+    "plot": ("Draw the training curves of one or more runs into a PNG.", ".diagnostics.plot"),
+    "study": ("Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep; write docs/study.md.", ".study"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="asft-trl", description="Anchored Supervised Fine-Tuning on TRL.")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("train", help="Train from a YAML recipe (TRL's parser; CLI overrides win).", add_help=False)
-    sub.add_parser("eval", help="Score a model on the math, medical or code suite; `eval compare` runs.", add_help=False)
+    for name, (help_text, _) in _IN_PROCESS_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     args, _ = parser.parse_known_args(argv[:1])
     if args.command == "train":
         return _train(argv[1:])
-    if args.command == "eval":
-        from .evaluation.cli import main as eval_main
-
-        return eval_main(argv[1:])
+    if args.command in _IN_PROCESS_COMMANDS:
+        module = importlib.import_module(_IN_PROCESS_COMMANDS[args.command][1], __package__)
+        return module.main(argv[1:])
     parser.print_help()
     return 0 if not argv else 2
 

@@ -1,4 +1,4 @@
-"""The training script: parse the recipe -> load model and data -> ASFTTrainer -> train -> save -> summary.
+"""The training script: parse the recipe -> load model and data -> ASFTTrainer -> train -> save -> summary + curves.
 
 Run it as `asft-trl train --config recipes/X.yaml [--field value ...]`, or under accelerate/torchrun as
 `accelerate launch [--config_file ...] -m asft_trl.train --config recipes/X.yaml`.
@@ -71,6 +71,13 @@ class ASFTScriptArguments(ScriptArguments):
         },
     )
     held_out_size: int = field(default=64, metadata={"help": "Number of test examples the task metric scores."})
+    log_drift: bool = field(
+        default=False,
+        metadata={
+            "help": "Log drift_kl: the per-token KL(base || policy) on a fixed set of general prompts the training data "
+            "never touches (asft_trl.diagnostics.drift), at step 0 and every log step. Costs a forward pass per log."
+        },
+    )
     accelerate_config: str | None = field(
         default=None,
         metadata={
@@ -202,6 +209,10 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
         quantization_config=get_quantization_config(model_args),
     )
     logger.info(f"Method: {training_args.method_name} (loss_type={training_args.loss_type}, kl_coef={training_args.kl_coef})")
+    if script_args.log_drift:
+        from .diagnostics.drift import add_drift_callback
+
+        add_drift_callback(trainer)
 
     before = held_out_report(trainer, eval_split, script_args) if eval_split is not None else {}
     trainer.train(resume_from_checkpoint=resume)
@@ -215,6 +226,9 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
         with open(os.path.join(training_args.output_dir, "held_out.json"), "w") as f:
             json.dump(report, f, indent=2)
         print_summary(trainer, before, after)
+    from .diagnostics.plot import write_run_curves
+
+    write_run_curves(trainer)  # trainer_state.json, asft_run.json and curves.png in the output dir (main process)
     trainer.accelerator.wait_for_everyone()
     if hasattr(trainer, "end"):
         trainer.end()
