@@ -49,7 +49,7 @@ class ASFTConfig(SFTConfig):
             both models' full logits. Only used when `kl_coef > 0`; with `kl_coef=0` the loss is TRL's own.
         loss_chunk_size (`int`, *optional*):
             Completion tokens per chunk of the fused loss. Its extra memory is a few [chunk x vocabulary] float32
-            buffers. Default: as many tokens as fit 4M (CPU) or 64M (GPU) logits per buffer.
+            buffers. Default: as many tokens as fit 16M (CPU) or 64M (GPU) logits per buffer.
 
         > Parameters that control the reference (anchor) model
 
@@ -103,7 +103,7 @@ class ASFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Completion tokens per chunk of the fused loss. Its extra memory is a few [chunk x vocabulary] "
-            "float32 buffers. Default: as many tokens as fit 4M (CPU) or 64M (GPU) logits per buffer."
+            "float32 buffers. Default: as many tokens as fit 16M (CPU) or 64M (GPU) logits per buffer."
         },
     )
     ref_model_name_or_path: str | None = field(

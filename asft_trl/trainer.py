@@ -6,7 +6,7 @@ What this module adds to SFTTrainer, and nothing else:
   (`asft_trl.losses.fused`, reached through `asft_trl.lm_head`), else the plain one from full logits; with
   `kl_coef == 0` the loss is TRL's own, untouched;
 - the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
-- early, explanatory errors for data TRL would fail on later (see `asft_trl.data_checks`).
+- early, explanatory errors for data TRL would fail on later (see `asft_trl.data.checks`).
 """
 
 from __future__ import annotations
@@ -242,15 +242,17 @@ class ASFTTrainer(SFTTrainer):
                 hidden = backbone_outputs.last_hidden_state
                 hidden = hidden if shifted else hidden[:, :-1]
                 weight, bias = lm_head.head_parameters(policy_lm)
+                # With the model split across devices (`device_map`) the backbone can end where the head is not
+                on_head = mask.to(weight.device)
                 # Under PEFT the anchor is the same network with adapters off, so its head is the policy's own
                 ref_weight, ref_bias = (weight, bias) if self._ref_lm is None else lm_head.head_parameters(self._ref_lm)
                 heads = {id(t): t for t in (weight, bias, ref_weight, ref_bias) if t is not None}
                 with maybe_gather_lm_head_ctx(*heads.values()):
                     result["loss"], result["terms"] = chunked_asft_loss(
-                        hidden[mask],
+                        hidden.to(weight.device)[on_head],
                         weight,
-                        labels[mask],
-                        ref_hidden[mask],
+                        labels.to(weight.device)[on_head],
+                        ref_hidden.to(weight.device)[on_head],
                         ref_weight,
                         bias=bias,
                         ref_bias=ref_bias,
