@@ -22,6 +22,13 @@ def _bf16_accelerator_available() -> bool:
     return hasattr(torch, "xpu") and torch.xpu.is_available()
 
 
+def method_name(loss_type: str, kl_coef: float) -> str:
+    """The paper's name for a combination of the two switches: SFT, DFT, SFT+KL or ASFT."""
+    if kl_coef == 0:
+        return "DFT" if loss_type == "dft" else "SFT"
+    return "ASFT" if loss_type == "dft" else "SFT+KL"
+
+
 @dataclass
 class ASFTConfig(SFTConfig):
     r"""
@@ -169,6 +176,4 @@ class ASFTConfig(SFTConfig):
     @property
     def method_name(self) -> str:
         """The paper's name for this combination of switches: SFT, DFT, SFT+KL or ASFT."""
-        if self.kl_coef == 0:
-            return "DFT" if self.loss_type == "dft" else "SFT"
-        return "ASFT" if self.loss_type == "dft" else "SFT+KL"
+        return method_name(self.loss_type, self.kl_coef)

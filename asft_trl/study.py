@@ -39,14 +39,16 @@ class RunSpec:
     kl_coef: float
 
     @property
-    def method_name(self) -> str:  # the same rule as ASFTConfig.method_name
-        if self.kl_coef == 0:
-            return "DFT" if self.loss_type == "dft" else "SFT"
-        return "ASFT" if self.loss_type == "dft" else "SFT+KL"
+    def method_name(self) -> str:
+        from .config import method_name
+
+        return method_name(self.loss_type, self.kl_coef)
 
     @property
     def label(self) -> str:
-        return f"{self.method_name} λ={self.kl_coef:g}" if self.kl_coef else self.method_name
+        from .diagnostics.plot import run_label
+
+        return run_label({"method_name": self.method_name, "kl_coef": self.kl_coef})
 
     @property
     def dirname(self) -> str:
@@ -116,6 +118,7 @@ def train_one(spec: RunSpec, model_path: str, splits, ood, args, run_dir: Path) 
 
     from .config import ASFTConfig
     from .diagnostics.drift import add_drift_callback
+    from .diagnostics.plot import save_run_info
     from .trainer import ASFTTrainer
 
     settings = {**_settings(args), "loss_type": spec.loss_type, "kl_coef": spec.kl_coef}
@@ -165,9 +168,7 @@ def train_one(spec: RunSpec, model_path: str, splits, ood, args, run_dir: Path) 
     train_seconds = time.perf_counter() - start
     probe_seconds = sum(p.seconds for p in probes)
     scores = score_model(trainer.model, trainer.processing_class, splits["test"], ood, args.ood_max_new_tokens)
-    trainer.save_state()  # trainer_state.json: the curves
-    _atomic_json(run_dir / "asft_run.json", {"method_name": spec.method_name, "loss_type": spec.loss_type,
-                                             "kl_coef": spec.kl_coef, "kl_direction": config.kl_direction})
+    save_run_info(trainer)  # trainer_state.json (the curves) and asft_run.json (the run's label)
     history = trainer.state.log_history
     result = {"settings": settings, "label": spec.label, "method_name": spec.method_name, **scores,
               "train_seconds": train_seconds, "probe_seconds": probe_seconds,

@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
 from ..losses import kl_per_token
@@ -147,10 +148,6 @@ class DriftProbe:
         return {f"{self.name}_kl": kl_sum / count, f"{self.name}_nll": nll_sum / count}
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
 class DriftCallback(TrainerCallback):
     """Logs `drift_kl` and `drift_nll` (see the module docstring) at step 0 and at training log steps.
 
@@ -178,7 +175,7 @@ class DriftCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._policy = model
         start = time.perf_counter()
-        if self.ref_model is None and not _is_peft(model):
+        if self.ref_model is None and not is_peft_model(model):
             if state.global_step > 0:
                 logger.warning("Resumed at step %d with no reference model: drift_kl is measured from the resumed "
                                "weights, not from the model before fine-tuning.", state.global_step)

@@ -193,6 +193,18 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
+def save_run_info(trainer) -> None:
+    """Save `trainer_state.json` (the curves) and `asft_run.json` (what `run_label` reads) into the output dir."""
+    if not trainer.is_world_process_zero():
+        return
+    args = trainer.args
+    trainer.save_state()
+    info = {"method_name": getattr(args, "method_name", None), "loss_type": getattr(args, "loss_type", None),
+            "kl_coef": getattr(args, "kl_coef", None), "kl_direction": getattr(args, "kl_direction", None)}
+    with open(Path(args.output_dir) / RUN_INFO_FILE, "w") as f:
+        json.dump(info, f, indent=2)
+
+
 def write_run_curves(trainer, metrics=DEFAULT_METRICS) -> Path | None:
     """At the end of a training run: save `trainer_state.json` and `asft_run.json` into the output dir and draw
     `curves.png` there (the metrics of `metrics` that the run logged). Main process only. A plotting failure is
@@ -200,11 +212,7 @@ def write_run_curves(trainer, metrics=DEFAULT_METRICS) -> Path | None:
     if not trainer.is_world_process_zero():
         return None
     args = trainer.args
-    trainer.save_state()
-    info = {"method_name": getattr(args, "method_name", None), "loss_type": getattr(args, "loss_type", None),
-            "kl_coef": getattr(args, "kl_coef", None), "kl_direction": getattr(args, "kl_direction", None)}
-    with open(Path(args.output_dir) / RUN_INFO_FILE, "w") as f:
-        json.dump(info, f, indent=2)
+    save_run_info(trainer)
     try:
         run = load_run(args.output_dir)
         logged = [m for m in metrics if run.series(m)[0]]  # e.g. no `kl` without a KL term: not worth a warning here
