@@ -173,10 +173,6 @@ class ASFTTrainer(SFTTrainer):
         if problem is not None:
             logger.warning(f"The fused ASFT loss is not used because {problem}; the plain loss builds full logits.")
             return False
-        self._head_transform = lm_head.head_transform(self._policy_lm.config)
-        self._ref_head_transform = (
-            self._head_transform if self._ref_lm is None else lm_head.head_transform(self._ref_lm.config)
-        )
         return True
 
     def _run_reference(self, model, model_inputs: dict[str, Any], **kwargs):
@@ -256,8 +252,9 @@ class ASFTTrainer(SFTTrainer):
                         ref_weight,
                         bias=bias,
                         ref_bias=ref_bias,
-                        head=self._head_transform,
-                        ref_head=self._ref_head_transform,
+                        head=lm_head.head_transform(policy_lm.config),
+                        # None: the same head (and transform) as the policy's
+                        ref_head=None if self._ref_lm is None else lm_head.head_transform(self._ref_lm.config),
                         chunk_size=self.args.loss_chunk_size,
                         **loss_kwargs,
                     )
