@@ -50,6 +50,11 @@ class ASFTConfig(SFTConfig):
         loss_type (`str`, *optional*, defaults to `"dft"`):
             Task term: `"dft"` weights each token's NLL by its detached probability (DFT), `"nll"` is plain SFT.
 
+        dft_weight_floor (`float`, *optional*, defaults to `0.0`):
+            Floor of the DFT weight: each token's NLL is weighted by max(p(y_t), floor) instead of p(y_t), the known fix
+            for DFT not learning tokens the model finds very unlikely (long or unfamiliar completions). `0` is the
+            paper's DFT/ASFT. Only for `loss_type="dft"`.
+
         use_fused_loss (`bool`, *optional*, defaults to `True`):
             Compute the ASFT loss from hidden states in chunks, never building the [tokens x vocabulary] logits of the
             policy or the reference (`asft_trl.losses.fused`). `False` uses the plain implementation, which builds
@@ -96,6 +101,14 @@ class ASFTConfig(SFTConfig):
         metadata={
             "help": "Task term: 'dft' weights each token's NLL by its detached probability (DFT), 'nll' is plain SFT.",
             "choices": list(LOSS_TYPES),
+        },
+    )
+    dft_weight_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "Floor of the DFT weight: each token's NLL is weighted by max(p(y_t), floor) instead of p(y_t), the "
+            "known fix for DFT not learning tokens the model finds very unlikely. 0 is the paper's DFT/ASFT. Only for "
+            "loss_type='dft'."
         },
     )
     use_fused_loss: bool = field(
@@ -158,6 +171,16 @@ class ASFTConfig(SFTConfig):
             raise ValueError(
                 f"loss_type={self.loss_type!r} is not supported. Use 'dft' (DFT/ASFT, the default) or 'nll' "
                 "(SFT / SFT+KL)."
+            )
+        if not 0 <= self.dft_weight_floor < 1:
+            raise ValueError(
+                f"dft_weight_floor={self.dft_weight_floor} is invalid: it must be in [0, 1). Use 0 (the default) for the "
+                "paper's DFT weight p(y_t), or a small floor such as 0.1."
+            )
+        if self.dft_weight_floor > 0 and self.loss_type != "dft":
+            raise ValueError(
+                f"dft_weight_floor={self.dft_weight_floor} only applies to loss_type='dft' (loss_type={self.loss_type!r} "
+                "weights every token by 1). Set dft_weight_floor to 0, or loss_type to 'dft'."
             )
         if self.loss_chunk_size is not None and int(self.loss_chunk_size) < 1:
             raise ValueError(

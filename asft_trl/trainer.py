@@ -2,9 +2,9 @@
 
 What this module adds to SFTTrainer, and nothing else:
 - the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT);
-- `compute_loss` for `kl_coef > 0`: by default the chunked, fused loss from both models' hidden states
-  (`asft_trl.losses.fused`, reached through `asft_trl.lm_head`), else the plain one from full logits; with
-  `kl_coef == 0` the loss is TRL's own, untouched;
+- `compute_loss` for `kl_coef > 0` (or a DFT weight floor): by default the chunked, fused loss from both models'
+  hidden states (`asft_trl.losses.fused`, reached through `asft_trl.lm_head`), else the plain one from full logits;
+  with `kl_coef == 0` (and no floor) the loss is TRL's own, untouched;
 - the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
 - early, explanatory errors for data TRL would fail on later (see `asft_trl.data.checks`).
 """
@@ -159,9 +159,19 @@ class ASFTTrainer(SFTTrainer):
             return prepare_fsdp(ref_model, self.accelerator)
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
+    @staticmethod
+    def _uses_own_loss(args: ASFTConfig) -> bool:
+        """Whether the loss is this package's rather than TRL's own SFT/DFT loss: with an anchor, or a weight floor."""
+        return args.kl_coef > 0 or args.dft_weight_floor > 0
+
+    @property
+    def current_kl_coef(self) -> float:
+        """lambda for the current optimisation step."""
+        return self.args.kl_coef
+
     def _fused_loss_applies(self, args: ASFTConfig) -> bool:
         """Whether the fused loss runs; where it can't, say why once and use the plain loss."""
-        if not args.use_fused_loss or args.kl_coef == 0:
+        if not args.use_fused_loss or not self._uses_own_loss(args):
             return False
         problem = lm_head.fused_head_problem(self._policy_lm)
         if problem is None and self._ref_lm is not None:
@@ -202,7 +212,7 @@ class ASFTTrainer(SFTTrainer):
             self._fused_capture = (outputs.log_probs.detach(), outputs.label_mask)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.kl_coef == 0:
+        if not self._uses_own_loss(self.args):
             self._fused_capture = None
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if self._fused_capture is not None:
@@ -222,16 +232,20 @@ class ASFTTrainer(SFTTrainer):
         shifted = "shift_labels" in inputs
         labels = inputs["shift_labels"] if shifted else inputs["labels"][:, 1:]
         mask = labels != -100
+        anchored = self.args.kl_coef > 0
         loss_kwargs = dict(
-            kl_coef=self.args.kl_coef,
+            kl_coef=self.current_kl_coef if anchored else 0.0,
             loss_type=self.args.loss_type,
             kl_direction=self.args.kl_direction,
             num_items_in_batch=num_items_in_batch,
+            dft_weight_floor=self.args.dft_weight_floor,
         )
 
         if self.use_fused_loss:
-            ref_hidden = self._run_reference(model, model_inputs, asft_hidden_states=True).last_hidden_state
-            ref_hidden = ref_hidden if shifted else ref_hidden[:, :-1]
+            ref_hidden = None
+            if anchored:
+                ref_hidden = self._run_reference(model, model_inputs, asft_hidden_states=True).last_hidden_state
+                ref_hidden = ref_hidden if shifted else ref_hidden[:, :-1]
             result = {}
 
             def fused_loss(policy_lm, backbone_outputs):
@@ -242,13 +256,15 @@ class ASFTTrainer(SFTTrainer):
                 on_head = mask.to(weight.device)
                 # Under PEFT the anchor is the same network with adapters off, so its head is the policy's own
                 ref_weight, ref_bias = (weight, bias) if self._ref_lm is None else lm_head.head_parameters(self._ref_lm)
+                if not anchored:
+                    ref_weight = ref_bias = None
                 heads = {id(t): t for t in (weight, bias, ref_weight, ref_bias) if t is not None}
                 with maybe_gather_lm_head_ctx(*heads.values()):
                     result["loss"], result["terms"] = chunked_asft_loss(
                         hidden.to(weight.device)[on_head],
                         weight,
                         labels.to(weight.device)[on_head],
-                        ref_hidden.to(weight.device)[on_head],
+                        None if ref_hidden is None else ref_hidden.to(weight.device)[on_head],
                         ref_weight,
                         bias=bias,
                         ref_bias=ref_bias,
@@ -267,10 +283,12 @@ class ASFTTrainer(SFTTrainer):
                     outputs = model(**model_inputs)
         else:
             outputs = model(**model_inputs)
-            ref_logits = self._run_reference(model, model_inputs).logits
             policy_logits = outputs.logits if shifted else outputs.logits[:, :-1]
-            ref_logits = ref_logits if shifted else ref_logits[:, :-1]
-            loss, terms = asft_loss(policy_logits[mask], labels[mask], ref_logits[mask], **loss_kwargs)
+            ref_logits = None
+            if anchored:
+                ref_logits = self._run_reference(model, model_inputs).logits
+                ref_logits = (ref_logits if shifted else ref_logits[:, :-1])[mask]
+            loss, terms = asft_loss(policy_logits[mask], labels[mask], ref_logits, **loss_kwargs)
         # Like TRL: `num_items_in_batch` counts the tokens of every process, and DDP averages gradients across them
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -292,7 +310,7 @@ class ASFTTrainer(SFTTrainer):
 
         The weights are logged for "nll" runs too, so SFT and DFT runs can be compared on the same scale.
         """
-        prob = nll.float().neg().exp()
+        prob = nll.float().neg().exp().clamp_min(self.args.dft_weight_floor)  # the weights as the loss used them
         count, nll_sum, w_sum, w_sq, *sums = self._gathered_sums(
             torch.ones_like(prob), nll, prob, prob**2, *per_token.values()
         )
@@ -309,6 +327,8 @@ class ASFTTrainer(SFTTrainer):
             mode, terms.nll, kl=terms.kl, entropy=terms.entropy, mean_token_accuracy=terms.is_top1
         )
         metrics = self._metrics[mode]
+        if self.args.kl_coef > 0:
+            metrics["kl_coef"].append(self.current_kl_coef)
         if mode == "train":
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()

@@ -34,12 +34,13 @@ def _logits(hidden, weight, bias, head: HeadTransform):
 
 
 def _both(kl_coef, loss_type, kl_direction, *, head=HeadTransform(), chunk_size=5, dtype=torch.float32, bias=False,
-          tied_ref=False, num_items=40):
+          tied_ref=False, num_items=40, floor=0.0):
     """Loss, terms and gradients from the plain and the fused implementation on the same inputs."""
     results = []
     for fused in (False, True):
         hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = _inputs(dtype=dtype, bias=bias, tied_ref=tied_ref)
-        kwargs = dict(kl_coef=kl_coef, loss_type=loss_type, kl_direction=kl_direction, num_items_in_batch=num_items)
+        kwargs = dict(kl_coef=kl_coef, loss_type=loss_type, kl_direction=kl_direction, num_items_in_batch=num_items,
+                      dft_weight_floor=floor)
         if fused:
             loss, terms = chunked_asft_loss(
                 hidden, weight, labels, ref_hidden, ref_weight, bias=b, ref_bias=ref_bias, head=head,
@@ -67,6 +68,28 @@ def test_fused_matches_plain_fp32(loss_type, kl_direction, kl_coef):
         assert torch.allclose(gf, gp, atol=1e-5, rtol=1e-4), (gf - gp).abs().max()
     if kl_coef > 0:
         assert terms_f.kl.min() >= 0 and terms_f.kl.max() > 1e-3  # the reference differs: the test can see the KL
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_fused_matches_plain_with_a_dft_weight_floor(kl_coef):
+    (loss_p, terms_p, grads_p), (loss_f, terms_f, grads_f) = _both(kl_coef, "dft", "forward", floor=0.01)
+    assert torch.allclose(loss_f, loss_p, atol=1e-5)
+    torch.testing.assert_close(terms_f.weight, terms_p.weight)
+    assert (terms_f.weight == 0.01).any() and (terms_f.weight > 0.01).any()  # the case has tokens on both sides
+    for gf, gp in zip(grads_f, grads_p):
+        assert torch.allclose(gf, gp, atol=1e-5, rtol=1e-4)
+    (loss_0, *_), _ = _both(kl_coef, "dft", "forward", floor=0.0)
+    assert loss_p > loss_0  # raising low weights raises the weighted NLL
+
+
+def test_without_a_reference_kl_is_zero_and_with_one_it_is_measured_at_kl_coef_zero():
+    hidden, weight, _, ref_hidden, ref_weight, _, labels = _inputs()
+    loss_none, terms_none = chunked_asft_loss(hidden, weight, labels, kl_coef=0.0)
+    loss_ref, terms_ref = chunked_asft_loss(hidden, weight, labels, ref_hidden, ref_weight, kl_coef=0.0)
+    assert torch.count_nonzero(terms_none.kl) == 0 and (terms_ref.kl > 0).all()
+    torch.testing.assert_close(loss_none, loss_ref)
+    with pytest.raises(ValueError, match="together"):
+        chunked_asft_loss(hidden, weight, labels, ref_hidden, None, kl_coef=0.0)
 
 
 @pytest.mark.parametrize("kl_direction", ["forward", "reverse"])

@@ -107,11 +107,37 @@ def test_dft_weight_is_detached_probability_and_nll_weight_is_one():
     torch.testing.assert_close(dft.task, p_label * nll.nll)
 
 
-def test_kl_coef_zero_is_the_plain_task_loss_and_ignores_the_reference():
+def test_dft_weight_floor_changes_only_the_weights_below_it():
+    policy, ref, labels = random_case()
+    plain = asft_token_terms(policy, labels, ref, loss_type="dft")
+    floor = float(plain.weight.median())
+    floored = asft_token_terms(policy, labels, ref, loss_type="dft", dft_weight_floor=floor)
+    below = plain.weight < floor
+    assert below.any() and (~below).any()
+    assert torch.equal(floored.weight[~below], plain.weight[~below])
+    assert torch.equal(floored.weight[below], torch.full_like(plain.weight[below], floor))
+    torch.testing.assert_close(floored.task, floored.weight * floored.nll)
+    # The gradient is DFT's with the floored weights: w (p - onehot(y)), still with no gradient through w
+    logits = policy.detach().clone().requires_grad_()
+    asft_loss(logits, labels, None, kl_coef=0.0, dft_weight_floor=floor, num_items_in_batch=1)[0].backward()
+    onehot = torch.nn.functional.one_hot(labels, logits.shape[-1]).float()
+    expected = floored.weight[:, None] * (torch.softmax(policy.detach(), -1) - onehot)
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_kl_coef_zero_is_the_plain_task_loss_and_still_measures_the_kl():
     policy, ref, labels = random_case()
     loss, terms = asft_loss(policy, labels, ref, kl_coef=0.0, loss_type="dft", num_items_in_batch=7)
-    assert torch.equal(terms.kl, torch.zeros_like(terms.kl))
     assert loss.item() == pytest.approx((terms.weight * terms.nll).sum().item() / 7, rel=1e-6)
+    # Measured for the logs (a warm-up schedule starts at 0), the same KL as with an anchor weight
+    _, anchored = asft_loss(policy, labels, ref, kl_coef=0.3, loss_type="dft", num_items_in_batch=7)
+    assert (terms.kl > 0).all()
+    torch.testing.assert_close(terms.kl, anchored.kl)
+    policy.grad = None
+    loss.backward()
+    no_ref = policy.detach().clone().requires_grad_()
+    asft_loss(no_ref, labels, None, kl_coef=0.0, num_items_in_batch=7)[0].backward()
+    torch.testing.assert_close(policy.grad, no_ref.grad)
 
 
 def test_normalisation_is_by_num_items_not_rows():

@@ -12,6 +12,7 @@ from .plain import (
     TokenTerms,
     asft_loss,
     asft_token_terms,
+    dft_weight,
     kl_per_token,
     weight_stats,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "asft_token_terms",
     "auto_chunk_size",
     "chunked_asft_loss",
+    "dft_weight",
     "kl_per_token",
     "weight_stats",
 ]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plain import KL_DIRECTIONS, LOSS_TYPES, TokenTerms
+from .plain import KL_DIRECTIONS, LOSS_TYPES, TokenTerms, dft_weight
 
 # [chunk x vocab] float32 elements per buffer when `chunk_size` is not given: 64 MiB on CPU, 256 MiB on a GPU. Smaller
 # chunks re-read the head weights (and the head's float32 gradient) more often, which dominates once the matrix
@@ -95,12 +95,12 @@ class _ChunkedASFT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, options):
-        kl_coef, loss_type, kl_direction, head, ref_head, chunk_size, grad_enabled, dtype, ref_dtype = options
+        kl_coef, loss_type, floor, kl_direction, head, ref_head, chunk_size, grad_enabled, dtype, ref_dtype = options
         n = hidden.shape[0]
         device = hidden.device
         # `needs_input_grad` is set under no_grad too (evaluation): no gradients are formed there
         needs_hidden, needs_weight, needs_bias = (grad_enabled and needed for needed in ctx.needs_input_grad[:3])
-        use_ref = kl_coef > 0
+        use_ref = ref_hidden is not None  # measured even when kl_coef is 0 (a warm-up), so that it can be logged
 
         grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, device=device, dtype=torch.float32) if needs_weight else None
@@ -130,7 +130,7 @@ class _ChunkedASFT(torch.autograd.Function):
             neg_entropy = _rowdot(p, log_p)
             per_token["entropy"][start:end] = -neg_entropy
             per_token["nll"][start:end] = -token_log_p
-            weight_t = token_log_p.exp() if loss_type == "dft" else torch.ones_like(token_log_p)
+            weight_t = dft_weight(token_log_p, loss_type, floor)
             loss_sum += (weight_t * -token_log_p).sum()
 
             # grad becomes dL/dz for the chunk
@@ -207,6 +207,7 @@ def chunked_asft_loss(
     kl_direction: str = "forward",
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    dft_weight_floor: float = 0.0,
 ) -> tuple[torch.Tensor, TokenTerms]:
     """The ASFT loss, (sum_t task_t + kl_coef * kl_t) / num_items_in_batch, from hidden states and head weights.
 
@@ -219,7 +220,8 @@ def chunked_asft_loss(
         bias, ref_bias: [V] head biases, if the heads have them.
         head, ref_head: what each head does to its logits after the matmul (scaling, soft-capping).
             `ref_head` defaults to `head`.
-        kl_coef, loss_type, kl_direction, num_items_in_batch: as in `asft_trl.losses.asft_loss`.
+        kl_coef, loss_type, kl_direction, num_items_in_batch, dft_weight_floor: as in `asft_trl.losses.asft_loss`
+            (with a reference the KL is measured even when `kl_coef` is 0).
         chunk_size: tokens per chunk; default from a fixed [chunk x vocab] budget (`auto_chunk_size`).
 
     Returns the loss and per-token `TokenTerms`; here every term is detached (the gradient flows through the loss).
@@ -230,9 +232,11 @@ def chunked_asft_loss(
         raise ValueError(f"kl_direction={kl_direction!r} is not one of {KL_DIRECTIONS}.")
     if kl_coef < 0:
         raise ValueError(f"kl_coef={kl_coef} is negative; it must be >= 0.")
-    if kl_coef > 0:
-        if ref_hidden is None or ref_weight is None:
-            raise ValueError("kl_coef > 0 needs `ref_hidden` and `ref_weight`.")
+    if kl_coef > 0 and (ref_hidden is None or ref_weight is None):
+        raise ValueError("kl_coef > 0 needs `ref_hidden` and `ref_weight`.")
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("`ref_hidden` and `ref_weight` go together: give both or neither.")
+    if ref_hidden is not None:
         if ref_weight.shape != weight.shape or ref_hidden.shape != hidden.shape:
             raise ValueError(
                 f"The reference's head {tuple(ref_weight.shape)} / hidden states {tuple(ref_hidden.shape)} do not match "
@@ -246,16 +250,16 @@ def chunked_asft_loss(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
     options = (
-        float(kl_coef), loss_type, kl_direction, head, ref_head or head, int(chunk_size), torch.is_grad_enabled(),
-        _compute_dtype(hidden, weight), _compute_dtype(hidden, ref_weight) if kl_coef > 0 else None,
+        float(kl_coef), loss_type, float(dft_weight_floor), kl_direction, head, ref_head or head, int(chunk_size),
+        torch.is_grad_enabled(), _compute_dtype(hidden, weight),
+        None if ref_weight is None else _compute_dtype(hidden, ref_weight),
     )
     # The float32 math must not be recast by an enclosing autocast; the matmul dtype was chosen above
     with torch.autocast(hidden.device.type, enabled=False):
         loss_sum, nll, kl, entropy, is_top1 = _ChunkedASFT.apply(
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels.long(), options
         )
-    prob = (-nll).exp()
-    weight_t = prob if loss_type == "dft" else torch.ones_like(prob)
+    weight_t = dft_weight(-nll, loss_type, dft_weight_floor)
     denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch
     loss = loss_sum / torch.as_tensor(denominator, device=loss_sum.device).clamp(min=1)
     return loss, TokenTerms(task=weight_t * nll, kl=kl, nll=nll, weight=weight_t, entropy=entropy, is_top1=is_top1)

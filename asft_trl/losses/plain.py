@@ -2,7 +2,7 @@
 
 Per completion token t, with p the policy and p_ref the frozen anchor (see docs/method.md):
 
-    w_t    = stopgrad(p(y_t | s_t))          DFT weight ("dft"); 1 for plain SFT ("nll")
+    w_t    = stopgrad(p(y_t | s_t))          DFT weight ("dft"; max(p, floor) with a weight floor); 1 for SFT ("nll")
     task_t = -w_t * log p(y_t | s_t)
     kl_t   = KL(p_ref || p) over the full vocabulary ("forward", the published implementations' choice)
              or KL(p || p_ref) ("reverse", the paper's ablation)
@@ -49,6 +49,15 @@ def kl_per_token(log_p_from: torch.Tensor, log_p_to: torch.Tensor) -> torch.Tens
     return terms.clamp_min(0).sum(-1)
 
 
+def dft_weight(token_log_p: torch.Tensor, loss_type: str, floor: float = 0.0) -> torch.Tensor:
+    """The task term's per-token weight: max(p(y_t), floor) for "dft" (DFT's plain probability when floor is 0), 1 for
+    "nll". The floor is the known fix for DFT not learning tokens the model finds very unlikely."""
+    if loss_type != "dft":
+        return torch.ones_like(token_log_p)
+    weight = token_log_p.exp()
+    return weight.clamp_min(floor) if floor > 0 else weight
+
+
 def asft_token_terms(
     policy_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -56,6 +65,7 @@ def asft_token_terms(
     *,
     loss_type: str = "dft",
     kl_direction: str = "forward",
+    dft_weight_floor: float = 0.0,
 ) -> TokenTerms:
     """Per-token ASFT terms for rows of logits.
 
@@ -65,6 +75,7 @@ def asft_token_terms(
         ref_logits: [N, V] logits of the reference at the same positions, or None for no KL term.
         loss_type: "dft" (probability-weighted NLL) or "nll" (plain SFT).
         kl_direction: "forward" for KL(ref || policy), "reverse" for KL(policy || ref).
+        dft_weight_floor: "dft" weights are max(p(y_t), floor), so tokens the policy finds unlikely still teach it.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}.")
@@ -73,7 +84,7 @@ def asft_token_terms(
     log_p = F.log_softmax(policy_logits.float(), dim=-1)
     token_log_p = log_p.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
     nll = -token_log_p
-    weight = token_log_p.detach().exp() if loss_type == "dft" else torch.ones_like(nll)
+    weight = dft_weight(token_log_p.detach(), loss_type, dft_weight_floor)
     task = weight * nll
 
     if ref_logits is None:
@@ -99,19 +110,23 @@ def asft_loss(
     loss_type: str = "dft",
     kl_direction: str = "forward",
     num_items_in_batch: int | torch.Tensor | None = None,
+    dft_weight_floor: float = 0.0,
 ) -> tuple[torch.Tensor, TokenTerms]:
     """The ASFT loss: (sum_t task_t + kl_coef * kl_t) / num_items_in_batch.
 
     `num_items_in_batch` is the number of scored tokens in the whole optimisation step (all accumulation
     micro-batches, all processes), as the Trainer passes it; without it the loss is the mean over the given rows.
+    With a reference, the KL is measured (and returned in the terms) even when `kl_coef` is 0, as at the start of a
+    warm-up schedule; it only enters the loss through `kl_coef`.
     """
     if kl_coef < 0:
         raise ValueError(f"kl_coef={kl_coef} is negative; it must be >= 0.")
     terms = asft_token_terms(
-        policy_logits, labels, ref_logits if kl_coef > 0 else None, loss_type=loss_type, kl_direction=kl_direction
+        policy_logits, labels, ref_logits, loss_type=loss_type, kl_direction=kl_direction,
+        dft_weight_floor=dft_weight_floor,
     )
     total = terms.task.sum()
-    if kl_coef > 0:
+    if ref_logits is not None:
         total = total + kl_coef * terms.kl.sum()
     denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch
     return total / torch.as_tensor(denominator, device=total.device).clamp(min=1), terms
