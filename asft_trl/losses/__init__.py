@@ -2,9 +2,11 @@
 
 Nothing in this package knows about models, trainers or processes. `plain` takes logits and is the reference;
 `fused` takes hidden states and head weights and never builds the [tokens x vocab] logits; both return per-token
-terms and the normalised loss, and the tests hold them to each other. The trainer wires models to them.
+terms and the normalised loss, and the tests hold them to each other. `topk` holds a precomputed reference (top-k +
+tail) that either takes in place of the reference's logits. The trainer wires models to them.
 """
 
+from .topk import TopKReference, complete_log_probs, top_k_of
 from .fused import HeadTransform, auto_chunk_size, chunked_asft_loss
 from .plain import (
     KL_DIRECTIONS,
@@ -22,11 +24,14 @@ __all__ = [
     "LOSS_TYPES",
     "HeadTransform",
     "TokenTerms",
+    "TopKReference",
     "asft_loss",
     "asft_token_terms",
     "auto_chunk_size",
     "chunked_asft_loss",
+    "complete_log_probs",
     "dft_weight",
     "kl_per_token",
+    "top_k_of",
     "weight_stats",
 ]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .plain import KL_DIRECTIONS, LOSS_TYPES, TokenTerms, dft_weight
+from .topk import TopKReference, complete_log_probs
 
 # [chunk x vocab] float32 elements per buffer when `chunk_size` is not given: 64 MiB on CPU, 256 MiB on a GPU. Smaller
 # chunks re-read the head weights (and the head's float32 gradient) more often, which dominates once the matrix
@@ -94,20 +95,23 @@ class _ChunkedASFT(torch.autograd.Function):
     """sum_t (task_t + kl_coef * kl_t) for the scored tokens, with the gradients computed during the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, options):
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, topk_ids, topk_log_probs, topk_tail,
+                labels, options):
         kl_coef, loss_type, floor, kl_direction, head, ref_head, chunk_size, grad_enabled, dtype, ref_dtype = options
         n = hidden.shape[0]
         device = hidden.device
         # `needs_input_grad` is set under no_grad too (evaluation): no gradients are formed there
         needs_hidden, needs_weight, needs_bias = (grad_enabled and needed for needed in ctx.needs_input_grad[:3])
-        use_ref = ref_hidden is not None  # measured even when kl_coef is 0 (a warm-up), so that it can be logged
+        # Measured even when kl_coef is 0 (a warm-up), so that it can be logged
+        topk = None if topk_ids is None else TopKReference(topk_ids, topk_log_probs, topk_tail)
+        use_ref = ref_hidden is not None or topk is not None
 
         grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, device=device, dtype=torch.float32) if needs_weight else None
         grad_bias = torch.zeros(bias.shape, device=device, dtype=torch.float32) if needs_bias else None
         # Cast once here rather than once per chunk (a no-op when the weights already have the compute dtype)
         w_mm = weight.to(dtype)
-        w_ref_mm = ref_weight.to(ref_dtype) if use_ref else None
+        w_ref_mm = ref_weight.to(ref_dtype) if ref_hidden is not None else None
 
         per_token = {k: torch.zeros(n, device=device, dtype=torch.float32) for k in ("nll", "kl", "entropy")}
         is_top1 = torch.zeros(n, device=device, dtype=torch.bool)
@@ -135,9 +139,12 @@ class _ChunkedASFT(torch.autograd.Function):
 
             # grad becomes dL/dz for the chunk
             if use_ref:
-                z_ref, _ = _transform(_project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head)
-                log_q = torch.log_softmax(z_ref, dim=-1)
-                del z_ref
+                if topk is None:
+                    z_ref, _ = _transform(_project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head)
+                    log_q = torch.log_softmax(z_ref, dim=-1)
+                    del z_ref
+                else:  # top-k + tail: the tail filled in the policy's shape (see `asft_trl.losses.topk`)
+                    log_q = complete_log_probs(log_p, topk.rows(start, end))
                 q = log_q.exp()
                 if kl_direction == "forward":
                     # KL(q || p) = sum q log q - sum q log p, exactly 0 when the two heads agree; clamped at 0 per
@@ -188,7 +195,7 @@ class _ChunkedASFT(torch.autograd.Function):
         for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             # In place: a second weight-sized buffer would raise the peak memory of full fine-tuning
             grads.append(saved.mul_(grad_loss).to(dtype) if saved.numel() else None)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def chunked_asft_loss(
@@ -208,6 +215,7 @@ def chunked_asft_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
     dft_weight_floor: float = 0.0,
+    ref_topk: TopKReference | None = None,
 ) -> tuple[torch.Tensor, TokenTerms]:
     """The ASFT loss, (sum_t task_t + kl_coef * kl_t) / num_items_in_batch, from hidden states and head weights.
 
@@ -223,6 +231,7 @@ def chunked_asft_loss(
         kl_coef, loss_type, kl_direction, num_items_in_batch, dft_weight_floor: as in `asft_trl.losses.asft_loss`
             (with a reference the KL is measured even when `kl_coef` is 0).
         chunk_size: tokens per chunk; default from a fixed [chunk x vocab] budget (`auto_chunk_size`).
+        ref_topk: instead of `ref_hidden`/`ref_weight`, a precomputed reference (top-k + tail) at the N tokens.
 
     Returns the loss and per-token `TokenTerms`; here every term is detached (the gradient flows through the loss).
     """
@@ -232,8 +241,13 @@ def chunked_asft_loss(
         raise ValueError(f"kl_direction={kl_direction!r} is not one of {KL_DIRECTIONS}.")
     if kl_coef < 0:
         raise ValueError(f"kl_coef={kl_coef} is negative; it must be >= 0.")
-    if kl_coef > 0 and (ref_hidden is None or ref_weight is None):
-        raise ValueError("kl_coef > 0 needs `ref_hidden` and `ref_weight`.")
+    if ref_topk is not None:
+        if ref_hidden is not None or ref_weight is not None:
+            raise ValueError("Give the reference as `ref_hidden`/`ref_weight` or as `ref_topk`, not both.")
+        if len(ref_topk) != hidden.shape[0]:
+            raise ValueError(f"`ref_topk` holds {len(ref_topk)} tokens but there are {hidden.shape[0]} to score.")
+    elif kl_coef > 0 and (ref_hidden is None or ref_weight is None):
+        raise ValueError("kl_coef > 0 needs `ref_hidden` and `ref_weight` (or `ref_topk`).")
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("`ref_hidden` and `ref_weight` go together: give both or neither.")
     if ref_hidden is not None:
@@ -256,8 +270,9 @@ def chunked_asft_loss(
     )
     # The float32 math must not be recast by an enclosing autocast; the matmul dtype was chosen above
     with torch.autocast(hidden.device.type, enabled=False):
+        topk = (None, None, None) if ref_topk is None else (ref_topk.ids, ref_topk.log_probs, ref_topk.tail_log_prob)
         loss_sum, nll, kl, entropy, is_top1 = _ChunkedASFT.apply(
-            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels.long(), options
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *topk, labels.long(), options
         )
     weight_t = dft_weight(-nll, loss_type, dft_weight_floor)
     denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch

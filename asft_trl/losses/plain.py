@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .topk import TopKReference, complete_log_probs
+
 LOSS_TYPES = ("nll", "dft")
 KL_DIRECTIONS = ("forward", "reverse")
 
@@ -66,6 +68,7 @@ def asft_token_terms(
     loss_type: str = "dft",
     kl_direction: str = "forward",
     dft_weight_floor: float = 0.0,
+    ref_topk: TopKReference | None = None,
 ) -> TokenTerms:
     """Per-token ASFT terms for rows of logits.
 
@@ -76,7 +79,10 @@ def asft_token_terms(
         loss_type: "dft" (probability-weighted NLL) or "nll" (plain SFT).
         kl_direction: "forward" for KL(ref || policy), "reverse" for KL(policy || ref).
         dft_weight_floor: "dft" weights are max(p(y_t), floor), so tokens the policy finds unlikely still teach it.
+        ref_topk: instead of `ref_logits`, a precomputed reference (top-k + tail, `asft_trl.losses.topk`).
     """
+    if ref_logits is not None and ref_topk is not None:
+        raise ValueError("Give the reference as `ref_logits` or as `ref_topk`, not both.")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}.")
     if kl_direction not in KL_DIRECTIONS:
@@ -87,10 +93,13 @@ def asft_token_terms(
     weight = dft_weight(token_log_p.detach(), loss_type, dft_weight_floor)
     task = weight * nll
 
-    if ref_logits is None:
+    if ref_logits is None and ref_topk is None:
         kl = torch.zeros_like(nll)
     else:
-        log_p_ref = F.log_softmax(ref_logits.detach().float(), dim=-1)
+        if ref_topk is not None:
+            log_p_ref = complete_log_probs(log_p, ref_topk)
+        else:
+            log_p_ref = F.log_softmax(ref_logits.detach().float(), dim=-1)
         kl = kl_per_token(log_p_ref, log_p) if kl_direction == "forward" else kl_per_token(log_p, log_p_ref)
 
     with torch.no_grad():
@@ -111,22 +120,23 @@ def asft_loss(
     kl_direction: str = "forward",
     num_items_in_batch: int | torch.Tensor | None = None,
     dft_weight_floor: float = 0.0,
+    ref_topk: TopKReference | None = None,
 ) -> tuple[torch.Tensor, TokenTerms]:
     """The ASFT loss: (sum_t task_t + kl_coef * kl_t) / num_items_in_batch.
 
     `num_items_in_batch` is the number of scored tokens in the whole optimisation step (all accumulation
     micro-batches, all processes), as the Trainer passes it; without it the loss is the mean over the given rows.
     With a reference, the KL is measured (and returned in the terms) even when `kl_coef` is 0, as at the start of a
-    warm-up schedule; it only enters the loss through `kl_coef`.
+    warm-up schedule; it only enters the loss through `kl_coef`. A precomputed reference comes as `ref_topk`.
     """
     if kl_coef < 0:
         raise ValueError(f"kl_coef={kl_coef} is negative; it must be >= 0.")
     terms = asft_token_terms(
         policy_logits, labels, ref_logits, loss_type=loss_type, kl_direction=kl_direction,
-        dft_weight_floor=dft_weight_floor,
+        dft_weight_floor=dft_weight_floor, ref_topk=ref_topk,
     )
     total = terms.task.sum()
-    if ref_logits is not None:
+    if ref_logits is not None or ref_topk is not None:
         total = total + kl_coef * terms.kl.sum()
     denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch
     return total / torch.as_tensor(denominator, device=total.device).clamp(min=1), terms
