@@ -148,6 +148,32 @@ class ASFTConfig(SFTConfig):
         },
     )
 
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the reference once over the datasets before training and store, per completion token, its "
+            "`precompute_ref_topk` most likely tokens with their log-probabilities and the mass of the rest; training "
+            "then keeps no reference model in memory and runs no reference forward. The KL is then taken against the "
+            "top-k plus one tail bucket, a lower bound of the exact KL."
+        },
+    )
+    precompute_ref_topk: int = field(
+        default=64,
+        metadata={"help": "Reference tokens stored per completion token (k). Disk: 8 k + 4 bytes per completion token."},
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size of the precomputing pass. Defaults to `per_device_train_batch_size`."},
+    )
+    precompute_ref_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the precomputed reference's files, named by a fingerprint of the data, the reference's "
+            "weights and k, so later runs on the same data and reference reuse them. Defaults to "
+            "`<output_dir>/reference_cache`."
+        },
+    )
+
     def __post_init__(self):
         # Checked before SFTConfig's own post-init so that a bad ASFT field fails before anything else is set up
         if isinstance(self.kl_coef, str):
@@ -187,6 +213,22 @@ class ASFTConfig(SFTConfig):
                 f"loss_chunk_size={self.loss_chunk_size} is invalid: it must be a positive number of tokens, or unset "
                 "for the automatic size."
             )
+        if self.precompute_ref_log_probs:
+            if self.kl_coef == 0:
+                raise ValueError(
+                    "precompute_ref_log_probs=True needs a KL anchor, but kl_coef=0 (no reference is used). Set "
+                    "kl_coef > 0, or precompute_ref_log_probs to False."
+                )
+            if int(self.precompute_ref_topk) < 1:
+                raise ValueError(
+                    f"precompute_ref_topk={self.precompute_ref_topk} is invalid: it must be >= 1 (e.g. 64); larger k "
+                    "makes the KL closer to the exact one."
+                )
+            if self.precompute_ref_batch_size is not None and int(self.precompute_ref_batch_size) < 1:
+                raise ValueError(
+                    f"precompute_ref_batch_size={self.precompute_ref_batch_size} must be >= 1, or unset to use "
+                    "per_device_train_batch_size."
+                )
         if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
             # TRL turns bf16 on by default, which stops a CPU-only run before it starts; keep it on where it works
             self.bf16 = False

@@ -19,6 +19,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import PreTrainedModel
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
@@ -26,6 +27,7 @@ from trl.trainer.utils import disable_dropout_in_model, maybe_gather_lm_head_ctx
 
 from . import lm_head
 from . import reference as ref_utils
+from . import reference_cache
 from .config import ASFTConfig
 from .data.checks import check_dataset_format, report_dropped
 from .losses import asft_loss, chunked_asft_loss, weight_stats
@@ -98,7 +100,11 @@ class ASFTTrainer(SFTTrainer):
         self._fused_capture = None
         lm_head.patch_forward(self._policy_lm, on_default_call=self._capture_fused_outputs)
         self._ref_lm = None  # the reference's own causal LM, when it is a separate model
-        self.ref_model = self._build_reference(ref_model, args)
+        if args.precompute_ref_log_probs:
+            self.ref_model = None
+            self._precompute_reference(ref_model, args)
+        else:
+            self.ref_model = self._build_reference(ref_model, args)
         self.use_fused_loss = self._fused_loss_applies(args)
 
     # ------------------------------------------------------------------ reference model
@@ -159,6 +165,92 @@ class ASFTTrainer(SFTTrainer):
             return prepare_fsdp(ref_model, self.accelerator)
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
+    def _precompute_reference(self, ref_model, args: ASFTConfig) -> None:
+        """One pass of the anchor over the datasets (`asft_trl.reference_cache`); afterwards no reference is kept.
+
+        The default anchor is the starting model, which is the policy itself before its first update (adapters off
+        under PEFT), so no second model is loaded at all; a named reference is loaded for the pass and freed.
+        """
+        if is_deepspeed_zero3_enabled():
+            raise ValueError(
+                "precompute_ref_log_probs=True does not run under DeepSpeed ZeRO-3 (the pass runs before the model is "
+                "sharded). Use ZeRO-2 or FSDP2: with the precomputed reference no reference model is kept to shard."
+            )
+        policy = self.accelerator.unwrap_model(self.model)
+        if args.disable_dropout:
+            disable_dropout_in_model(policy)
+        if ref_model is None:
+            anchor_lm, runner = self._policy_lm, policy
+            name = ref_utils.get_config_model_id(self._policy_lm.config) or "the starting model"
+        else:
+            if isinstance(ref_model, str):
+                name = ref_model
+                distributed_type = str(args.distributed_state.distributed_type).split(".")[-1]
+                init_kwargs = dict(args.ref_model_init_kwargs or args.model_init_kwargs or {})
+                ref_model = ref_utils.load_reference(
+                    ref_model, init_kwargs, distributed_type=distributed_type, trust_remote_code=args.trust_remote_code
+                )
+            else:
+                name = type(ref_model).__name__
+            ref_utils.check_same_vocabulary(
+                ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), repr(name)
+            )
+            ref_utils.freeze(ref_model.to(self.args.device), disable_dropout=True)
+            lm_head.patch_forward(ref_model)
+            anchor_lm = runner = ref_model
+        weight, bias = lm_head.head_parameters(anchor_lm)
+        head = (weight, bias, lm_head.head_transform(anchor_lm.config))
+        reference_id = f"{name}:{reference_cache.weights_fingerprint(anchor_lm)}"
+
+        def run_backbone(inputs):
+            with self.accelerator.autocast():
+                if runner is policy and is_peft_model(policy):
+                    with ref_utils.adapters_disabled(policy, deterministic=True):
+                        return policy(**inputs, asft_hidden_states=True).last_hidden_state
+                return runner(**inputs, asft_hidden_states=True).last_hidden_state
+
+        cache_dir = args.precompute_ref_cache_dir or f"{args.output_dir}/reference_cache"
+        options = dict(
+            run_backbone=run_backbone, head=head, collator=self.data_collator, k=args.precompute_ref_topk,
+            batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size, cache_dir=cache_dir,
+            reference_id=reference_id, device=self.args.device,
+        )
+        was_training = runner.training
+        runner.eval()
+        try:
+            with self.accelerator.main_process_first():
+                self.train_dataset = self._with_reference_columns(self.train_dataset, "train", options)
+                if isinstance(self.eval_dataset, dict):
+                    self.eval_dataset = {
+                        key: self._with_reference_columns(dataset, f"eval {key}", options)
+                        for key, dataset in self.eval_dataset.items()
+                    }
+                else:
+                    self.eval_dataset = self._with_reference_columns(self.eval_dataset, "eval", options)
+        finally:
+            runner.train(was_training)
+        self.data_collator = reference_cache.ReferenceColumnsCollator(self.data_collator)
+        logger.info(f"Precomputed the reference ({name}, top-{args.precompute_ref_topk}) into {cache_dir}.")
+
+    @staticmethod
+    def _with_reference_columns(dataset, split: str, options: dict):
+        if dataset is None:
+            return None
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"precompute_ref_log_probs=True needs a map-style `datasets.Dataset` for {split} (got "
+                f"{type(dataset).__name__}): the stored reference is added to it as columns. Load the data without "
+                "streaming, or set precompute_ref_log_probs to False."
+            )
+        return reference_cache.add_reference_columns(
+            dataset, desc=f"Precomputing the reference's top-k log-probs ({split})", **options
+        )
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.precompute_ref_log_probs and reference_cache.COLUMNS[0] not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, *reference_cache.COLUMNS]
+
     @staticmethod
     def _uses_own_loss(args: ASFTConfig) -> bool:
         """Whether the loss is this package's rather than TRL's own SFT/DFT loss: with an anchor, or a weight floor."""
@@ -212,6 +304,7 @@ class ASFTTrainer(SFTTrainer):
             self._fused_capture = (outputs.log_probs.detach(), outputs.label_mask)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ref_topk = reference_cache.pop_reference(inputs)
         if not self._uses_own_loss(self.args):
             self._fused_capture = None
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -220,9 +313,9 @@ class ASFTTrainer(SFTTrainer):
                 self._log_completion_metrics("train" if self.model.training else "eval", -log_probs[mask])
                 self._fused_capture = None
             return result
-        return self._compute_anchored_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self._compute_anchored_loss(model, inputs, return_outputs, num_items_in_batch, ref_topk)
 
-    def _compute_anchored_loss(self, model, inputs, return_outputs, num_items_in_batch):
+    def _compute_anchored_loss(self, model, inputs, return_outputs, num_items_in_batch, ref_topk=None):
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
@@ -241,9 +334,15 @@ class ASFTTrainer(SFTTrainer):
             dft_weight_floor=self.args.dft_weight_floor,
         )
 
+        if ref_topk is not None and len(ref_topk) != int(mask.sum()):
+            raise RuntimeError(
+                f"The batch scores {int(mask.sum())} completion tokens but carries the precomputed reference of "
+                f"{len(ref_topk)}: the stored reference does not match these examples."
+            )
+
         if self.use_fused_loss:
             ref_hidden = None
-            if anchored:
+            if anchored and ref_topk is None:
                 ref_hidden = self._run_reference(model, model_inputs, asft_hidden_states=True).last_hidden_state
                 ref_hidden = ref_hidden if shifted else ref_hidden[:, :-1]
             result = {}
@@ -256,7 +355,7 @@ class ASFTTrainer(SFTTrainer):
                 on_head = mask.to(weight.device)
                 # Under PEFT the anchor is the same network with adapters off, so its head is the policy's own
                 ref_weight, ref_bias = (weight, bias) if self._ref_lm is None else lm_head.head_parameters(self._ref_lm)
-                if not anchored:
+                if not anchored or ref_topk is not None:
                     ref_weight = ref_bias = None
                 heads = {id(t): t for t in (weight, bias, ref_weight, ref_bias) if t is not None}
                 with maybe_gather_lm_head_ctx(*heads.values()):
@@ -272,6 +371,7 @@ class ASFTTrainer(SFTTrainer):
                         # None: the same head (and transform) as the policy's
                         ref_head=None if self._ref_lm is None else lm_head.head_transform(self._ref_lm.config),
                         chunk_size=self.args.loss_chunk_size,
+                        ref_topk=None if ref_topk is None else ref_topk.to(weight.device),
                         **loss_kwargs,
                     )
                 return CausalLMOutputWithPast(loss=result["loss"])
@@ -285,10 +385,10 @@ class ASFTTrainer(SFTTrainer):
             outputs = model(**model_inputs)
             policy_logits = outputs.logits if shifted else outputs.logits[:, :-1]
             ref_logits = None
-            if anchored:
+            if anchored and ref_topk is None:
                 ref_logits = self._run_reference(model, model_inputs).logits
                 ref_logits = (ref_logits if shifted else ref_logits[:, :-1])[mask]
-            loss, terms = asft_loss(policy_logits[mask], labels[mask], ref_logits, **loss_kwargs)
+            loss, terms = asft_loss(policy_logits[mask], labels[mask], ref_logits, ref_topk=ref_topk, **loss_kwargs)
         # Like TRL: `num_items_in_batch` counts the tokens of every process, and DDP averages gradients across them
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())

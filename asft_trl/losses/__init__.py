@@ -7,7 +7,7 @@ tail) that either takes in place of the reference's logits. The trainer wires mo
 """
 
 from .topk import TopKReference, complete_log_probs, top_k_of
-from .fused import HeadTransform, auto_chunk_size, chunked_asft_loss
+from .fused import HeadTransform, auto_chunk_size, chunked_asft_loss, head_log_probs
 from .plain import (
     KL_DIRECTIONS,
     LOSS_TYPES,
@@ -31,6 +31,7 @@ __all__ = [
     "chunked_asft_loss",
     "complete_log_probs",
     "dft_weight",
+    "head_log_probs",
     "kl_per_token",
     "top_k_of",
     "weight_stats",

@@ -86,6 +86,13 @@ def _transform(y: torch.Tensor, head: HeadTransform) -> tuple[torch.Tensor, torc
     return t * head.softcap, t
 
 
+def head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   head: HeadTransform = HeadTransform()) -> torch.Tensor:
+    """float32 log-probabilities [n, V] of a head over rows of hidden states (for a chunk: callers bound n)."""
+    z, _ = _transform(_project(hidden, weight, bias, _compute_dtype(hidden, weight)), head)
+    return torch.log_softmax(z, dim=-1)
+
+
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_v a[i, v] * b[i, v] without a [rows x vocab] temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)

@@ -1,0 +1,160 @@
+"""The precomputed reference: one pass of the anchor over the prepared datasets before training, so that training
+keeps no reference model in memory and runs no reference forward.
+
+For every completion token the pass stores the anchor's top-k token ids, their log-probabilities and the log-mass of
+the rest (`asft_trl.losses.topk` defines the KL against them) as three extra dataset columns. The rows are written to
+an Arrow file named by a fingerprint of the dataset, the anchor's weights and k, so an interrupted pass leaves nothing
+half-written, and a second run over the same data and anchor (a lambda sweep, a resumed run) reuses the file.
+
+At training time `ReferenceColumnsCollator` takes the columns out of each example before the usual collator sees
+them and hands them on as [N, k] tensors for the batch's N completion tokens, in the order the loss visits them
+(row-major over the shifted labels), whatever the padding or packing.
+
+This module must not compute losses; it runs a forward it is given and stores what the head says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datasets import Dataset, Features, List, Value
+
+from .losses import HeadTransform, TopKReference, head_log_probs, top_k_of
+
+COLUMNS = ("ref_topk_ids", "ref_topk_log_probs", "ref_tail_log_prob")
+_FORMAT_VERSION = 1
+# Completion tokens projected over the vocabulary at once during the pass
+_TOKENS_PER_CHUNK_ELEMENTS = 1 << 24
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short digest of a model's weights, so that a cache made with other weights is never reused."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.state_dict().items():
+            if not torch.is_tensor(param) or not param.is_floating_point():
+                continue
+            values = param.detach().double()
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{values.sum().item():.10e}:"
+                          f"{values.abs().sum().item():.10e};".encode())
+    return digest.hexdigest()[:16]
+
+
+def scored_count(collator: Callable, example: dict[str, Any]) -> int:
+    """How many completion tokens the loss scores in this example: shifted labels that are not -100, as the trainer
+    sees them after collation (packing and padding-free collators mask sequence starts)."""
+    labels = collator([example])["labels"]
+    return int((labels[:, 1:] != -100).sum())
+
+
+def add_reference_columns(
+    dataset: Dataset,
+    *,
+    run_backbone: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    head: tuple[torch.Tensor, torch.Tensor | None, HeadTransform],
+    collator: Callable,
+    k: int,
+    batch_size: int,
+    cache_dir: str,
+    reference_id: str,
+    device: torch.device,
+    desc: str,
+) -> Dataset:
+    """`dataset` with the anchor's top-k columns added (see the module docstring), computed or read from `cache_dir`.
+
+    `run_backbone(model_inputs)` returns the anchor's final hidden states [B, T, H] for a collated batch; `head` is
+    the anchor's (weight, bias, transform).
+    """
+    if any(name in dataset.column_names for name in COLUMNS):
+        dataset = dataset.remove_columns([name for name in COLUMNS if name in dataset.column_names])
+    weight, bias, transform = head
+    vocab = weight.shape[0]
+    k = min(k, vocab)
+    key = json.dumps(
+        {"dataset": dataset._fingerprint, "reference": reference_id, "k": k, "head": repr(transform),
+         "version": _FORMAT_VERSION}, sort_keys=True,
+    )
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:20]
+    os.makedirs(cache_dir, exist_ok=True)
+    cache_file = os.path.join(cache_dir, f"reference_top{k}-{fingerprint}.arrow")
+    chunk = max(1, _TOKENS_PER_CHUNK_ELEMENTS // vocab)
+
+    def add_columns(batch: dict[str, list]) -> dict[str, list]:
+        examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        inputs = collator(examples)
+        counts = [scored_count(collator, example) for example in examples]
+        labels = inputs.pop("labels")
+        inputs = {name: value.to(device) if torch.is_tensor(value) else value for name, value in inputs.items()}
+        mask = (labels[:, 1:] != -100).to(device)
+        with torch.no_grad():
+            hidden = run_backbone(inputs)[:, :-1]
+            hidden = hidden[mask.to(hidden.device)].to(weight.device)
+            parts = [top_k_of(head_log_probs(hidden[i : i + chunk], weight, bias, transform), k)
+                     for i in range(0, hidden.shape[0], chunk)]
+        if sum(counts) != hidden.shape[0]:
+            raise RuntimeError(
+                f"The collated batch scores {hidden.shape[0]} tokens but its examples {sum(counts)} one by one; the "
+                "precomputed reference can't be aligned with this collator."
+            )
+        ids = torch.cat([p.ids for p in parts]).to(torch.int32).cpu() if parts else torch.zeros(0, k, dtype=torch.int32)
+        log_probs = torch.cat([p.log_probs for p in parts]).cpu() if parts else torch.zeros(0, k)
+        tail = torch.cat([p.tail_log_prob for p in parts]).cpu() if parts else torch.zeros(0)
+        out = {name: [] for name in COLUMNS}
+        for piece_ids, piece_lp, piece_tail in zip(ids.split(counts), log_probs.split(counts), tail.split(counts)):
+            out["ref_topk_ids"].append(piece_ids.tolist())
+            out["ref_topk_log_probs"].append(piece_lp.tolist())
+            out["ref_tail_log_prob"].append(piece_tail.tolist())
+        return out
+
+    features = Features({
+        **dataset.features,
+        "ref_topk_ids": List(List(Value("int32"))),
+        "ref_topk_log_probs": List(List(Value("float32"))),
+        "ref_tail_log_prob": List(Value("float32")),
+    })
+    return dataset.map(
+        add_columns, batched=True, batch_size=batch_size, features=features, cache_file_name=cache_file,
+        new_fingerprint=fingerprint, desc=desc,
+    )
+
+
+def pop_reference(inputs: dict[str, Any]) -> TopKReference | None:
+    """Take the precomputed reference out of a collated batch (the model must not see it)."""
+    if COLUMNS[0] not in inputs:
+        return None
+    ids, log_probs, tail = (inputs.pop(name) for name in COLUMNS)
+    return TopKReference(ids, log_probs, tail)
+
+
+class ReferenceColumnsCollator:
+    """Wraps a collator: the precomputed reference's columns bypass it and come back as [N, k] / [N] tensors for the
+    batch's completion tokens, concatenated in example order (the order in which the loss visits them)."""
+
+    def __init__(self, collator: Callable):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        columns = {name: [] for name in COLUMNS}
+        stripped = []
+        for example in examples:
+            example = dict(example)
+            for name in COLUMNS:
+                if name not in example:
+                    raise KeyError(
+                        f"An example has no '{name}' column: the dataset was not prepared with the precomputed "
+                        "reference (precompute_ref_log_probs=True)."
+                    )
+                columns[name].append(example.pop(name))
+            stripped.append(example)
+        batch = self.collator(stripped)
+        # k from any example with completion tokens (an example may have none)
+        k = next((len(rows[0]) for rows in columns["ref_topk_ids"] if len(rows)), 1)
+        for name, dtype, shape in (("ref_topk_ids", torch.long, (-1, k)), ("ref_topk_log_probs", torch.float32, (-1, k)),
+                                   ("ref_tail_log_prob", torch.float32, (-1,))):
+            batch[name] = torch.cat([torch.as_tensor(rows, dtype=dtype).reshape(shape) for rows in columns[name]])
+        return batch
