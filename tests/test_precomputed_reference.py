@@ -3,6 +3,7 @@ pass reused only for the same data and weights, and clear errors."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -99,3 +100,17 @@ def test_errors_before_any_compute(tiny_model_path, pc_dataset, tmp_path):
     args = make_args(tmp_path, precompute_ref_log_probs=True)
     with pytest.raises(ValueError, match="map-style"):
         ASFTTrainer(tiny_model_path, args=args, train_dataset=streaming)
+
+
+def test_options_come_from_a_recipe_and_the_command_line(tiny_model_path, tmp_path):
+    from test_cli import run_cli, write_recipe
+
+    recipe = write_recipe(tmp_path, tiny_model_path, precompute_ref_log_probs=True, precompute_ref_topk=8,
+                          dft_weight_floor=0.05)
+    result = run_cli("train", "--config", str(recipe), "--precompute_ref_topk", "16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert [f for f in os.listdir(out / "reference_cache") if f.startswith("reference_top16-")]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    weights = [h["dft_weight_mean"] for h in history if "dft_weight_mean" in h]
+    assert weights and min(weights) >= 0.05  # the floor reached the loss (a tiny model's p is ~1/V)
