@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-type", default="dft")
     parser.add_argument("--kl-coef", type=float, default=0.1)
     parser.add_argument("--max-steps", type=int, default=3)
+    parser.add_argument("--precompute-topk", type=int, default=0,
+                        help="train against the precomputed top-k reference (0: the live reference model)")
     parser.add_argument("--no-average-tokens-across-devices", action="store_true",
                         help="normalise by each process's own token count (the control: must differ)")
     opts = parser.parse_args(argv)
@@ -126,6 +128,7 @@ def main(argv=None) -> int:
         out / "trainer", batch_size=opts.batch_size, grad_accum=opts.grad_accum, learning_rate=opts.learning_rate,
         loss_type=opts.loss_type, kl_coef=opts.kl_coef, max_steps=opts.max_steps,
         average_tokens_across_devices=not opts.no_average_tokens_across_devices,
+        **({"precompute_ref_log_probs": True, "precompute_ref_topk": opts.precompute_topk} if opts.precompute_topk else {}),
     )
     trainer = recording_trainer_class()(
         model=opts.model, args=args, train_dataset=make_dataset(),

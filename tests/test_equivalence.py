@@ -299,3 +299,16 @@ def test_two_processes_give_same_weights_as_one(tiny_model, initial_weights, tmp
     control_diff, _ = max_abs_diff(control["weights"], single["weights"])
     print(f"[2 processes] control (per-process token count): max diff {control_diff:.4g}")
     assert control_diff > 100 * ATOL, "per-process normalisation gives the same weights: the test has no teeth"
+
+
+def test_two_processes_with_the_precomputed_reference_train_like_one_with_the_live_one(tiny_model, tmp_path):
+    """The stored pass is made once (main process first) and read by the other process; at k = V it is exact."""
+    single = _dist_run(tiny_model, tmp_path / "single", nproc=1, batch_size=4, grad_accum=2)
+    double = _dist_run(tiny_model, tmp_path / "double", nproc=2, batch_size=2, grad_accum=2,
+                       extra=("--precompute-topk", str(10**6)))
+    assert double["num_processes"] == 2
+    diff, param = max_abs_diff(double["weights"], single["weights"])
+    assert diff < ATOL, f"{diff:.3g} in {param}"
+    assert final_metric(double["log_history"], "kl") == pytest.approx(final_metric(single["log_history"], "kl"),
+                                                                       rel=1e-3)
+    assert len(list((tmp_path / "double" / "trainer" / "reference_cache").glob("reference_top*.arrow"))) == 1
