@@ -1,7 +1,8 @@
 """`ASFTTrainer`: TRL's `SFTTrainer` with the ASFT loss and a frozen reference model, in the manner of TRL's DPO.
 
 What this module adds to SFTTrainer, and nothing else:
-- the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT);
+- the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT;
+  or, with `precompute_ref_log_probs`, one pass of it before training whose top-k log-probs ride in the batches);
 - `compute_loss` for `kl_coef > 0` (or a DFT weight floor): by default the chunked, fused loss from both models'
   hidden states (`asft_trl.losses.fused`, reached through `asft_trl.lm_head`), else the plain one from full logits;
   with `kl_coef == 0` (and no floor) the loss is TRL's own, untouched;
