@@ -298,3 +298,27 @@ def test_evaluation_uses_the_current_lambda_and_leaves_the_controller_alone(tiny
     metrics = trainer.evaluate()
     assert metrics["eval_kl_coef"] == 0.37
     assert controller.kl_coef == 0.37 and trainer._kl_controller_callback()._count == 0
+
+
+# ---------------------------------------------------------------------------------------------------- plot
+
+
+def test_plot_draws_kl_coef_when_lambda_varies(controlled, tmp_path):
+    from asft_trl.diagnostics.plot import plot_run_dirs, write_run_curves
+
+    _, _, trainer = controlled
+    assert write_run_curves(trainer) is not None
+    _, fig, _ = plot_run_dirs([trainer.args.output_dir], out=tmp_path / "varying.png")
+    titles = [ax.get_title().split("\n")[0] for ax in fig.axes]
+    assert "kl_coef" in titles and titles[:3] == ["loss", "nll", "kl"]
+    kl_coef_axis = fig.axes[titles.index("kl_coef")]
+    assert list(kl_coef_axis.get_lines()[0].get_ydata()) == pytest.approx(logged(trainer, "kl_coef"))
+    assert kl_coef_axis.get_lines()[0].get_label() == "SFT+KL λ=0.1 → KL 0.1"
+
+    # A constant lambda is in the legend already: no panel for it
+    constant = tmp_path / "constant"
+    constant.mkdir()
+    history = [{"step": s, "loss": 1.0, "kl": 0.1, "kl_coef": 0.05} for s in (1, 2, 3)]
+    (constant / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    _, fig, _ = plot_run_dirs([constant], out=tmp_path / "constant.png")
+    assert "kl_coef" not in [ax.get_title().split("\n")[0] for ax in fig.axes]
