@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from trl import SFTConfig
 
+from .kl_control import KL_COEF_SCHEDULES, parse_milestones
 from .losses import KL_DIRECTIONS, LOSS_TYPES
 
 
@@ -47,6 +48,35 @@ class ASFTConfig(SFTConfig):
         kl_direction (`str`, *optional*, defaults to `"forward"`):
             `"forward"` computes KL(reference || policy) over the full vocabulary, as every public ASFT
             implementation does; `"reverse"` computes KL(policy || reference), the paper's ablation.
+
+        > Parameters that schedule or adapt lambda (all off by default: lambda stays `kl_coef`, the paper's method)
+
+        kl_coef_schedule (`str`, *optional*, defaults to `"constant"`):
+            How lambda moves with the optimizer step: `"constant"` (`kl_coef` throughout, the paper's),
+            `"constant_with_warmup"` (linear from 0 to `kl_coef` over `kl_coef_warmup_steps`, then constant),
+            `"cosine"` (half a cosine from `kl_coef` to `kl_coef_final` over the run, after an optional warm-up) or
+            `"by_step"` (piecewise constant, `kl_coef_milestones`). Needs `kl_coef > 0`: `kl_coef` is the peak/start.
+        kl_coef_warmup_steps (`float`, *optional*, defaults to `0`):
+            Warm-up of `"constant_with_warmup"` and `"cosine"`: a number of optimizer steps, or a ratio of the run's
+            steps when below 1 (as `warmup_steps`). The KL is still measured and logged while lambda is small.
+        kl_coef_final (`float`, *optional*, defaults to `0.0`):
+            Lambda at the end of a `"cosine"` schedule. Above `kl_coef` it makes the anchor tighten over the run.
+        kl_coef_milestones (`dict[int, float]` or `str`, *optional*):
+            For `"by_step"`: {step: lambda}; lambda is `kl_coef` until the first milestone and becomes `v` once `s`
+            optimizer steps have been taken. A mapping in YAML, a JSON object on the command line
+            (`'{"100": 0.02}'`).
+        kl_target (`float`, *optional*):
+            Adaptive anchoring: after every optimizer step, lambda is moved (starting from `kl_coef`) to hold the
+            measured per-token KL in nats (the logged `kl`) near this target, in the manner of the adaptive KL
+            controller of RLHF (Ziegler et al., 2019). Unset: no controller. Not combinable with a schedule.
+        kl_horizon (`float`, *optional*, defaults to `10`):
+            Horizon of the controller in optimizer steps: lambda <- lambda x (1 + clip(kl/kl_target - 1) / kl_horizon).
+            A KL off target moves lambda by at most a factor exp(kl_error_clip) every `kl_horizon` steps: with the
+            defaults about 1.2x per 10 steps, 7x per 100, so it matters in a run of tens of steps and settles within a
+            few hundred, while one noisy batch moves lambda by at most 2%.
+        kl_error_clip (`float`, *optional*, defaults to `0.2`):
+            Clip of the controller's proportional error kl/kl_target - 1 (0.2 as in Ziegler et al. and TRL's old
+            controller), so that one outlying batch cannot move lambda far. In (0, 1).
         loss_type (`str`, *optional*, defaults to `"dft"`):
             Task term: `"dft"` weights each token's NLL by its detached probability (DFT), `"nll"` is plain SFT.
 
@@ -94,6 +124,60 @@ class ASFTConfig(SFTConfig):
             "help": "'forward' computes KL(reference || policy) over the full vocabulary, as every public ASFT "
             "implementation does; 'reverse' computes KL(policy || reference), the paper's ablation.",
             "choices": list(KL_DIRECTIONS),
+        },
+    )
+    kl_coef_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How lambda moves with the optimizer step: 'constant' (kl_coef throughout, the paper's), "
+            "'constant_with_warmup' (linear from 0 to kl_coef over kl_coef_warmup_steps, then constant), 'cosine' "
+            "(half a cosine from kl_coef to kl_coef_final over the run, after an optional warm-up) or 'by_step' "
+            "(piecewise constant, kl_coef_milestones). Needs kl_coef > 0: kl_coef is the peak/start.",
+            "choices": list(KL_COEF_SCHEDULES),
+        },
+    )
+    kl_coef_warmup_steps: float = field(
+        default=0,
+        metadata={
+            "help": "Warm-up of 'constant_with_warmup' and 'cosine': a number of optimizer steps, or a ratio of the "
+            "run's steps when below 1 (as warmup_steps). The KL is still measured and logged while lambda is small."
+        },
+    )
+    kl_coef_final: float = field(
+        default=0.0,
+        metadata={
+            "help": "Lambda at the end of a 'cosine' schedule. Above kl_coef it makes the anchor tighten over the run."
+        },
+    )
+    kl_coef_milestones: dict[str, float] | str | None = field(
+        default=None,
+        metadata={
+            "help": "For 'by_step': {step: lambda}; lambda is kl_coef until the first milestone and becomes v once s "
+            "optimizer steps have been taken. A mapping in YAML, a JSON object on the command line ('{\"100\": 0.02}')."
+        },
+    )
+    kl_target: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adaptive anchoring: after every optimizer step, lambda is moved (starting from kl_coef) to hold "
+            "the measured per-token KL in nats (the logged kl) near this target, in the manner of the adaptive KL "
+            "controller of RLHF (Ziegler et al., 2019). Unset: no controller. Not combinable with a schedule."
+        },
+    )
+    kl_horizon: float = field(
+        default=10.0,
+        metadata={
+            "help": "Horizon of the controller in optimizer steps: lambda <- lambda x (1 + clip(kl/kl_target - 1) / "
+            "kl_horizon). A KL off target moves lambda by at most a factor exp(kl_error_clip) every kl_horizon steps: "
+            "with the defaults about 1.2x per 10 steps, 7x per 100, so it matters in a run of tens of steps and "
+            "settles within a few hundred, while one noisy batch moves lambda by at most 2%."
+        },
+    )
+    kl_error_clip: float = field(
+        default=0.2,
+        metadata={
+            "help": "Clip of the controller's proportional error kl/kl_target - 1 (0.2 as in Ziegler et al. and TRL's "
+            "old controller), so that one outlying batch cannot move lambda far. In (0, 1)."
         },
     )
     loss_type: str = field(
@@ -190,6 +274,81 @@ class ASFTConfig(SFTConfig):
             raise ValueError(
                 f"kl_direction={self.kl_direction!r} is not supported. Use 'forward' for KL(reference || policy) "
                 "(the default) or 'reverse' for KL(policy || reference)."
+            )
+        # lambda schedules and adaptive anchoring: all need an anchor, and at most one of them drives lambda
+        if self.kl_coef_schedule not in KL_COEF_SCHEDULES:
+            raise ValueError(
+                f"kl_coef_schedule={self.kl_coef_schedule!r} is not supported. Use one of "
+                f"{', '.join(repr(n) for n in KL_COEF_SCHEDULES)}."
+            )
+        for name in ("kl_coef_warmup_steps", "kl_coef_final", "kl_horizon", "kl_error_clip") + (
+            ("kl_target",) if self.kl_target is not None else ()
+        ):
+            try:
+                setattr(self, name, float(getattr(self, name)))
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not a number.")
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number.")
+        scheduled = self.kl_coef_schedule != "constant"
+        if (scheduled or self.kl_target is not None) and self.kl_coef == 0:
+            what = f"kl_coef_schedule={self.kl_coef_schedule!r}" if scheduled else f"kl_target={self.kl_target}"
+            raise ValueError(
+                f"{what} needs an anchor, but kl_coef=0 builds no reference model. Set kl_coef > 0 (the schedule's "
+                "peak, or the controller's starting lambda), e.g. 0.05."
+            )
+        if scheduled and self.kl_target is not None:
+            raise ValueError(
+                f"kl_coef_schedule={self.kl_coef_schedule!r} and kl_target={self.kl_target} both set lambda. Use one: "
+                "unset kl_target for a schedule, or set kl_coef_schedule to 'constant' for the adaptive controller."
+            )
+        warmup = self.kl_coef_warmup_steps
+        if warmup < 0 or (warmup >= 1 and warmup != int(warmup)):
+            raise ValueError(
+                f"kl_coef_warmup_steps={warmup} is invalid: give a whole number of optimizer steps, or a ratio of the "
+                "run's steps in (0, 1)."
+            )
+        if warmup > 0 and self.kl_coef_schedule not in ("constant_with_warmup", "cosine"):
+            raise ValueError(
+                f"kl_coef_warmup_steps={warmup} only applies to kl_coef_schedule 'constant_with_warmup' or 'cosine' "
+                f"(it is {self.kl_coef_schedule!r}). Set one of those, or kl_coef_warmup_steps to 0."
+            )
+        if self.kl_coef_schedule == "constant_with_warmup" and warmup == 0:
+            raise ValueError(
+                "kl_coef_schedule='constant_with_warmup' needs kl_coef_warmup_steps > 0 (steps, or a ratio < 1), "
+                "e.g. 0.1; with no warm-up use 'constant'."
+            )
+        if self.kl_coef_final < 0:
+            raise ValueError(f"kl_coef_final={self.kl_coef_final} must be >= 0 (lambda at the end of 'cosine').")
+        if self.kl_coef_final != 0 and self.kl_coef_schedule != "cosine":
+            raise ValueError(
+                f"kl_coef_final={self.kl_coef_final} only applies to kl_coef_schedule='cosine' (it is "
+                f"{self.kl_coef_schedule!r}). Set the schedule to 'cosine', or leave kl_coef_final at 0."
+            )
+        if isinstance(self.kl_coef_milestones, str) and self.kl_coef_milestones.strip().lower() in ("", "none", "null"):
+            self.kl_coef_milestones = None  # unset from the command line, over a recipe's milestones
+        if self.kl_coef_milestones is not None:
+            if self.kl_coef_schedule != "by_step":
+                raise ValueError(
+                    f"kl_coef_milestones is set but kl_coef_schedule={self.kl_coef_schedule!r}. Set kl_coef_schedule "
+                    "to 'by_step' to use them, or remove kl_coef_milestones."
+                )
+            self.kl_coef_milestones = parse_milestones(self.kl_coef_milestones)
+        elif self.kl_coef_schedule == "by_step":
+            raise ValueError(
+                "kl_coef_schedule='by_step' needs kl_coef_milestones: {step: lambda}, e.g. "
+                '--kl_coef_milestones \'{"100": 0.02}\' or a mapping in YAML.'
+            )
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ValueError(
+                f"kl_target={self.kl_target} must be > 0: the per-token KL in nats to hold (compare the logged kl of a "
+                "constant-lambda run), or unset for no controller."
+            )
+        if self.kl_horizon < 1:
+            raise ValueError(f"kl_horizon={self.kl_horizon} must be >= 1 optimizer step (default 10).")
+        if not 0 < self.kl_error_clip < 1:
+            raise ValueError(
+                f"kl_error_clip={self.kl_error_clip} must be in (0, 1) so that lambda stays positive (default 0.2)."
             )
         if self.loss_type == "chunked_nll":  # TRL's deprecated alias, renamed by SFTConfig below
             pass

@@ -7,6 +7,8 @@ What this module adds to SFTTrainer, and nothing else:
   hidden states (`asft_trl.losses.fused`, reached through `asft_trl.lm_head`), else the plain one from full logits;
   with `kl_coef == 0` (and no floor) the loss is TRL's own, untouched;
 - the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
+- lambda by step: a schedule, or the adaptive controller (`asft_trl.kl_control`) held by `AdaptiveKLCallback`,
+  which updates it once per optimizer step and saves it with every checkpoint;
 - early, explanatory errors for data TRL would fail on later (see `asft_trl.data.checks`).
 """
 
@@ -19,9 +21,10 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import disable_dropout_in_model, maybe_gather_lm_head_ctx
@@ -31,6 +34,7 @@ from . import reference as ref_utils
 from . import reference_cache
 from .config import ASFTConfig
 from .data.checks import check_dataset_format, report_dropped
+from .kl_control import AdaptiveKLController, KLCoefSchedule
 from .losses import asft_loss, chunked_asft_loss, weight_stats
 
 logger = logging.getLogger(__name__)
@@ -107,6 +111,17 @@ class ASFTTrainer(SFTTrainer):
         else:
             self.ref_model = self._build_reference(ref_model, args)
         self.use_fused_loss = self._fused_loss_applies(args)
+
+        # lambda by step (off by default): a schedule, or the adaptive controller in a callback, so that its state
+        # rides in trainer_state.json with every checkpoint (transformers' `ExportableState`) and a resume restores it
+        self._kl_coef_schedule = None
+        if args.kl_coef > 0 and args.kl_coef_schedule != "constant":
+            self._kl_coef_schedule = KLCoefSchedule(
+                args.kl_coef_schedule, args.kl_coef, args.kl_coef_warmup_steps, args.kl_coef_final,
+                args.kl_coef_milestones or {},
+            )
+        if args.kl_coef > 0 and args.kl_target is not None:
+            self.add_callback(AdaptiveKLCallback(args.kl_coef, args.kl_target, args.kl_horizon, args.kl_error_clip))
 
     # ------------------------------------------------------------------ reference model
 
@@ -259,8 +274,9 @@ class ASFTTrainer(SFTTrainer):
 
     @property
     def current_kl_coef(self) -> float:
-        """lambda for the current optimisation step."""
-        return self.args.kl_coef
+        """lambda for the current optimisation step: `kl_coef`, the schedule's value at this step, or the adaptive
+        controller's. Constant within an optimizer step: the step counter and the controller only move between steps."""
+        return self._kl_coef_now()
 
     def _fused_loss_applies(self, args: ASFTConfig) -> bool:
         """Whether the fused loss runs; where it can't, say why once and use the plain loss."""
@@ -422,11 +438,14 @@ class ASFTTrainer(SFTTrainer):
         metrics["dft_weight_ess"].append(ess)
         for name, total in zip(per_token, sums):
             metrics[name].append(total / count if count else 0.0)
+        return {"count": count, **dict(zip(per_token, sums))}
 
     def _log_token_metrics(self, mode: str, terms, inputs) -> None:
-        self._log_completion_metrics(
+        sums = self._log_completion_metrics(
             mode, terms.nll, kl=terms.kl, entropy=terms.entropy, mean_token_accuracy=terms.is_top1
         )
+        if mode == "train":
+            self._add_step_kl(sums["kl"], sums["count"])
         metrics = self._metrics[mode]
         if self.args.kl_coef > 0:
             metrics["kl_coef"].append(self.current_kl_coef)
@@ -437,3 +456,83 @@ class ASFTTrainer(SFTTrainer):
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
             self._total_train_tokens += self.accelerator.gather_for_metrics(local.reshape(1)).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
+
+    # ------------------------------------------------------------------ lambda schedules and adaptive anchoring
+
+    def _kl_controller_callback(self) -> AdaptiveKLCallback | None:
+        """The callback that holds the adaptive controller, looked up each time: transformers' own callback restore
+        (`restore_callback_states_from_checkpoint`) replaces the instance with a new one."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, AdaptiveKLCallback):
+                return callback
+        return None
+
+    def _kl_coef_now(self) -> float:
+        callback = self._kl_controller_callback() if self.args.kl_target is not None else None
+        if callback is not None:
+            return callback.controller.kl_coef
+        schedule = getattr(self, "_kl_coef_schedule", None)
+        if schedule is not None:
+            return schedule(self.state.global_step, self.state.max_steps)
+        return self.args.kl_coef
+
+    def _add_step_kl(self, kl_sum: float, count: float) -> None:
+        """Give the controller one training micro-batch's KL, summed over the tokens of every process (so that every
+        process computes the same lambda); it updates from the whole optimizer step's KL at the step's end."""
+        callback = self._kl_controller_callback() if self.args.kl_target is not None else None
+        if callback is not None:
+            callback.add_kl(kl_sum, count)
+
+
+class AdaptiveKLCallback(TrainerCallback, ExportableState):
+    """Holds the adaptive KL controller of `ASFTTrainer`: updates lambda once per optimizer step from the mean KL of
+    all the step's micro-batches, and carries its state through checkpoints.
+
+    As an `ExportableState` callback, its state is written into every checkpoint's `trainer_state.json`
+    (`stateful_callbacks`). On resume it restores that state itself in `on_train_begin`, so no flag is needed; with
+    `restore_callback_states_from_checkpoint=True` transformers rebuilds it from the same state, to the same effect.
+    The controller's settings are the current run's; only lambda (and the counters) come from the checkpoint.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: float, error_clip: float,
+                 controller_state: dict | None = None):
+        self.controller = AdaptiveKLController(kl_coef, target, horizon, error_clip)
+        if controller_state is not None:
+            self.controller.load_state_dict(controller_state)
+        self._kl_sum = 0.0
+        self._count = 0.0
+
+    def add_kl(self, kl_sum: float, count: float) -> None:
+        self._kl_sum += kl_sum
+        self._count += count
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Runs before the step's logging and checkpoint, so a checkpoint holds lambda for the next step
+        if self._count > 0:
+            self.controller.update(self._kl_sum / self._count)
+        self._kl_sum = self._count = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        name = type(self).__name__
+        saved = state.stateful_callbacks.get(name)
+        if isinstance(saved, dict) and "controller_state" in saved.get("args", {}):
+            self.controller.load_state_dict(saved["args"]["controller_state"])
+        elif state.global_step > 0:
+            logger.warning(
+                f"The checkpoint resumed from has no adaptive KL controller state: lambda starts again from "
+                f"kl_coef={self.controller.kl_coef} at step {state.global_step}."
+            )
+        # The settings are this run's (a resume may change the target); lambda is the checkpoint's
+        self.controller.target, self.controller.horizon = args.kl_target, args.kl_horizon
+        self.controller.error_clip = args.kl_error_clip
+        self._kl_sum = self._count = 0.0
+        # A checkpoint written by a run without the controller has no entry, and transformers' save expects one
+        state.stateful_callbacks[name] = self.state()
+
+    def state(self) -> dict:
+        controller = self.controller
+        return {
+            "args": {"kl_coef": controller.kl_coef, "target": controller.target, "horizon": controller.horizon,
+                     "error_clip": controller.error_clip, "controller_state": controller.state_dict()},
+            "attributes": {},
+        }

@@ -31,6 +31,7 @@ DESCRIPTIONS = {
     "entropy": "policy entropy per token",
     "mean_token_accuracy": "token accuracy (training batches)",
     "drift_kl": "held-out drift: KL(base || policy), general prompts",
+    "kl_coef": "lambda (kl_coef) used at each step",
     "drift_nll": "NLL of general-prompt answers",
     "task_kl": "KL(base || policy), held-out task prompts",
     "task_nll": "NLL, held-out task prompts",
@@ -55,7 +56,21 @@ def run_label(info: dict) -> str:
     """"ASFT λ=0.05", "DFT", "SFT+KL λ=0.1": the paper's method name, and lambda when there is a KL term."""
     name = info.get("method_name") or "?"
     kl_coef = info.get("kl_coef")
-    return f"{name} λ={kl_coef:g}" if kl_coef else name
+    label = f"{name} λ={kl_coef:g}" if kl_coef else name
+    if kl_coef and info.get("kl_target") is not None:  # lambda starts at kl_coef and follows the KL target
+        label += f" → KL {info['kl_target']:g}"
+    elif kl_coef and info.get("kl_coef_schedule") not in (None, "constant"):
+        label += f" {info['kl_coef_schedule']}"
+    return label
+
+
+def with_varying_kl_coef(runs: list[Run], metrics) -> list[str]:
+    """`metrics`, plus the `kl_coef` panel when some run's lambda changed during the run (a schedule or the
+    adaptive controller): a constant lambda is already in the legend."""
+    metrics = list(metrics)
+    if "kl_coef" not in metrics and any(len(set(run.series("kl_coef")[1])) > 1 for run in runs):
+        metrics.append("kl_coef")
+    return metrics
 
 
 def find_state_file(run_dir: str | os.PathLike) -> Path:
@@ -161,7 +176,7 @@ def plot_run_dirs(run_dirs, metrics=None, out=None, title=None):
     """Load the runs, draw them and save the PNG. Returns (path written, figure, missing metric/run pairs)."""
     runs = [load_run(d) for d in run_dirs]
     unique_labels(runs)
-    fig, missing = plot_runs(runs, list(metrics or DEFAULT_METRICS), title)
+    fig, missing = plot_runs(runs, list(metrics) if metrics else with_varying_kl_coef(runs, DEFAULT_METRICS), title)
     if out is None:
         out = Path(run_dirs[0]) / "curves.png" if len(run_dirs) == 1 else Path("curves.png")
     return save_figure(fig, out), fig, missing
@@ -170,15 +185,15 @@ def plot_run_dirs(run_dirs, metrics=None, out=None, title=None):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asft-trl plot", description=__doc__.split("\n\n")[1])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run (or several runs).")
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                        help=f"Comma-separated metrics from the runs' logs (default: {','.join(DEFAULT_METRICS)}). "
-                        "Eval metrics carry an eval_ prefix, e.g. eval_kl.")
+    parser.add_argument("--metrics", default=None,
+                        help=f"Comma-separated metrics from the runs' logs (default: {','.join(DEFAULT_METRICS)}, "
+                        "and kl_coef when a run's lambda varied). Eval metrics carry an eval_ prefix, e.g. eval_kl.")
     parser.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png for one run, "
                         "./curves.png for several).")
     parser.add_argument("--title", default=None, help="Figure title.")
     args = parser.parse_args(argv)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    if not metrics:
+    metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if metrics is not None and not metrics:
         parser.error("--metrics is empty; give at least one metric name, e.g. --metrics kl,loss")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -200,7 +215,8 @@ def save_run_info(trainer) -> None:
     args = trainer.args
     trainer.save_state()
     info = {"method_name": getattr(args, "method_name", None), "loss_type": getattr(args, "loss_type", None),
-            "kl_coef": getattr(args, "kl_coef", None), "kl_direction": getattr(args, "kl_direction", None)}
+            "kl_coef": getattr(args, "kl_coef", None), "kl_direction": getattr(args, "kl_direction", None),
+            "kl_coef_schedule": getattr(args, "kl_coef_schedule", None), "kl_target": getattr(args, "kl_target", None)}
     with open(Path(args.output_dir) / RUN_INFO_FILE, "w") as f:
         json.dump(info, f, indent=2)
 
@@ -215,7 +231,8 @@ def write_run_curves(trainer, metrics=DEFAULT_METRICS) -> Path | None:
     save_run_info(trainer)
     try:
         run = load_run(args.output_dir)
-        logged = [m for m in metrics if run.series(m)[0]]  # e.g. no `kl` without a KL term: not worth a warning here
+        # e.g. no `kl` without a KL term: not worth a warning here
+        logged = [m for m in with_varying_kl_coef([run], metrics) if run.series(m)[0]]
         fig, _ = plot_runs([run], logged or list(metrics), title=f"{run.label} ({Path(args.output_dir).name})")
         out = save_figure(fig, Path(args.output_dir) / "curves.png")
     except Exception as error:  # noqa: BLE001 -- the model is saved; a missing figure must not fail the run
