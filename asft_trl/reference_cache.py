@@ -123,6 +123,17 @@ def add_reference_columns(
     )
 
 
+def mean_top_k_mass(dataset: Dataset) -> float:
+    """The share of the anchor's probability mass its stored top-k holds, averaged over the completion tokens: how
+    close the top-k KL is to the exact one (the KL's relative gap is of the order of the mass left out)."""
+    import pyarrow.compute as pc
+
+    tails = pc.list_flatten(dataset.data.column("ref_tail_log_prob"))
+    if len(tails) == 0:
+        return 1.0
+    return 1.0 - pc.mean(pc.exp(tails)).as_py()
+
+
 def pop_reference(inputs: dict[str, Any]) -> TopKReference | None:
     """Take the precomputed reference out of a collated batch (the model must not see it)."""
     if COLUMNS[0] not in inputs:
