@@ -15,6 +15,7 @@ from trl import SFTConfig
 
 from .kl_control import KL_COEF_SCHEDULES, parse_milestones
 from .losses import KL_DIRECTIONS, LOSS_TYPES
+from .reference import REF_MODEL_DTYPES, REF_MODEL_QUANTIZATIONS
 
 
 def _bf16_accelerator_available() -> bool:
@@ -101,6 +102,27 @@ class ASFTConfig(SFTConfig):
         ref_model_init_kwargs (`dict[str, Any]`, *optional*):
             Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the reference is loaded from a path.
             Defaults to the policy's `model_init_kwargs`.
+        ref_model_dtype (`str`, *optional*):
+            Keep a reference model in this dtype (`"float32"`, `"bfloat16"` or `"float16"`) instead of the policy's:
+            the default frozen copy is cast, a reference loaded from a path is loaded in it. A bfloat16 reference halves
+            the memory of a float32 one. Unset: the reference has the policy's (or `ref_model_init_kwargs`') dtype.
+            Needs a separate reference model (full fine-tuning, or a named reference) and `kl_coef > 0`.
+        ref_model_quantization (`str`, *optional*):
+            Load the reference quantised with bitsandbytes: `"8bit"` (LLM.int8) or `"4bit"` (NF4, computing in
+            `ref_model_dtype` or the policy's dtype). The LM head stays unquantised. The reference is loaded from
+            `ref_model_name_or_path` or, by default, from the policy's own path. Needs a separate reference model and
+            `kl_coef > 0`, and can't be combined with `sync_ref_model`.
+        sync_ref_model (`bool`, *optional*, defaults to `False`):
+            Move the anchor slowly towards the policy: every `ref_model_sync_steps` optimizer steps the reference
+            becomes `ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference`, through TRL's
+            `SyncRefModelCallback` (as `DPOConfig.sync_ref_model`, from TR-DPO). Off: the paper's fixed anchor. Needs
+            full fine-tuning, an unquantised reference and `kl_coef > 0`.
+        ref_model_mixup_alpha (`float`, *optional*, defaults to `0.6`):
+            Weight of the policy when the reference is synced (TR-DPO's alpha, as in `DPOConfig`). Only used with
+            `sync_ref_model=True`.
+        ref_model_sync_steps (`int`, *optional*, defaults to `512`):
+            Optimizer steps between two syncs of the reference (TR-DPO's tau, as in `DPOConfig`). Only used with
+            `sync_ref_model=True`.
         bf16 (`bool`, *optional*):
             As in TRL (on by default), except that it defaults to `False` where no bf16-capable GPU is present, so a
             CPU-only run works without extra flags.
@@ -222,6 +244,49 @@ class ASFTConfig(SFTConfig):
         metadata={
             "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the reference is loaded from a "
             "path. Defaults to the policy's `model_init_kwargs`."
+        },
+    )
+    ref_model_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep a reference model in this dtype instead of the policy's: the default frozen copy is cast, a "
+            "reference loaded from a path is loaded in it. A bfloat16 reference halves the memory of a float32 one. "
+            "Unset: the policy's (or ref_model_init_kwargs') dtype. Needs a separate reference model (full "
+            "fine-tuning, or a named reference) and kl_coef > 0.",
+            "choices": list(REF_MODEL_DTYPES),
+        },
+    )
+    ref_model_quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load the reference quantised with bitsandbytes: '8bit' (LLM.int8) or '4bit' (NF4, computing in "
+            "ref_model_dtype or the policy's dtype). The LM head stays unquantised. The reference is loaded from "
+            "ref_model_name_or_path or, by default, from the policy's own path. Needs a separate reference model and "
+            "kl_coef > 0, and can't be combined with sync_ref_model.",
+            "choices": list(REF_MODEL_QUANTIZATIONS),
+        },
+    )
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Move the anchor slowly towards the policy: every ref_model_sync_steps optimizer steps the "
+            "reference becomes ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference, through TRL's "
+            "SyncRefModelCallback (as DPOConfig.sync_ref_model, from TR-DPO). Off: the paper's fixed anchor. Needs "
+            "full fine-tuning, an unquantised reference and kl_coef > 0."
+        },
+    )
+    ref_model_mixup_alpha: float = field(
+        default=0.6,
+        metadata={
+            "help": "Weight of the policy when the reference is synced (TR-DPO's alpha, as in DPOConfig). Only used "
+            "with sync_ref_model=True."
+        },
+    )
+    ref_model_sync_steps: int = field(
+        default=512,
+        metadata={
+            "help": "Optimizer steps between two syncs of the reference (TR-DPO's tau, as in DPOConfig). Only used "
+            "with sync_ref_model=True."
         },
     )
     disable_dropout: bool = field(
@@ -372,6 +437,41 @@ class ASFTConfig(SFTConfig):
                 f"loss_chunk_size={self.loss_chunk_size} is invalid: it must be a positive number of tokens, or unset "
                 "for the automatic size."
             )
+        if self.ref_model_dtype is not None and self.ref_model_dtype not in REF_MODEL_DTYPES:
+            raise ValueError(
+                f"ref_model_dtype={self.ref_model_dtype!r} is not supported. Use one of {list(REF_MODEL_DTYPES)}, or "
+                "leave it unset for the policy's dtype."
+            )
+        if self.ref_model_quantization is not None and self.ref_model_quantization not in REF_MODEL_QUANTIZATIONS:
+            raise ValueError(
+                f"ref_model_quantization={self.ref_model_quantization!r} is not supported. Use '8bit' or '4bit' "
+                "(bitsandbytes), or leave it unset for an unquantised reference."
+            )
+        lighter = {k: v for k, v in (("ref_model_dtype", self.ref_model_dtype),
+                                      ("ref_model_quantization", self.ref_model_quantization),
+                                      ("sync_ref_model", self.sync_ref_model or None)) if v is not None}
+        if lighter and self.kl_coef == 0:
+            name, value = next(iter(lighter.items()))
+            raise ValueError(
+                f"{name}={value!r} applies to the reference model, but kl_coef=0 builds none (no KL term). Set kl_coef "
+                f"> 0 (e.g. 0.05), or unset {name}."
+            )
+        if self.sync_ref_model and self.ref_model_quantization is not None:
+            raise ValueError(
+                f"sync_ref_model=True can't update a quantised reference (ref_model_quantization="
+                f"{self.ref_model_quantization!r}): its weights are bitsandbytes' integers. Unset one of the two; for a "
+                "lighter synced reference use ref_model_dtype='bfloat16'."
+            )
+        if not 0 < self.ref_model_mixup_alpha <= 1:
+            raise ValueError(
+                f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} is invalid: it must be in (0, 1] (the policy's "
+                "weight in each sync). TR-DPO and TRL use 0.6."
+            )
+        if int(self.ref_model_sync_steps) < 1:
+            raise ValueError(
+                f"ref_model_sync_steps={self.ref_model_sync_steps} is invalid: it must be a positive number of "
+                "optimizer steps between syncs (TRL's default is 512)."
+            )
         if self.precompute_ref_log_probs:
             if self.kl_coef == 0:
                 raise ValueError(
@@ -388,6 +488,13 @@ class ASFTConfig(SFTConfig):
                     f"precompute_ref_batch_size={self.precompute_ref_batch_size} must be >= 1, or unset to use "
                     "per_device_train_batch_size."
                 )
+        if self.precompute_ref_log_probs:
+            for name in ("sync_ref_model", "ref_model_dtype", "ref_model_quantization"):
+                if getattr(self, name) not in (None, False):
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} does not go with precompute_ref_log_probs=True: no reference "
+                        "model is kept during training (to sync, cast or quantise). Unset one of the two."
+                    )
         if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
             # TRL turns bf16 on by default, which stops a CPU-only run before it starts; keep it on where it works
             self.bf16 = False

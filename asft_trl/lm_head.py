@@ -74,6 +74,9 @@ def fused_head_problem(causal_lm: torch.nn.Module) -> str | None:
         return "the LM head is adapted or trained by PEFT (`target_modules`/`modules_to_save` include it)"
     if not isinstance(head, torch.nn.Linear):
         return f"the LM head is a {type(head).__name__}, not a linear layer"
+    # bitsandbytes' Linear8bitLt / Linear4bit subclass nn.Linear but hold integer codes, not the head's matrix
+    if type(head).__module__.split(".")[0] == "bitsandbytes" or not head.weight.is_floating_point():
+        return f"the LM head is quantised ({type(head).__name__})"
     return None
 
 

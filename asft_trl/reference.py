@@ -4,6 +4,8 @@ The reference is the model before fine-tuning. Three cases (see docs/reference_m
 - full fine-tuning: a frozen copy of the starting model (or a named reference loaded from a path);
 - PEFT with no reference named: no second model, the policy network with its adapters switched off;
 - kl_coef == 0: no reference at all.
+A separate reference can be made lighter (a lower dtype, or bitsandbytes 8-/4-bit with the LM head left unquantised)
+and can be checked for being syncable with the policy (`sync_ref_model`).
 This module must not compute losses; it only hands the trainer a model (or a context) to run.
 """
 
@@ -16,6 +18,10 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
+
+# `ASFTConfig.ref_model_dtype` / `ref_model_quantization` values
+REF_MODEL_DTYPES = ("float32", "bfloat16", "float16")
+REF_MODEL_QUANTIZATIONS = ("8bit", "4bit")
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:
@@ -112,3 +118,86 @@ def adapters_disabled(peft_model, deterministic: bool):
     finally:
         if deterministic and was_training:
             peft_model.train()
+
+
+def lighter_init_kwargs(init_kwargs: dict, dtype: str | None, quantization: str | None, policy_dtype: torch.dtype) -> dict:
+    """`from_pretrained` keyword arguments for a reference in `dtype` and/or quantised with bitsandbytes.
+
+    A 4-bit reference computes in `dtype` (default: the policy's dtype), which is also the dtype of the modules
+    bitsandbytes leaves alone (norms, embeddings, the LM head). transformers leaves the output embeddings
+    unquantised, so the fused loss still reads a plain head.
+    """
+    kwargs = dict(init_kwargs)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if quantization is None:
+        return kwargs
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = getattr(torch, dtype) if dtype is not None else policy_dtype
+    kwargs.setdefault("dtype", compute_dtype)
+    if quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    return kwargs
+
+
+def policy_path_for_quantised_reference(policy: PreTrainedModel) -> str:
+    """The policy's own path, from which a quantised copy of the starting model is loaded (weights can't be
+    quantised by bitsandbytes from a model in memory)."""
+    path = get_config_model_id(policy.config)
+    if not path:
+        raise ValueError(
+            "ref_model_quantization loads a quantised reference from a path, but this policy was built in memory and "
+            "has none. Save it with `save_pretrained` and pass that path as the model, or set "
+            "`ref_model_name_or_path` to the starting model's path, or use `ref_model_dtype` instead."
+        )
+    return path
+
+
+def cast_reference(model: torch.nn.Module, dtype: str | None) -> torch.nn.Module:
+    """Cast a reference built in memory (the frozen copy, or a model passed in) to `dtype`, in place."""
+    return model if dtype is None else model.to(getattr(torch, dtype))
+
+
+def is_quantised(model: torch.nn.Module) -> bool:
+    """Whether bitsandbytes (or another transformers quantizer) holds some of this model's weights."""
+    return getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False)
+
+
+def check_syncable(policy: torch.nn.Module, ref_model: torch.nn.Module, ref_name: str) -> None:
+    """Refuse a reference that `SyncRefModelCallback` can't mix with the policy: it pairs parameters in order, so
+    both must have the same parameters, of the same shapes, in the same order."""
+    policy_shapes = [tuple(getattr(p, "ds_shape", None) or p.shape) for p in policy.parameters()]
+    ref_shapes = [tuple(getattr(p, "ds_shape", None) or p.shape) for p in ref_model.parameters()]
+    if policy_shapes != ref_shapes:
+        raise ValueError(
+            f"sync_ref_model=True mixes the policy's weights into the reference {ref_name}, but the two have different "
+            f"parameters ({len(policy_shapes)} against {len(ref_shapes)} tensors, or different shapes). Use a "
+            "reference of the same architecture and size as the policy (or the default copy), or set "
+            "sync_ref_model=False."
+        )
+
+
+def refuse_options_without_separate_reference(dtype: str | None, quantization: str | None, sync: bool) -> None:
+    """Under PEFT with no named reference the anchor is the policy's own base weights (adapters off): there is no
+    second model to keep in another dtype or quantise. And TRL's sync pairs the whole policy's parameters, adapters
+    included, with the reference's, so it can't sync any reference under PEFT."""
+    if dtype is not None or quantization is not None:
+        name, value = ("ref_model_dtype", dtype) if dtype is not None else ("ref_model_quantization", quantization)
+        raise ValueError(
+            f"{name}={value!r} applies to a separate reference model, but under PEFT with no reference named the "
+            "anchor is the policy's own base weights with the adapters switched off. Fix: to make both lighter, "
+            "quantise the policy itself (QLoRA: `load_in_4bit: true` / a `quantization_config`); or name a reference "
+            "(`ref_model_name_or_path`) to load it in that form; or unset " + name + "."
+        )
+    if sync:
+        raise ValueError(
+            "sync_ref_model=True is not supported with PEFT: with no reference named the anchor is the policy's own "
+            "base weights (adapters off), so there is nothing to sync; and TRL's SyncRefModelCallback pairs the "
+            "policy's parameters, adapters included, with a named reference's, which don't match. Fix: full "
+            "fine-tuning (no peft_config / use_peft: false), or sync_ref_model=False."
+        )

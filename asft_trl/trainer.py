@@ -27,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model, maybe_gather_lm_head_ctx
 
 from . import lm_head
@@ -110,6 +111,10 @@ class ASFTTrainer(SFTTrainer):
             self._precompute_reference(ref_model, args)
         else:
             self.ref_model = self._build_reference(ref_model, args)
+        if args.sync_ref_model and self.ref_model is not None:
+            # TRL's own callback (TR-DPO): ref = alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` steps,
+            # gathering ZeRO-3 partitions itself; it is given the prepared reference, as DPOTrainer does
+            self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
         self.use_fused_loss = self._fused_loss_applies(args)
 
         # lambda by step (off by default): a schedule, or the adaptive controller in a callback, so that its state
@@ -153,11 +158,25 @@ class ASFTTrainer(SFTTrainer):
             if ref_model is not None:
                 logger.warning("kl_coef=0: the reference model given is not used (no KL term), and is not loaded.")
             return None
+        if is_peft_model(policy):
+            # Without a named reference the anchor is the policy's own base weights: nothing separate to lighten or
+            # sync; and TRL's sync pairs the policy's parameters (adapters included) with the reference's
+            ref_utils.refuse_options_without_separate_reference(
+                args.ref_model_dtype if ref_model is None else None,
+                args.ref_model_quantization if ref_model is None else None,
+                args.sync_ref_model,
+            )
         if ref_model is None and is_peft_model(policy):
             return None  # same network, adapters switched off in `_reference_logits`
 
         init_kwargs = dict(args.ref_model_init_kwargs or args.model_init_kwargs or {})
+        init_kwargs = ref_utils.lighter_init_kwargs(
+            init_kwargs, args.ref_model_dtype, args.ref_model_quantization, policy.dtype
+        )
         distributed_type = str(args.distributed_state.distributed_type).split(".")[-1]
+        if ref_model is None and args.ref_model_quantization is not None:
+            # bitsandbytes quantises while loading, so the starting model is loaded again from the policy's path
+            ref_model = ref_utils.policy_path_for_quantised_reference(policy)
         if isinstance(ref_model, str):
             name = repr(ref_model)
             ref_model = ref_utils.load_reference(
@@ -168,9 +187,19 @@ class ASFTTrainer(SFTTrainer):
             ref_model = ref_utils.default_reference(
                 policy, init_kwargs, distributed_type=distributed_type, trust_remote_code=args.trust_remote_code
             )
+            ref_model = ref_utils.cast_reference(ref_model, args.ref_model_dtype)
         else:
             name = type(ref_model).__name__
+            if args.ref_model_quantization is not None and not ref_utils.is_quantised(ref_model):
+                raise ValueError(
+                    f"ref_model_quantization={args.ref_model_quantization!r} can't quantise the {name} passed as "
+                    "`ref_model`: bitsandbytes quantises while loading. Pass the reference's path instead (`ref_model` "
+                    "or `ref_model_name_or_path`), or load it yourself with a `BitsAndBytesConfig`."
+                )
+            ref_model = ref_utils.cast_reference(ref_model, args.ref_model_dtype)
         ref_utils.check_same_vocabulary(ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), name)
+        if args.sync_ref_model:
+            ref_utils.check_syncable(policy, ref_model, name)
         ref_utils.freeze(ref_model, disable_dropout=True)
         lm_head.patch_forward(ref_model)
         self._ref_lm = ref_model

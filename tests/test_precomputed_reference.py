@@ -116,3 +116,10 @@ def test_options_come_from_a_recipe_and_the_command_line(tiny_model_path, tmp_pa
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     weights = [h["dft_weight_mean"] for h in history if "dft_weight_mean" in h]
     assert weights and min(weights) >= 0.05  # the floor reached the loss (a tiny model's p is ~1/V)
+
+
+@pytest.mark.parametrize("field,value", [("sync_ref_model", True), ("ref_model_dtype", "bfloat16"),
+                                         ("ref_model_quantization", "8bit")])
+def test_options_for_a_kept_reference_are_refused_with_the_precomputed_one(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"{field}=.*precompute_ref_log_probs"):
+        ASFTConfig(str(tmp_path), precompute_ref_log_probs=True, **{field: value})
