@@ -32,12 +32,18 @@ _FORMAT_VERSION = 1
 _TOKENS_PER_CHUNK_ELEMENTS = 1 << 24
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short digest of a model's weights, so that a cache made with other weights is never reused."""
+def weights_fingerprint(model: torch.nn.Module, skip_adapters: tuple[str, ...] = ()) -> str:
+    """A short digest of a model's weights, so that a cache made with other weights is never reused.
+
+    `skip_adapters`: PEFT adapter names whose weights are left out (the anchor runs with them off, and a fresh
+    adapter's random initialisation must not make the same anchor look different).
+    """
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.state_dict().items():
             if not torch.is_tensor(param) or not param.is_floating_point():
+                continue
+            if skip_adapters and any(part in skip_adapters for part in name.split(".")):
                 continue
             values = param.detach().double()
             digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{values.sum().item():.10e}:"

@@ -245,7 +245,8 @@ class ASFTTrainer(SFTTrainer):
             anchor_lm = runner = ref_model
         weight, bias = lm_head.head_parameters(anchor_lm)
         head = (weight, bias, lm_head.head_transform(anchor_lm.config))
-        reference_id = f"{name}:{reference_cache.weights_fingerprint(anchor_lm)}"
+        adapters = tuple(policy.peft_config) if runner is policy and is_peft_model(policy) else ()
+        reference_id = f"{name}:{reference_cache.weights_fingerprint(anchor_lm, skip_adapters=adapters)}"
 
         def run_backbone(inputs):
             with self.accelerator.autocast():

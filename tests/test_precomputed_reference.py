@@ -79,6 +79,15 @@ def test_packed_padding_free_and_eval_batches_line_up(tiny_model_path, pc_datase
     assert len(kls) == 2 and all(0 <= kl < 1e-5 for kl in kls)
 
 
+def test_lora_runs_with_other_adapter_seeds_share_the_stored_pass(tiny_model_path, pc_dataset, tmp_path):
+    cache = tmp_path / "cache"
+    for seed in (0, 1):
+        args = make_args(tmp_path / str(seed), precompute_ref_log_probs=True, precompute_ref_topk=4, seed=seed,
+                         precompute_ref_cache_dir=str(cache))
+        ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset, peft_config=_lora())
+    assert len(list(cache.glob("reference_top4-*.arrow"))) == 1
+
+
 def test_lora_precomputes_with_the_adapters_off(tiny_model_path, pc_dataset, tmp_path):
     args = make_args(tmp_path, precompute_ref_log_probs=True, precompute_ref_topk=WHOLE)
     trainer = ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset, peft_config=_lora())
