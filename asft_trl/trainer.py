@@ -167,7 +167,7 @@ class ASFTTrainer(SFTTrainer):
                 args.sync_ref_model,
             )
         if ref_model is None and is_peft_model(policy):
-            return None  # same network, adapters switched off in `_reference_logits`
+            return None  # same network, adapters switched off in `_run_reference`
 
         init_kwargs = dict(args.ref_model_init_kwargs or args.model_init_kwargs or {})
         init_kwargs = ref_utils.lighter_init_kwargs(
