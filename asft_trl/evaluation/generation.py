@@ -71,9 +71,14 @@ def generate_hf(model, tokenizer, prompts: list, num_samples: int, temperature: 
     from tqdm.auto import tqdm
 
     texts, templated = render_prompts(tokenizer, prompts)
-    torch.manual_seed(seed)
-    # top_k=0 switches off the top-k filter many generation configs carry: the paper samples with top_p only.
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    if temperature > 0:
+        # Only sampling draws random numbers: greedy decoding (the quickstart's held-out scoring, right before training)
+        # leaves the caller's random state alone
+        torch.manual_seed(seed)
+        # top_k=0 switches off the top-k filter many generation configs carry: the paper samples with top_p only.
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        sampling = dict(do_sample=False)
     outputs: list[list[str]] = []
     progress = tqdm(total=len(texts), desc="Generating", unit="prompt")
     for start in range(0, len(texts), batch_size):

@@ -104,25 +104,6 @@ def _is_correct(generated: str, gold: str, match: str) -> bool:
     raise ValueError(f"match={match!r} is not supported; use 'exact' or 'contains'.")
 
 
-def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """Greedy-decode one batch of chat prompts; the tokenizer must already pad on the left."""
-    import torch
-
-    inputs = tokenizer.apply_chat_template(
-        prompts, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
-    ).to(model.device)
-    with torch.inference_mode():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-
-
 def score(
     model, tokenizer, dataset: Dataset, max_new_tokens: int = 16, batch_size: int = 16, match: str = "exact"
 ) -> dict:
@@ -132,24 +113,24 @@ def score(
     the free-form `ood_checks()`). Returns `{"accuracy", "correct", "total", "failures"}`, where `failures` lists up
     to 5 `(prompt, gold, generated)` triples for a quick look.
     """
-    from tqdm.auto import tqdm
+    from ..evaluation.generation import generate_hf
 
     was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # decoder-only models must generate from right-aligned prompts
-    correct, failures = 0, []
+    rows = dataset[:]  # plain lists of the columns
     try:
-        for start in tqdm(range(0, len(dataset), batch_size), desc="Scoring", unit="batch"):
-            batch = dataset[start : start + batch_size]
-            generations = _generate(model, tokenizer, batch["prompt"], max_new_tokens)
-            for prompt, completion, generated in zip(batch["prompt"], batch["completion"], generations):
-                gold = completion[-1]["content"]
-                if _is_correct(generated, gold, match):
-                    correct += 1
-                elif len(failures) < 5:
-                    failures.append((prompt[-1]["content"], gold, generated))
+        samples = generate_hf(model, tokenizer, rows["prompt"], num_samples=1, temperature=0.0, top_p=1.0,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
+    correct, failures = 0, []
+    for prompt, completion, (generated,) in zip(rows["prompt"], rows["completion"], samples):
+        gold = completion[-1]["content"]
+        if _is_correct(generated, gold, match):
+            correct += 1
+        elif len(failures) < 5:
+            failures.append((prompt[-1]["content"], gold, generated))
     total = len(dataset)
     return {"accuracy": correct / max(total, 1), "correct": correct, "total": total, "failures": failures}
