@@ -169,6 +169,22 @@ class ASFTTrainer(SFTTrainer):
         if ref_model is None and is_peft_model(policy):
             return None  # same network, adapters switched off in `_run_reference`
 
+        ref_model, name = self._separate_reference(ref_model, args, policy)
+        if args.sync_ref_model:
+            ref_utils.check_syncable(policy, ref_model, name)
+        self._ref_lm = ref_model
+
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(ref_model, self.accelerator)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def _separate_reference(self, ref_model, args: ASFTConfig, policy) -> tuple[torch.nn.Module, str]:
+        """The anchor as a model of its own, and its name for messages: loaded from a path (`ref_model`, or the
+        policy's own path for a quantised copy of the starting model), a frozen copy of the starting model, or the
+        model given; in `ref_model_dtype` / `ref_model_quantization`; checked against the policy's vocabulary, frozen,
+        and able to run its backbone alone (`lm_head.patch_forward`)."""
         init_kwargs = dict(args.ref_model_init_kwargs or args.model_init_kwargs or {})
         init_kwargs = ref_utils.lighter_init_kwargs(
             init_kwargs, args.ref_model_dtype, args.ref_model_quantization, policy.dtype
@@ -198,17 +214,9 @@ class ASFTTrainer(SFTTrainer):
                 )
             ref_model = ref_utils.cast_reference(ref_model, args.ref_model_dtype)
         ref_utils.check_same_vocabulary(ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), name)
-        if args.sync_ref_model:
-            ref_utils.check_syncable(policy, ref_model, name)
         ref_utils.freeze(ref_model, disable_dropout=True)
         lm_head.patch_forward(ref_model)
-        self._ref_lm = ref_model
-
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref_model, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(ref_model, self.accelerator)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        return ref_model, name
 
     def _precompute_reference(self, ref_model, args: ASFTConfig) -> None:
         """One pass of the anchor over the datasets (`asft_trl.reference_cache`); afterwards no reference is kept.
@@ -228,21 +236,8 @@ class ASFTTrainer(SFTTrainer):
             anchor_lm, runner = self._policy_lm, policy
             name = ref_utils.get_config_model_id(self._policy_lm.config) or "the starting model"
         else:
-            if isinstance(ref_model, str):
-                name = ref_model
-                distributed_type = str(args.distributed_state.distributed_type).split(".")[-1]
-                init_kwargs = dict(args.ref_model_init_kwargs or args.model_init_kwargs or {})
-                ref_model = ref_utils.load_reference(
-                    ref_model, init_kwargs, distributed_type=distributed_type, trust_remote_code=args.trust_remote_code
-                )
-            else:
-                name = type(ref_model).__name__
-            ref_utils.check_same_vocabulary(
-                ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), repr(name)
-            )
-            ref_utils.freeze(ref_model.to(self.args.device), disable_dropout=True)
-            lm_head.patch_forward(ref_model)
-            anchor_lm = runner = ref_model
+            ref_model, name = self._separate_reference(ref_model, args, policy)
+            anchor_lm = runner = ref_model.to(self.args.device)
         weight, bias = lm_head.head_parameters(anchor_lm)
         head = (weight, bias, lm_head.head_transform(anchor_lm.config))
         adapters = tuple(policy.peft_config) if runner is policy and is_peft_model(policy) else ()
