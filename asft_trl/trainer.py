@@ -313,7 +313,12 @@ class ASFTTrainer(SFTTrainer):
     def current_kl_coef(self) -> float:
         """lambda for the current optimisation step: `kl_coef`, the schedule's value at this step, or the adaptive
         controller's. Constant within an optimizer step: the step counter and the controller only move between steps."""
-        return self._kl_coef_now()
+        callback = self._kl_controller_callback()
+        if callback is not None:
+            return callback.controller.kl_coef
+        if self._kl_coef_schedule is not None:
+            return self._kl_coef_schedule(self.state.global_step, self.state.max_steps)
+        return self.args.kl_coef
 
     def _fused_loss_applies(self, args: ASFTConfig) -> bool:
         """Whether the fused loss runs; where it can't, say why once and use the plain loss."""
@@ -407,10 +412,12 @@ class ASFTTrainer(SFTTrainer):
                 weight, bias = lm_head.head_parameters(policy_lm)
                 # With the model split across devices (`device_map`) the backbone can end where the head is not
                 on_head = mask.to(weight.device)
-                # Under PEFT the anchor is the same network with adapters off, so its head is the policy's own
-                ref_weight, ref_bias = (weight, bias) if self._ref_lm is None else lm_head.head_parameters(self._ref_lm)
-                if not anchored or ref_topk is not None:
-                    ref_weight = ref_bias = None
+                ref_weight = ref_bias = None
+                if ref_hidden is not None:
+                    # Under PEFT the anchor is the same network with adapters off, so its head is the policy's own
+                    ref_weight, ref_bias = (
+                        (weight, bias) if self._ref_lm is None else lm_head.head_parameters(self._ref_lm)
+                    )
                 heads = {id(t): t for t in (weight, bias, ref_weight, ref_bias) if t is not None}
                 with maybe_gather_lm_head_ctx(*heads.values()):
                     result["loss"], result["terms"] = chunked_asft_loss(
@@ -459,8 +466,9 @@ class ASFTTrainer(SFTTrainer):
         local = torch.stack([v.detach().float().sum() for v in values])
         return self.accelerator.gather_for_metrics(local.unsqueeze(0)).sum(0).tolist()
 
-    def _log_completion_metrics(self, mode: str, nll: torch.Tensor, **per_token: torch.Tensor) -> None:
-        """Log the mean `nll`, the DFT weight statistics of p(y_t) = exp(-nll), and the mean of each `per_token` term.
+    def _log_completion_metrics(self, mode: str, nll: torch.Tensor, **per_token: torch.Tensor) -> dict[str, float]:
+        """Log the mean `nll`, the DFT weight statistics of p(y_t) = exp(-nll), and the mean of each `per_token` term;
+        return the token count and the `per_token` sums, gathered across processes.
 
         The weights are logged for "nll" runs too, so SFT and DFT runs can be compared on the same scale.
         """
@@ -481,12 +489,11 @@ class ASFTTrainer(SFTTrainer):
         sums = self._log_completion_metrics(
             mode, terms.nll, kl=terms.kl, entropy=terms.entropy, mean_token_accuracy=terms.is_top1
         )
-        if mode == "train":
-            self._add_step_kl(sums["kl"], sums["count"])
         metrics = self._metrics[mode]
         if self.args.kl_coef > 0:
             metrics["kl_coef"].append(self.current_kl_coef)
         if mode == "train":
+            self._add_step_kl(sums["kl"], sums["count"])
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
             else:  # padding-free: one row of packed tokens
@@ -497,26 +504,19 @@ class ASFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ lambda schedules and adaptive anchoring
 
     def _kl_controller_callback(self) -> AdaptiveKLCallback | None:
-        """The callback that holds the adaptive controller, looked up each time: transformers' own callback restore
-        (`restore_callback_states_from_checkpoint`) replaces the instance with a new one."""
+        """The callback that holds the adaptive controller (None without `kl_target`), looked up each time:
+        transformers' own callback restore (`restore_callback_states_from_checkpoint`) replaces the instance."""
+        if self.args.kl_target is None:
+            return None
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, AdaptiveKLCallback):
                 return callback
         return None
 
-    def _kl_coef_now(self) -> float:
-        callback = self._kl_controller_callback() if self.args.kl_target is not None else None
-        if callback is not None:
-            return callback.controller.kl_coef
-        schedule = getattr(self, "_kl_coef_schedule", None)
-        if schedule is not None:
-            return schedule(self.state.global_step, self.state.max_steps)
-        return self.args.kl_coef
-
     def _add_step_kl(self, kl_sum: float, count: float) -> None:
         """Give the controller one training micro-batch's KL, summed over the tokens of every process (so that every
         process computes the same lambda); it updates from the whole optimizer step's KL at the step's end."""
-        callback = self._kl_controller_callback() if self.args.kl_target is not None else None
+        callback = self._kl_controller_callback()
         if callback is not None:
             callback.add_kl(kl_sum, count)
 
