@@ -74,8 +74,7 @@ class KLCoefSchedule:
         if self.name == "constant_with_warmup":
             return constant_with_warmup(step, self.kl_coef, warmup_step_count(self.warmup_steps, total_steps))
         if self.name == "cosine":
-            warmup = warmup_step_count(self.warmup_steps, total_steps) if self.warmup_steps else 0
-            return cosine(step, total_steps, self.kl_coef, self.final, warmup)
+            return cosine(step, total_steps, self.kl_coef, self.final, warmup_step_count(self.warmup_steps, total_steps))
         if self.name == "by_step":
             return by_step(step, self.kl_coef, self.milestones)
         raise ValueError(f"Unknown kl_coef_schedule {self.name!r}; use one of {', '.join(KL_COEF_SCHEDULES)}.")

@@ -94,22 +94,22 @@ def add_reference_columns(
         examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
         inputs = collator(examples)
         counts = [scored_count(collator, example) for example in examples]
-        labels = inputs.pop("labels")
+        mask = inputs.pop("labels")[:, 1:] != -100
         inputs = {name: value.to(device) if torch.is_tensor(value) else value for name, value in inputs.items()}
-        mask = (labels[:, 1:] != -100).to(device)
         with torch.no_grad():
             hidden = run_backbone(inputs)[:, :-1]
             hidden = hidden[mask.to(hidden.device)].to(weight.device)
+            # At least one (then empty) chunk, so that a batch with no scored token gives empty [0, k] columns
             parts = [top_k_of(head_log_probs(hidden[i : i + chunk], weight, bias, transform), k)
-                     for i in range(0, hidden.shape[0], chunk)]
+                     for i in range(0, max(1, hidden.shape[0]), chunk)]
         if sum(counts) != hidden.shape[0]:
             raise RuntimeError(
                 f"The collated batch scores {hidden.shape[0]} tokens but its examples {sum(counts)} one by one; the "
                 "precomputed reference can't be aligned with this collator."
             )
-        ids = torch.cat([p.ids for p in parts]).to(torch.int32).cpu() if parts else torch.zeros(0, k, dtype=torch.int32)
-        log_probs = torch.cat([p.log_probs for p in parts]).cpu() if parts else torch.zeros(0, k)
-        tail = torch.cat([p.tail_log_prob for p in parts]).cpu() if parts else torch.zeros(0)
+        ids = torch.cat([p.ids for p in parts]).to(torch.int32).cpu()
+        log_probs = torch.cat([p.log_probs for p in parts]).cpu()
+        tail = torch.cat([p.tail_log_prob for p in parts]).cpu()
         out = {name: [] for name in COLUMNS}
         for piece_ids, piece_lp, piece_tail in zip(ids.split(counts), log_probs.split(counts), tail.split(counts)):
             out["ref_topk_ids"].append(piece_ids.tolist())
