@@ -106,6 +106,8 @@ class ASFTTrainer(SFTTrainer):
         self._fused_capture = None
         lm_head.patch_forward(self._policy_lm, on_default_call=self._capture_fused_outputs)
         self._ref_lm = None  # the reference's own causal LM, when it is a separate model
+        if args.disable_dropout:
+            disable_dropout_in_model(self.accelerator.unwrap_model(self.model))
         if args.precompute_ref_log_probs:
             self.ref_model = None
             self._precompute_reference(ref_model, args)
@@ -152,8 +154,6 @@ class ASFTTrainer(SFTTrainer):
     def _build_reference(self, ref_model, args: ASFTConfig):
         """Return the reference model to keep, or None when the adapters-off policy (or nothing) is the reference."""
         policy = self.accelerator.unwrap_model(self.model)
-        if args.disable_dropout:
-            disable_dropout_in_model(policy)
         if args.kl_coef == 0:
             if ref_model is not None:
                 logger.warning("kl_coef=0: the reference model given is not used (no KL term), and is not loaded.")
@@ -230,8 +230,6 @@ class ASFTTrainer(SFTTrainer):
                 "sharded). Use ZeRO-2 or FSDP2: with the precomputed reference no reference model is kept to shard."
             )
         policy = self.accelerator.unwrap_model(self.model)
-        if args.disable_dropout:
-            disable_dropout_in_model(policy)
         if ref_model is None:
             anchor_lm, runner = self._policy_lm, policy
             name = ref_utils.get_config_model_id(self._policy_lm.config) or "the starting model"
