@@ -6,6 +6,7 @@ Run under a shipped accelerate config, the way a user launches a recipe, or as o
         tests/dist_modes.py --models DIR --out DIR --runs full,tied,lora,resume
     python tests/dist_modes.py --models DIR --out DIR --runs full,tied,lora
 
+`benchmarks/gpu_check.py` runs it on one GPU too (`--device cuda`, 1 process).
 Every run trains 3 plain-SGD steps of 8 examples (dataset order; `tests/dist_train.py`'s data and settings), split as
 2 examples x 2 accumulation steps per process on 2 processes and 4 x 2 on one. For each run it writes into `--out/RUN/`
 (main process):
@@ -51,7 +52,7 @@ def lora_config():
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
 
 
-def build_trainer(run: str, models: Path, out: Path, world_size: int, **overrides):
+def build_trainer(run: str, models: Path, out: Path, world_size: int, device: str = "cpu", **overrides):
     import dist_train
     from transformers import AutoTokenizer
 
@@ -61,7 +62,7 @@ def build_trainer(run: str, models: Path, out: Path, world_size: int, **override
         out / "trainer", batch_size=GLOBAL_BATCH // (world_size * GRAD_ACCUM), grad_accum=GRAD_ACCUM,
         learning_rate=LEARNING_RATES["lora" if spec.get("peft") else "full"], kl_coef=KL_COEF, max_steps=STEPS,
         bf16=bool(spec.get("bf16")), ref_model_name_or_path=model_path if spec.get("named_reference") else None,
-        **overrides,
+        use_cpu=device == "cpu", **overrides,
     )
     return dist_train.recording_trainer_class()(
         model=model_path, args=args, train_dataset=dist_train.make_dataset(),
@@ -185,7 +186,7 @@ def install_recorders() -> None:
 # ------------------------------------------------------------------------------------------ one run
 
 
-def run_one(run: str, models: Path, out: Path) -> None:
+def run_one(run: str, models: Path, out: Path, device: str = "cpu") -> None:
     import torch
     import torch.distributed as dist
 
@@ -195,17 +196,17 @@ def run_one(run: str, models: Path, out: Path) -> None:
     for store in RECORDED.values():
         store.clear()
     if RUNS[run].get("resume"):
-        first = build_trainer(run, models, run_dir, world_size, save_strategy="steps", save_steps=2)
+        first = build_trainer(run, models, run_dir, world_size, device, save_strategy="steps", save_steps=2)
         first.train()
         checkpoint = run_dir / "trainer" / "checkpoint-2"
         first.accelerator.wait_for_everyone()
         del first
-        trainer = build_trainer(run, models, run_dir, world_size, save_strategy="no")
+        trainer = build_trainer(run, models, run_dir, world_size, device, save_strategy="no")
         trainer.train(resume_from_checkpoint=str(checkpoint))
         # The optimizer steps this trainer ran itself (0-based): the resume must begin at the checkpoint's step
         resumed_at = min(batch["step"] for batch in trainer.recorded_batches)
     else:
-        trainer = build_trainer(run, models, run_dir, world_size)
+        trainer = build_trainer(run, models, run_dir, world_size, device)
         if world_size == 1:  # the baseline also keeps the starting point, to measure how far training moved
             policy = trainer.accelerator.unwrap_model(trainer.model)
             torch.save(gathered(policy, zero3=False), run_dir / "initial.pt")
@@ -246,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", required=True, help="folder holding the tiny models (untied/, tied/)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", required=True, help=f"comma-separated, from {sorted(RUNS)}")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu: gloo, `use_cpu` (the tests); cuda: one GPU per process (benchmarks/gpu_check.py)")
     parser.add_argument("--fsdp-on-cpu", action="store_true",
                         help="keep accelerate's FSDP plugin on CPU processes (tests/fsdp2_on_cpu.py)")
     opts = parser.parse_args(argv)
@@ -254,7 +257,7 @@ def main(argv=None) -> int:
         from fsdp2_on_cpu import allow_fsdp_on_cpu
 
         allow_fsdp_on_cpu()
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if opts.device == "cpu" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         import deepspeed
         import deepspeed.ops
 
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
     install_recorders()
     out = Path(opts.out)
     for run in opts.runs.split(","):
-        run_one(run, Path(opts.models), out)
+        run_one(run, Path(opts.models), out, opts.device)
     return 0
 
 
