@@ -177,8 +177,9 @@ def check_launch(training_args: ASFTConfig) -> None:
     distributed_type = str(training_args.distributed_state.distributed_type).split(".")[-1]
     if fsdp and distributed_type in ("NO", "MULTI_CPU"):
         raise SystemExit(
-            f"An FSDP accelerate config was given, but this run's processes are {distributed_type} "
-            f"(use_cpu={training_args.use_cpu}), where accelerate drops FSDP without a word. " + on_cpu_fix
+            f"An FSDP accelerate config was given, but this run is {distributed_type} (use_cpu="
+            f"{training_args.use_cpu}), not processes on GPUs, and accelerate drops FSDP there without a word. "
+            f"{on_cpu_fix} On GPUs, start it with `accelerate launch` or `asft-trl train --accelerate_config`."
         )
 
 

@@ -6,7 +6,6 @@ Run under a shipped accelerate config, the way a user launches a recipe, or as o
         tests/dist_modes.py --models DIR --out DIR --runs full,tied,lora,resume
     python tests/dist_modes.py --models DIR --out DIR --runs full,tied,lora
 
-`benchmarks/gpu_check.py` runs it on one GPU too (`--device cuda`, 1 process).
 Every run trains 3 plain-SGD steps of 8 examples (dataset order; `tests/dist_train.py`'s data and settings), split as
 2 examples x 2 accumulation steps per process on 2 processes and 4 x 2 on one. For each run it writes into `--out/RUN/`
 (main process):
@@ -17,7 +16,8 @@ Every run trains 3 plain-SGD steps of 8 examples (dataset order; `tests/dist_tra
   (distributed type, ZeRO stage and each process's share of the parameters / optimizer state, DTensor shards, the
   reference's wrapper, the heads and dtypes the loss was given).
 
-Only test settings live here: what ASFT does under each mode is the package's and the libraries' own code.
+`benchmarks/gpu_check.py` launches it on one GPU too (`--device cuda`, 1 process, the `bf16` run). Only test settings
+live here: what ASFT does under each mode is the package's and the libraries' own code.
 """
 
 from __future__ import annotations
