@@ -15,9 +15,7 @@ A user who asks for FSDP on CPU is refused by `asft-trl train` instead (the last
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
