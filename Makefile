@@ -1,5 +1,7 @@
 # make quickstart: install, then train SmolLM2-135M-Instruct with ASFT + LoRA on a generated task (CPU, offline).
 # make test:       install, then run the test suite (CPU, offline, tiny models).
+# make gpu-check:  on one CUDA GPU, the acceptance check (benchmarks/gpu_check.py, about 5 minutes): writes
+#                  benchmarks/results/gpu_check.json and .md. `make gpu-check GPU_CHECK_ARGS=--dry-run` on a CPU.
 #
 # torch: an importable torch (e.g. your CUDA build) is kept. Otherwise $(TORCH) is installed; on a machine whose
 # package index serves CUDA wheels for it, point TORCH_INDEX at a CPU wheel index to stay CPU-only.
@@ -8,11 +10,12 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+GPU_CHECK_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +37,9 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

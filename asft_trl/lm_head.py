@@ -80,11 +80,20 @@ def fused_head_problem(causal_lm: torch.nn.Module) -> str | None:
     return None
 
 
-def head_parameters(causal_lm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The head's weight and bias, whole: FSDP2 shards them as DTensors, gathered here (differentiably)."""
+def head_parameters(causal_lm: torch.nn.Module, dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight and bias, whole: FSDP2 shards them as DTensors, gathered here (differentiably).
+
+    With `dtype` narrower than a sharded head's own, each shard is cast before the gather, as FSDP's mixed precision
+    does for a module's own forward: the reference's float32 head then reaches the loss in the bf16 the policy's head
+    has there (the same values at step 0), and half as many bytes are gathered.
+    """
     head = causal_lm.get_output_embeddings()
     weight, bias = head.weight, head.bias
     if isinstance(weight, DTensor):
+        if dtype is not None and dtype.itemsize < weight.dtype.itemsize:
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
         weight = weight.full_tensor()
         bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
     return weight, bias

@@ -80,8 +80,12 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
 def load_reference(name_or_path: str, init_kwargs: dict, *, distributed_type: str, trust_remote_code: bool):
     """Load a reference from a path or Hub id with the given `from_pretrained` keyword arguments."""
     kwargs = dict(init_kwargs)
-    if distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-        kwargs["device_map"] = None  # distributed training places the model itself ("auto" fails)
+    if distributed_type != "NO":
+        # Distributed training places the model itself: with TRL's default ("auto") every process would load the
+        # reference across (or onto the first of) the GPUs it sees. Any distributed type, not only TRL's own
+        # MULTI_GPU/DEEPSPEED: by the time the reference is loaded, accelerate has renamed the run FSDP. A quantised
+        # reference then goes to the process's current device (bitsandbytes' default)
+        kwargs["device_map"] = None
     kwargs.setdefault("trust_remote_code", trust_remote_code)
     return create_model_from_path(name_or_path, **kwargs)
 

@@ -152,17 +152,34 @@ def prepare_training_data(splits, script_args: ASFTScriptArguments, training_arg
 
 
 def check_launch(training_args: ASFTConfig) -> None:
-    """Refuse a multi-process launch that did not become one distributed run.
+    """Refuse a launch that would not run as the distributed run it was asked to be.
 
-    On a machine without GPUs, `torchrun --nproc_per_node N` without `--use_cpu true` leaves accelerate with no process
-    group: N independent trainings would run and write the same `output_dir`.
+    - On a machine without GPUs, `torchrun --nproc_per_node N` without `--use_cpu true` leaves accelerate with no
+      process group: N independent trainings would run and write the same `output_dir`.
+    - An FSDP accelerate config on CPU processes (`--use_cpu true`, or no GPU) is silently run as plain DDP (or as one
+      unsharded process) by accelerate, which only shards on GPU-like devices: every process would hold the whole
+      policy and reference while the launch says FSDP.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
+    on_cpu_fix = (
+        "FSDP does not run on CPU processes (accelerate would train plain DDP): on CPU use a DeepSpeed config "
+        "(recipes/accelerate/zero2.yaml or zero3.yaml) with `--use_cpu true`, which shards over gloo, or multi_gpu.yaml "
+        "for DDP; for FSDP run on GPUs."
+    )
     if launched > 1 and training_args.world_size == 1:
         raise SystemExit(
             f"{launched} processes were launched (WORLD_SIZE={launched}) but training sees only one, so each would "
-            "train on its own and overwrite the others' output. On CPU add `--use_cpu true` (gloo); on GPUs check "
-            "that each process can see a GPU."
+            f"train on its own and overwrite the others' output. "
+            f"{on_cpu_fix if fsdp else 'On CPU add `--use_cpu true` (gloo).'} On GPUs, check that each process can "
+            "see a GPU."
+        )
+    distributed_type = str(training_args.distributed_state.distributed_type).split(".")[-1]
+    if fsdp and distributed_type in ("NO", "MULTI_CPU"):
+        raise SystemExit(
+            f"An FSDP accelerate config was given, but this run is {distributed_type} (use_cpu="
+            f"{training_args.use_cpu}), not processes on GPUs, and accelerate drops FSDP there without a word. "
+            f"{on_cpu_fix} On GPUs, start it with `accelerate launch` or `asft-trl train --accelerate_config`."
         )
 
 

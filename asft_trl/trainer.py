@@ -412,9 +412,12 @@ class ASFTTrainer(SFTTrainer):
                 on_head = mask.to(weight.device)
                 ref_weight = ref_bias = None
                 if ref_hidden is not None:
-                    # Under PEFT the anchor is the same network with adapters off, so its head is the policy's own
+                    # Under PEFT the anchor is the same network with adapters off, so its head is the policy's own.
+                    # A sharded reference head is gathered in the dtype the policy's head has here (FSDP2 mixed
+                    # precision), so that at step 0 both are the same matrix
                     ref_weight, ref_bias = (
-                        (weight, bias) if self._ref_lm is None else lm_head.head_parameters(self._ref_lm)
+                        (weight, bias) if self._ref_lm is None
+                        else lm_head.head_parameters(self._ref_lm, dtype=weight.dtype)
                     )
                 heads = {id(t): t for t in (weight, bias, ref_weight, ref_bias) if t is not None}
                 with maybe_gather_lm_head_ctx(*heads.values()):

@@ -102,14 +102,49 @@ def test_accelerate_config_is_resolved(monkeypatch, tiny_model_path, tmp_path):
     assert args.training_script_args[:2] == ["--config", str(recipe)]
 
 
-def test_multi_process_launch_that_is_not_distributed_is_refused(monkeypatch, tmp_path):
+def _launch_args(world_size: int, distributed_type: str = "NO", use_cpu: bool = False, fsdp=()):
     from types import SimpleNamespace
 
+    return SimpleNamespace(world_size=world_size, use_cpu=use_cpu, fsdp=list(fsdp),
+                           distributed_state=SimpleNamespace(distributed_type=distributed_type))
+
+
+def test_multi_process_launch_that_is_not_distributed_is_refused(monkeypatch, tmp_path):
     from asft_trl.train import check_launch
 
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="--use_cpu true"):
-        check_launch(SimpleNamespace(world_size=1))
-    check_launch(SimpleNamespace(world_size=2))
+        check_launch(_launch_args(1))
+    check_launch(_launch_args(2, "MULTI_CPU", use_cpu=True))
+    check_launch(_launch_args(2, "DEEPSPEED", use_cpu=True))
     monkeypatch.setenv("WORLD_SIZE", "1")
-    check_launch(SimpleNamespace(world_size=1))
+    check_launch(_launch_args(1))
+
+
+@pytest.mark.parametrize("how", ["env", "args"])
+def test_fsdp_config_on_cpu_processes_is_refused_not_run_as_ddp(monkeypatch, how):
+    """accelerate drops the FSDP plugin on CPU processes and trains DDP: the launch must say so, not suggest it."""
+    from asft_trl.train import check_launch
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    fsdp = ()
+    if how == "env":  # what `accelerate launch --config_file recipes/accelerate/fsdp2.yaml` sets
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    else:  # `--fsdp full_shard` on the command line
+        fsdp = ("full_shard",)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="FSDP does not run on CPU processes") as refused:
+        check_launch(_launch_args(2, "MULTI_CPU", use_cpu=True, fsdp=fsdp))
+    assert "MULTI_CPU" in str(refused.value) and "zero3.yaml" in str(refused.value)
+    # Without --use_cpu on a machine without GPU: no advice to add it, which would only turn FSDP into DDP
+    with pytest.raises(SystemExit) as refused:
+        check_launch(_launch_args(1, fsdp=fsdp))
+    assert "FSDP does not run on CPU processes" in str(refused.value)
+    assert "add `--use_cpu true`" not in str(refused.value)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit, match="FSDP does not run on CPU"):
+        check_launch(_launch_args(1, "NO", fsdp=fsdp))
+    # On GPUs the same config is what it says
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_launch(_launch_args(2, "MULTI_GPU", fsdp=fsdp))

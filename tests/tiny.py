@@ -64,3 +64,54 @@ def build_model(path: str | Path, vocab_size: int | None = None, hidden_size: in
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+# Tiny configurations of other architectures whose heads the fused loss reads differently: soft-capping (Gemma2),
+# `logit_scale` (Cohere), `logits_scaling` (Granite), an MoE router (Qwen3-MoE), QK-norm (Qwen3, OLMo2), biases on
+# q/k/v (Qwen2); Gemma2 and Cohere tie their heads. The head transforms are set where they bite at this scale.
+ARCHITECTURES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"head_dim": 8, "final_logit_softcapping": 2.0, "attn_logit_softcapping": 50.0,
+                "query_pre_attn_scalar": 8, "sliding_window": 16}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                {"logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                 "attention_multiplier": 0.125}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                   "decoder_sparse_step": 1, "mlp_only_layers": []}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+}
+
+
+def build_arch_model(path: str | Path, architecture: str, hidden_size: int = 32, layers: int = 2, seed: int = 0) -> str:
+    """Save a tiny model of `architecture` (a key of ARCHITECTURES) and the tiny tokenizer to `path`; return the path.
+
+    Same sizes as `build_model`'s Llama (4 heads, 2 key/value heads, MLP 2 x hidden), each architecture's own head.
+    """
+    import torch
+    import transformers
+
+    config_name, model_name, extra = ARCHITECTURES[architecture]
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -18,6 +18,7 @@ knows nothing of models, trainers or processes: the caller selects the scored po
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,16 +47,49 @@ def auto_chunk_size(vocab_size: int, device: torch.device) -> int:
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The matmul dtype: on a GPU, the autocast dtype or a low-precision input's, multiplied into a float32 result;
-    elsewhere float32 throughout."""
-    if not hidden.is_cuda:
+    """The matmul dtype: the autocast dtype on a GPU, else a low-precision input's, multiplied into a float32 result
+    where the device can (`_low_precision_products`: CUDA); elsewhere float32 throughout."""
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    else:
+        low = [t.dtype for t in (hidden, weight) if t.dtype in (torch.bfloat16, torch.float16)]
+        dtype = low[0] if low else torch.float32
+    if dtype == torch.float32 or not _low_precision_products(hidden.device, dtype):
         return torch.float32
-    if torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    for tensor in (hidden, weight):
-        if tensor.dtype in (torch.bfloat16, torch.float16):
-            return tensor.dtype
-    return torch.float32
+    return dtype
+
+
+def _products_in_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b for bf16/fp16 `a`, `b` (one dtype), accumulated and returned in float32; added into the float32 `out`
+    when given. The low-precision branch's two calls, and its only ones: tests emulate them on the CPU."""
+    if out is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+
+
+@functools.cache
+def _low_precision_products(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the loss multiplies `dtype` inputs in `dtype` on `device`: on CUDA, where the calls work."""
+    return device.type == "cuda" and _products_work(device, dtype)
+
+
+def _products_work(device: torch.device, dtype: torch.dtype) -> bool:
+    """Try `_products_in_float32` once on `device`.
+
+    `torch.mm`/`torch.addmm` take `out_dtype` from torch 2.8 (pytorch#150812), with CUDA kernels only; `addmm` takes a
+    float32 `self`/`out` with low-precision inputs from torch 2.10 (pytorch#167931). Where the calls fail, the loss
+    multiplies in float32 instead: the same values, at the cost of a float32 copy of each head while it runs.
+    """
+    try:
+        with torch.autocast(device.type, enabled=False):
+            a = torch.ones(2, 2, dtype=dtype, device=device)
+            out = torch.ones(2, 2, dtype=torch.float32, device=device)
+            added = _products_in_float32(a, a, out)
+            product = _products_in_float32(a, a)
+        return (added is out and product.dtype == out.dtype == torch.float32
+                and bool((out == 3).all()) and bool((product == 2).all()))
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,10 +97,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, out: torch.Tensor 
     if dtype == torch.float32:
         a, b = a.float(), b.float()
         return a @ b if out is None else out.addmm_(a, b)
-    a, b = a.to(dtype), b.to(dtype)
-    if out is None:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    return _products_in_float32(a.to(dtype), b.to(dtype), out)
 
 
 def _project(hidden, weight, bias, dtype) -> torch.Tensor:
