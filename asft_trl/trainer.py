@@ -10,6 +10,8 @@ What this module adds to SFTTrainer, and nothing else:
 - lambda by step: a schedule, or the adaptive controller (`asft_trl.kl_control`) held by `AdaptiveKLCallback`,
   which updates it once per optimizer step and saves it with every checkpoint;
 - early, explanatory errors for data TRL would fail on later (see `asft_trl.data.checks`).
+Nothing it attaches to the model holds the trainer, so a trainer is freed with its last reference (a notebook cell
+run again), however many are built on one model object.
 """
 
 from __future__ import annotations
@@ -103,8 +105,8 @@ class ASFTTrainer(SFTTrainer):
         # for models whose forward takes **kwargs) and must not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
         self._policy_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        self._fused_capture = None
-        lm_head.patch_forward(self._policy_lm, on_default_call=self._capture_fused_outputs)
+        # Patched once per model object, holding no trainer: a notebook cell run again frees the previous trainer
+        lm_head.patch_forward(self._policy_lm)
         self._ref_lm = None  # the reference's own causal LM, when it is a separate model
         if args.disable_dropout:
             disable_dropout_in_model(self.accelerator.unwrap_model(self.model))
@@ -354,21 +356,16 @@ class ASFTTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ loss
 
-    def _capture_fused_outputs(self, kwargs: dict, outputs) -> None:
-        """Keep the per-token log-probabilities of TRL's fused LM head, so that the `kl_coef == 0` path (TRL's own
-        loss, untouched) still logs the DFT weight statistics without any extra computation."""
-        if kwargs.get("fused_lm_head") and getattr(outputs, "log_probs", None) is not None:
-            self._fused_capture = (outputs.log_probs.detach(), outputs.label_mask)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ref_topk = reference_cache.pop_reference(inputs)
         if not self._uses_own_loss(self.args):
-            self._fused_capture = None
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if self._fused_capture is not None:
-                log_probs, mask = self._fused_capture
+            # TRL's own loss, untouched; its fused head's per-token log-probabilities also give the DFT weight
+            # statistics, read from the call it makes anyway
+            recording = _FusedOutputsRecorder(model)
+            result = super().compute_loss(recording, inputs, return_outputs, num_items_in_batch)
+            if recording.outputs is not None:
+                log_probs, mask = recording.outputs.log_probs.detach(), recording.outputs.label_mask
                 self._log_completion_metrics("train" if self.model.training else "eval", -log_probs[mask])
-                self._fused_capture = None
             return result
         return self._compute_anchored_loss(model, inputs, return_outputs, num_items_in_batch, ref_topk)
 
@@ -517,6 +514,26 @@ class ASFTTrainer(SFTTrainer):
         callback = self._kl_controller_callback()
         if callback is not None:
             callback.add_kl(kl_sum, count)
+
+
+class _FusedOutputsRecorder:
+    """The model as `SFTTrainer.compute_loss` sees it, keeping the outputs of its fused-head call (`fused_lm_head=True`).
+
+    Lives for one `compute_loss` call, so it holds the model and those outputs no longer than that.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.outputs = None
+
+    def __call__(self, *args, **kwargs):
+        outputs = self.model(*args, **kwargs)
+        if kwargs.get("fused_lm_head") and getattr(outputs, "log_probs", None) is not None:
+            self.outputs = outputs
+        return outputs
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
 
 
 class AdaptiveKLCallback(TrainerCallback, ExportableState):
