@@ -85,9 +85,7 @@ class ASFTTrainer(SFTTrainer):
             name = model if isinstance(model, str) else ref_utils.get_config_model_id(model.config)
             args = ASFTConfig(f"{(name or 'model').split('/')[-1]}-ASFT")
         elif not isinstance(args, ASFTConfig):
-            dict_args = args.to_dict()
-            dict_args["hub_token"] = args.hub_token  # to_dict hides the hub_token
-            args = ASFTConfig(**{k: v for k, v in dict_args.items() if k in ASFTConfig.__dataclass_fields__})
+            args = _as_asft_config(args)
         if ref_model is not None and not isinstance(ref_model, str) and ref_model is model:
             raise ValueError(
                 "`model` and `ref_model` are the same object, so the anchor would move with the policy. Omit "
@@ -514,6 +512,28 @@ class ASFTTrainer(SFTTrainer):
         callback = self._kl_controller_callback()
         if callback is not None:
             callback.add_kl(kl_sum, count)
+
+
+def _as_asft_config(args) -> ASFTConfig:
+    """An `ASFTConfig` from another `TrainingArguments` (an `SFTConfig`, say): every field they share keeps its value,
+    and the ASFT fields get their defaults, which a warning names (an SFTConfig's `loss_type="nll"` with the default
+    `kl_coef` trains SFT+KL, not ASFT)."""
+    values = args.to_dict()
+    for name in values:
+        if name.endswith("_token"):  # `to_dict` replaces every `*_token` field (hub_token, eos_token, ...) by a mask
+            values[name] = getattr(args, name)
+    shared = {k: v for k, v in values.items() if k in ASFTConfig.__dataclass_fields__}
+    converted = ASFTConfig(**shared)
+    settings = ", ".join(
+        f"{name}={getattr(converted, name)!r} ({'kept' if name in shared else 'default'})"
+        for name in ("loss_type", "kl_coef", "kl_direction", "disable_dropout")
+    )
+    logger.warning(
+        f"`args` is a {type(args).__name__}, converted to an ASFTConfig that trains {converted.method_name}: {settings}; "
+        f"'kept' comes from the {type(args).__name__}, 'default' is ASFTConfig's. The paper's ASFT is loss_type='dft' "
+        "with kl_coef > 0 (SFTConfig's own default loss_type is 'nll'): pass an ASFTConfig to choose them."
+    )
+    return converted
 
 
 class _FusedOutputsRecorder:

@@ -229,3 +229,23 @@ def test_padding_free_batches_give_the_reference_the_same_positions(tiny_model_p
     trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items(batch))
     mode = "train" if trainer.model.training else "eval"
     assert trainer._metrics[mode]["kl"][-1] == 0.0
+
+
+def test_sft_config_as_args_is_converted_and_says_what_it_trains(tiny_model_path, pc_dataset, tmp_path, caplog):
+    """`to_dict` masks every `*_token` field ('<EOS_TOKEN>'), so the conversion must read them from the config."""
+    import logging
+
+    sft_args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                         bf16=False, hub_token="secret", eos_token="<|im_end|>", pad_token="<pad>")
+    with caplog.at_level(logging.WARNING):
+        trainer = ASFTTrainer(tiny_model_path, args=sft_args, train_dataset=pc_dataset)
+    args = trainer.args
+    assert (args.eos_token, args.pad_token, args.hub_token) == ("<|im_end|>", "<pad>", "secret")
+    assert (args.loss_type, args.kl_coef, args.method_name) == ("nll", 0.05, "SFT+KL")
+    assert "converted to an ASFTConfig that trains SFT+KL" in caplog.text
+    assert "loss_type='nll' (kept)" in caplog.text and "kl_coef=0.05 (default)" in caplog.text
+    trainer.train()
+    assert [h["kl"] for h in trainer.state.log_history if "kl" in h] == [0.0]
+    # an SFTConfig left at its defaults (eos_token=None) converts too
+    assert ASFTTrainer(tiny_model_path, args=SFTConfig(output_dir=str(tmp_path), bf16=False, report_to="none"),
+                       train_dataset=pc_dataset).args.eos_token is None
