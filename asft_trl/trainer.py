@@ -1,8 +1,9 @@
 """`ASFTTrainer`: TRL's `SFTTrainer` with the ASFT loss and a frozen reference model, in the manner of TRL's DPO.
 
 What this module adds to SFTTrainer, and nothing else:
-- the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT;
-  or, with `precompute_ref_log_probs`, one pass of it before training whose top-k log-probs ride in the batches);
+- the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT, or
+  a frozen copy of the adapter a given `PeftModel` carries; or, with `precompute_ref_log_probs`, one pass of it before
+  training whose top-k log-probs ride in the batches);
 - `compute_loss` for `kl_coef > 0` (or a DFT weight floor): by default the chunked, fused loss from both models'
   hidden states (`asft_trl.losses.fused`, reached through `asft_trl.lm_head`), else the plain one from full logits;
   with `kl_coef == 0` (and no floor) the loss is TRL's own, untouched;
@@ -16,6 +17,7 @@ run again), however many are built on one model object.
 
 from __future__ import annotations
 
+import functools
 import logging
 import textwrap
 from typing import Any
@@ -95,6 +97,9 @@ class ASFTTrainer(SFTTrainer):
             ref_model = args.ref_model_name_or_path
         # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
         self.dropped_examples: dict[str, int] = {}
+        # A PeftModel given as is may carry a trained adapter: its anchor is then a frozen copy of that adapter
+        self._given_peft_model = not isinstance(model, str) and is_peft_model(model)
+        self._reference_adapter: str | None = None
         self._early_reference_check(model, ref_model, args)
 
         super().__init__(model, args, *pos_args, **kwargs)
@@ -167,7 +172,11 @@ class ASFTTrainer(SFTTrainer):
                 args.sync_ref_model,
             )
         if ref_model is None and is_peft_model(policy):
-            return None  # same network, adapters switched off in `_run_reference`
+            if self._given_peft_model:
+                # The model as given, adapter included: a frozen copy of its adapter runs as the anchor
+                ref_utils.add_reference_adapter(policy)
+                self._reference_adapter = ref_utils.REFERENCE_ADAPTER
+            return None  # same network: adapters switched off (or the reference adapter on) in `_run_reference`
 
         ref_model, name = self._separate_reference(ref_model, args, policy)
         if args.sync_ref_model:
@@ -222,7 +231,8 @@ class ASFTTrainer(SFTTrainer):
         """One pass of the anchor over the datasets (`asft_trl.reference_cache`); afterwards no reference is kept.
 
         The default anchor is the starting model, which is the policy itself before its first update (adapters off
-        under PEFT), so no second model is loaded at all; a named reference is loaded for the pass and freed.
+        under PEFT, or, for a PeftModel given with its adapter, the policy as given), so no second model is loaded at
+        all; a named reference is loaded for the pass and freed.
         """
         if is_deepspeed_zero3_enabled():
             raise ValueError(
@@ -238,12 +248,14 @@ class ASFTTrainer(SFTTrainer):
             anchor_lm = runner = ref_model.to(self.args.device)
         weight, bias = lm_head.head_parameters(anchor_lm)
         head = (weight, bias, lm_head.head_transform(anchor_lm.config))
-        adapters = tuple(policy.peft_config) if runner is policy and is_peft_model(policy) else ()
+        # Adapters switched off for the pass are left out of the fingerprint; a given PeftModel runs as is, adapter on
+        adapters_off = runner is policy and is_peft_model(policy) and not self._given_peft_model
+        adapters = tuple(policy.peft_config) if adapters_off else ()
         reference_id = f"{name}:{reference_cache.weights_fingerprint(anchor_lm, skip_adapters=adapters)}"
 
         def run_backbone(inputs):
             with self.accelerator.autocast():
-                if runner is policy and is_peft_model(policy):
+                if adapters_off:
                     with ref_utils.adapters_disabled(policy, deterministic=True):
                         return policy(**inputs, asft_hidden_states=True).last_hidden_state
                 return runner(**inputs, asft_hidden_states=True).last_hidden_state
@@ -340,8 +352,25 @@ class ASFTTrainer(SFTTrainer):
             if self.ref_model is not None:
                 return self.ref_model(**model_inputs, **kwargs)
             peft_model = self.accelerator.unwrap_model(model)
-            with ref_utils.adapters_disabled(peft_model, deterministic=not self.args.disable_dropout):
+            deterministic = not self.args.disable_dropout
+            if self._reference_adapter is not None:
+                with ref_utils.reference_adapter_active(peft_model, deterministic=deterministic):
+                    return model(**model_inputs, **kwargs)
+            with ref_utils.adapters_disabled(peft_model, deterministic=deterministic):
                 return model(**model_inputs, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save as SFTTrainer does, leaving out the frozen reference adapter: the output holds the trained adapter
+        alone, as it would without the anchor."""
+        if self._reference_adapter is None or not is_peft_model(self.model):
+            return super()._save(output_dir, state_dict)
+        trained = [name for name in self.model.peft_config if name != self._reference_adapter]
+        self.model.save_pretrained = functools.partial(type(self.model).save_pretrained, self.model,
+                                                       selected_adapters=trained)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del self.model.save_pretrained
 
     # ------------------------------------------------------------------ data
 
