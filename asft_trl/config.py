@@ -74,7 +74,7 @@ class ASFTConfig(SFTConfig):
             Horizon of the controller in optimizer steps: lambda <- lambda x (1 + clip(kl/kl_target - 1) / kl_horizon).
             A KL off target moves lambda by at most a factor exp(kl_error_clip) every `kl_horizon` steps: with the
             defaults about 1.2x per 10 steps, 7x per 100, so it matters in a run of tens of steps and settles within a
-            few hundred, while one noisy batch moves lambda by at most 2%.
+            few hundred, while one noisy batch moves lambda by a factor of at most 1.02.
         kl_error_clip (`float`, *optional*, defaults to `0.2`):
             Clip of the controller's proportional error kl/kl_target - 1 (0.2 as in Ziegler et al. and TRL's old
             controller), so that one outlying batch cannot move lambda far. In (0, 1).
@@ -192,7 +192,7 @@ class ASFTConfig(SFTConfig):
             "help": "Horizon of the controller in optimizer steps: lambda <- lambda x (1 + clip(kl/kl_target - 1) / "
             "kl_horizon). A KL off target moves lambda by at most a factor exp(kl_error_clip) every kl_horizon steps: "
             "with the defaults about 1.2x per 10 steps, 7x per 100, so it matters in a run of tens of steps and "
-            "settles within a few hundred, while one noisy batch moves lambda by at most 2%."
+            "settles within a few hundred, while one noisy batch moves lambda by a factor of at most 1.02."
         },
     )
     kl_error_clip: float = field(

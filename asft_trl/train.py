@@ -104,7 +104,14 @@ class ASFTScriptArguments(ScriptArguments):
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    return TrlParser((ASFTScriptArguments, ASFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    parser = TrlParser((ASFTScriptArguments, ASFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+
+    def error(message: str):
+        # One line, not argparse's usage of every field of every config first
+        parser.exit(2, f"{parser.prog}: error: {message}. `{parser.prog} --help` lists every field.\n")
+
+    parser.error = error
+    return parser
 
 
 def check_output_dir(output_dir: str, resume_from_checkpoint, overwrite: bool) -> None:
@@ -149,6 +156,31 @@ def prepare_training_data(splits, script_args: ASFTScriptArguments, training_arg
         with open(os.path.join(training_args.output_dir, "data_preparation.json"), "w") as f:
             json.dump({"dataset_name": script_args.dataset_name, "splits": [r.to_dict() for r in reports]}, f, indent=2)
     return splits
+
+
+def check_run(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig,
+              dataset_args=None) -> None:
+    """What can be checked about a run without loading anything: an earlier run in `output_dir`, a dataset named and
+    where it comes from, the model's and the reference's paths. The config fields themselves were checked when they
+    were parsed. `asft-trl train` calls this before it launches anything, so a bad recipe fails in seconds."""
+    from .data.loading import check_dataset_given
+    from .paths import check_dataset_source, check_model_source
+    from .quickstart.model import HUB_ID
+
+    check_output_dir(training_args.output_dir, _resume_value(training_args.resume_from_checkpoint),
+                     script_args.overwrite_output_dir)
+    check_dataset_given(script_args, dataset_args)
+    if not (dataset_args is not None and getattr(dataset_args, "datasets", None)):
+        check_dataset_source(script_args.dataset_name, "dataset_name")
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is not set. Fix: name the model to fine-tune in the recipe "
+                         "(`model_name_or_path: Qwen/Qwen2.5-0.5B`, or a local folder) or with --model_name_or_path.")
+    if model_args.model_name_or_path != HUB_ID:  # the quickstart model falls back to its offline copy
+        check_model_source(model_args.model_name_or_path, "model_name_or_path",
+                           cache_dir=(training_args.model_init_kwargs or {}).get("cache_dir"))
+    ref_kwargs = training_args.ref_model_init_kwargs or training_args.model_init_kwargs or {}
+    check_model_source(training_args.ref_model_name_or_path, "ref_model_name_or_path",
+                       cache_dir=ref_kwargs.get("cache_dir"))
 
 
 def check_launch(training_args: ASFTConfig) -> None:

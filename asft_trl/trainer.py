@@ -10,7 +10,7 @@ What this module adds to SFTTrainer, and nothing else:
 - the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
 - lambda by step: a schedule, or the adaptive controller (`asft_trl.kl_control`) held by `AdaptiveKLCallback`,
   which updates it once per optimizer step and saves it with every checkpoint;
-- early, explanatory errors for data TRL would fail on later (see `asft_trl.data.checks`).
+- early, explanatory errors for paths and data TRL would fail on later (`asft_trl.paths`, `asft_trl.data.checks`).
 Nothing it attaches to the model holds the trainer, so a trainer is freed with its last reference (a notebook cell
 run again), however many are built on one model object.
 """
@@ -41,6 +41,7 @@ from .config import ASFTConfig
 from .data.checks import check_dataset_format, report_dropped
 from .kl_control import AdaptiveKLController, KLCoefSchedule
 from .losses import asft_loss, chunked_asft_loss, weight_stats
+from .paths import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,13 @@ class ASFTTrainer(SFTTrainer):
             )
         if ref_model is None and args.ref_model_name_or_path is not None:
             ref_model = args.ref_model_name_or_path
+        # A path that is neither a folder nor a Hub id fails here, by name, not inside a loader half a minute later
+        if isinstance(model, str):
+            check_model_source(model, "model", cache_dir=(args.model_init_kwargs or {}).get("cache_dir"))
+        if isinstance(ref_model, str):
+            field = "ref_model_name_or_path" if ref_model == args.ref_model_name_or_path else "ref_model"
+            ref_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs or {}
+            check_model_source(ref_model, field, cache_dir=ref_kwargs.get("cache_dir"))
         # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
         self.dropped_examples: dict[str, int] = {}
         # A PeftModel given as is may carry a trained adapter: its anchor is then a frozen copy of that adapter

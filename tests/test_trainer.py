@@ -249,3 +249,17 @@ def test_sft_config_as_args_is_converted_and_says_what_it_trains(tiny_model_path
     # an SFTConfig left at its defaults (eos_token=None) converts too
     assert ASFTTrainer(tiny_model_path, args=SFTConfig(output_dir=str(tmp_path), bf16=False, report_to="none"),
                        train_dataset=pc_dataset).args.eos_token is None
+
+
+@pytest.mark.parametrize("where", ["ref_model", "ref_model_name_or_path", "model"])
+def test_path_that_is_neither_folder_nor_hub_id_is_named_before_loading(where, tiny_model_path, pc_dataset, tmp_path,
+                                                                         monkeypatch):
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("the dataset was prepared before the path was checked")
+
+    monkeypatch.setattr(ASFTTrainer, "_prepare_dataset", no_tokenising)
+    missing = str(tmp_path / "no" / "such-model")
+    kwargs = {"ref_model": missing} if where == "ref_model" else {}
+    args = make_args(tmp_path, ref_model_name_or_path=missing if where == "ref_model_name_or_path" else None)
+    with pytest.raises(ValueError, match=f"^{where}='{missing}' is neither a local folder .* nor a Hub id"):
+        ASFTTrainer(missing if where == "model" else tiny_model_path, args=args, train_dataset=pc_dataset, **kwargs)
