@@ -43,6 +43,9 @@ def print_summary(trainer, before: dict, after: dict) -> None:
     dropped = {k: v for k, v in getattr(trainer, "dropped_examples", {}).items() if v}
     if dropped:
         lines.append(f"  examples dropped (completion truncated to nothing): {dropped}")
+    empty = {k: v for k, v in getattr(trainer, "empty_completions", {}).items() if v}
+    if empty:
+        lines.append(f"  examples with an empty completion (trained to stop after the prompt): {empty}")
     if before or after:
         lines.append(f"  {'held-out':<28} {'before':>9}  {'after':>9}")
         for key in sorted(set(before) | set(after)):

@@ -254,7 +254,7 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=script_args.dataset_name)
     if trainer.accelerator.is_main_process:
         report = {"method": training_args.method_name, "before": before, "after": after,
-                  "dropped_examples": trainer.dropped_examples}
+                  "dropped_examples": trainer.dropped_examples, "empty_completions": trainer.empty_completions}
         with open(os.path.join(training_args.output_dir, "held_out.json"), "w") as f:
             json.dump(report, f, indent=2)
         print_summary(trainer, before, after)

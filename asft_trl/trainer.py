@@ -38,7 +38,7 @@ from . import lm_head
 from . import reference as ref_utils
 from . import reference_cache
 from .config import ASFTConfig
-from .data.checks import check_dataset_format, report_dropped
+from .data.checks import check_dataset_format, report_dropped, report_empty_completions
 from .kl_control import AdaptiveKLController, KLCoefSchedule
 from .losses import asft_loss, chunked_asft_loss, weight_stats
 from .paths import check_model_source
@@ -105,6 +105,7 @@ class ASFTTrainer(SFTTrainer):
             check_model_source(ref_model, field, cache_dir=ref_kwargs.get("cache_dir"))
         # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
         self.dropped_examples: dict[str, int] = {}
+        self.empty_completions: dict[str, int] = {}
         # A PeftModel given as is may carry a trained adapter: its anchor is then a frozen copy of that adapter
         self._given_peft_model = not isinstance(model, str) and is_peft_model(model)
         self._reference_adapter: str | None = None
@@ -384,6 +385,7 @@ class ASFTTrainer(SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         check_dataset_format(dataset, args.dataset_text_field, formatting_func is not None, dataset_name)
+        self.empty_completions[dataset_name] = report_empty_completions(dataset, dataset_name)
         n_before = len(dataset) if isinstance(dataset, Dataset) and not packing else None
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         self.dropped_examples[dataset_name] = report_dropped(n_before, prepared, dataset_name, args.max_length)

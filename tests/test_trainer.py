@@ -263,3 +263,18 @@ def test_path_that_is_neither_folder_nor_hub_id_is_named_before_loading(where, t
     args = make_args(tmp_path, ref_model_name_or_path=missing if where == "ref_model_name_or_path" else None)
     with pytest.raises(ValueError, match=f"^{where}='{missing}' is neither a local folder .* nor a Hub id"):
         ASFTTrainer(missing if where == "model" else tiny_model_path, args=args, train_dataset=pc_dataset, **kwargs)
+
+
+def test_empty_completions_are_counted_and_reported(tiny_model_path, tmp_path, caplog):
+    import logging
+
+    rows = prompt_completion_rows(8)
+    rows[2]["completion"] = [{"role": "assistant", "content": ""}]
+    rows[5]["completion"] = [{"role": "assistant", "content": "   "}]
+    plain = [{"prompt": "q", "completion": ""}, {"prompt": "q", "completion": "a"}]
+    with caplog.at_level(logging.WARNING):
+        trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path), train_dataset=Dataset.from_list(rows),
+                              eval_dataset=Dataset.from_list(plain))
+    assert trainer.empty_completions == {"train": 2, "eval": 1}
+    assert "2 of 8 train examples have an empty completion (rows 2, 5)" in caplog.text
+    assert "1 of 2 eval examples have an empty completion (rows 0)" in caplog.text
