@@ -18,6 +18,10 @@ from .losses import KL_DIRECTIONS, LOSS_TYPES
 from .reference import REF_MODEL_DTYPES, REF_MODEL_QUANTIZATIONS
 
 
+def _accelerator_available() -> bool:
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
 def _bf16_accelerator_available() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
@@ -126,12 +130,29 @@ class ASFTConfig(SFTConfig):
         bf16 (`bool`, *optional*):
             As in TRL (on by default), except that it defaults to `False` where no bf16-capable GPU is present, so a
             CPU-only run works without extra flags.
+        activation_checkpointing (`bool`, *optional*, defaults to `True`):
+            As in TRL (on by default). `gradient_checkpointing`, transformers' deprecated name for it, is unset by
+            default, so that a config which does not use the old name raises no deprecation warning; setting it still
+            works, with transformers' warning.
+        dataloader_pin_memory (`bool`, *optional*, defaults to `True`):
+            As in transformers, except that it is switched off where no accelerator is present: pinned memory then
+            serves nothing, and PyTorch warns about it on every run.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Switch dropout off in the policy and the reference, so that the KL measures the change of the weights and
             not dropout noise (it is then exactly 0 before the first update).
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["ref_model_init_kwargs"]
+
+    # TRL sets the deprecated name to True, which makes transformers warn on every config; the new name carries the
+    # same default (resolved in `__post_init__`)
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of activation_checkpointing (transformers), unset by default. Use "
+            "activation_checkpointing, which is on by default as in TRL."
+        },
+    )
 
     kl_coef: float = field(
         default=0.05,
@@ -498,6 +519,20 @@ class ASFTConfig(SFTConfig):
         if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
             # TRL turns bf16 on by default, which stops a CPU-only run before it starts; keep it on where it works
             self.bf16 = False
+        if None not in (self.activation_checkpointing, self.gradient_checkpointing) and (
+            bool(self.activation_checkpointing) != bool(self.gradient_checkpointing)
+        ):
+            # transformers would silently ignore the old name: `--gradient_checkpointing false` over a recipe's
+            # `activation_checkpointing: true` would change nothing
+            raise ValueError(
+                f"gradient_checkpointing={self.gradient_checkpointing} and activation_checkpointing="
+                f"{self.activation_checkpointing} disagree; gradient_checkpointing is transformers' deprecated name "
+                "for activation_checkpointing. Fix: set activation_checkpointing only."
+            )
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, under the name transformers keeps
+        if self.dataloader_pin_memory and not _accelerator_available():
+            self.dataloader_pin_memory = False  # nothing to pin for; PyTorch would warn on every run
         super().__post_init__()
         if self.ref_model_init_kwargs is not None and not isinstance(self.ref_model_init_kwargs, dict):
             raise ValueError(

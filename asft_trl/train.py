@@ -205,7 +205,7 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
 
     from .data import load_training_data
     from .quickstart.model import HUB_ID, resolve_quickstart_model
-    from .summary import held_out_report, print_summary
+    from .summary import held_out_missing_note, held_out_report, print_summary
     from .trainer import ASFTTrainer
 
     logger = get_logger(__name__)
@@ -255,9 +255,11 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     if trainer.accelerator.is_main_process:
         report = {"method": training_args.method_name, "before": before, "after": after,
                   "dropped_examples": trainer.dropped_examples, "empty_completions": trainer.empty_completions}
+        if eval_split is None:
+            report["note"] = held_out_missing_note(script_args.dataset_test_split, splits)
         with open(os.path.join(training_args.output_dir, "held_out.json"), "w") as f:
             json.dump(report, f, indent=2)
-        print_summary(trainer, before, after)
+        print_summary(trainer, before, after, note=report.get("note"))
     from .diagnostics.plot import write_run_curves
 
     write_run_curves(trainer)  # trainer_state.json, asft_run.json and curves.png in the output dir (main process)

@@ -10,7 +10,8 @@ What this module adds to SFTTrainer, and nothing else:
 - the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
 - lambda by step: a schedule, or the adaptive controller (`asft_trl.kl_control`) held by `AdaptiveKLCallback`,
   which updates it once per optimizer step and saves it with every checkpoint;
-- early, explanatory errors for paths and data TRL would fail on later (`asft_trl.paths`, `asft_trl.data.checks`).
+- early, explanatory errors for paths and data TRL would fail on later (`asft_trl.paths`, `asft_trl.data.checks`);
+- a model card that links to the Hub only what is there.
 Nothing it attaches to the model holds the trainer, so a trainer is freed with its last reference (a notebook cell
 run again), however many are built on one model object.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import textwrap
 from typing import Any
 
@@ -41,7 +43,7 @@ from .config import ASFTConfig
 from .data.checks import check_dataset_format, report_dropped, report_empty_completions
 from .kl_control import AdaptiveKLController, KLCoefSchedule
 from .losses import asft_loss, chunked_asft_loss, weight_stats
-from .paths import check_model_source
+from .paths import check_model_source, is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -380,6 +382,33 @@ class ASFTTrainer(SFTTrainer):
             super()._save(output_dir, state_dict)
         finally:
             del self.model.save_pretrained
+
+    # ------------------------------------------------------------------ model card
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+        """TRL's model card, which links the base model and the dataset on the Hub; one that is not there (a local
+        folder or file, a model built in memory) is named instead of linked to `huggingface.co/None` or to
+        `huggingface.co/datasets/<local path>`."""
+        local_data = dataset_name is not None and (os.path.exists(dataset_name) or not is_hub_id(dataset_name))
+        super().create_model_card(model_name=model_name, dataset_name=None if local_data else dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        card_path = os.path.join(self.args.output_dir, "README.md")
+        with open(card_path) as f:
+            lines = f.read().split("\n")
+        base = ref_utils.get_config_model_id(self.model.config)
+        hub_base = bool(base) and not os.path.isdir(base)
+        base_text = f"[{base}](https://huggingface.co/{base})" if hub_base else (
+            f"the local model `{base}`" if base else "a model built in memory")
+        data_text = f" on the local data `{dataset_name}`" if local_data else (
+            f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset" if dataset_name else "")
+        for i, line in enumerate(lines):
+            if line.startswith("This model is a fine-tuned version of "):
+                lines[i] = f"This model is a fine-tuned version of {base_text}{data_text}."
+            elif self.hub_model_id is None and 'model="None"' in line:  # not pushed: load it from where it was saved
+                lines[i] = line.replace('model="None"', f'model="{self.args.output_dir}"')
+        with open(card_path, "w") as f:
+            f.write("\n".join(lines))
 
     # ------------------------------------------------------------------ data
 

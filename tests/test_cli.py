@@ -198,3 +198,17 @@ def test_multi_process_launch_that_is_not_distributed_is_refused(monkeypatch, tm
     check_launch(SimpleNamespace(world_size=2))
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_launch(SimpleNamespace(world_size=1))
+
+
+def test_run_without_held_out_split_says_why_in_held_out_json(tiny_model_path, tmp_path, capsys):
+    """A local file has only a train split: held_out.json says so instead of holding an empty before/after."""
+    from asft_trl.train import main, parse
+
+    recipe = write_recipe(tmp_path, tiny_model_path, max_steps=1)
+    trainer = main(*parse(["--config", str(recipe)]))
+    report = json.loads((tmp_path / "out" / "held_out.json").read_text())
+    assert report["before"] == report["after"] == {}
+    assert "no 'test' split (its splits: ['train'])" in report["note"] and "dataset_test_split" in report["note"]
+    assert report["empty_completions"] == {"train": 0} and report["dropped_examples"] == {"train": 0}
+    assert "No held-out evaluation" in capsys.readouterr().out
+    assert trainer.state.global_step == 1

@@ -278,3 +278,44 @@ def test_empty_completions_are_counted_and_reported(tiny_model_path, tmp_path, c
     assert trainer.empty_completions == {"train": 2, "eval": 1}
     assert "2 of 8 train examples have an empty completion (rows 2, 5)" in caplog.text
     assert "1 of 2 eval examples have an empty completion (rows 0)" in caplog.text
+
+
+def test_model_card_links_only_what_is_on_the_hub(tiny_model_path, pc_dataset, tmp_path):
+    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path), train_dataset=pc_dataset)
+    local_data = tmp_path / "train.jsonl"
+    local_data.write_text("{}")
+    trainer.create_model_card(model_name="tiny-asft", dataset_name=str(local_data))
+    card = (tmp_path / "README.md").read_text()
+    assert "huggingface.co/None" not in card and "huggingface.co/datasets/" not in card and 'model="None"' not in card
+    assert f"fine-tuned version of the local model `{tiny_model_path}` on the local data `{local_data}`." in card
+    assert f'model="{tmp_path}"' in card and "2509.23753" in card
+    # Hub ids are still linked
+    trainer.model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    trainer.create_model_card(model_name="tiny-asft", dataset_name="trl-lib/Capybara")
+    card = (tmp_path / "README.md").read_text()
+    assert ("[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) on the "
+            "[trl-lib/Capybara](https://huggingface.co/datasets/trl-lib/Capybara) dataset.") in card
+
+
+def test_a_plain_cpu_config_raises_no_deprecation_or_pin_memory_warning(tiny_model_path, pc_dataset, tmp_path):
+    """TRL's config sets transformers' deprecated `gradient_checkpointing`, and pinned memory warns without an
+    accelerator: a first run should print neither."""
+    import warnings
+
+    from asft_trl import ASFTConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = ASFTConfig(output_dir=str(tmp_path), report_to="none", max_steps=1, per_device_train_batch_size=4,
+                          dataset_num_proc=None)
+        assert args.activation_checkpointing is True and args.gradient_checkpointing is True  # TRL's default
+        trainer = ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset)
+        next(iter(trainer.get_train_dataloader()))
+    messages = [str(w.message) for w in caught]
+    assert not any("gradient_checkpointing" in m for m in messages), messages
+    if not torch.cuda.is_available():
+        assert args.dataloader_pin_memory is False
+        assert not any("pin_memory" in m for m in messages), messages
+    # the old name still works, with transformers' warning
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        assert ASFTConfig(output_dir=str(tmp_path), gradient_checkpointing=False).activation_checkpointing is False
