@@ -117,6 +117,7 @@ def test_help_lists_every_field(capsys):
     (["--kl_direction", "sideways"], "invalid choice: 'sideways'"),
     (["--loss_type", "ce"], "invalid choice: 'ce'"),
     (["--kl_coef_schedule", "cosine", "--kl_coef", "0"], "needs an anchor"),
+    (["--use_liger_kernel", "true"], "use_liger_kernel=True does not go with the ASFT loss"),
     (["--ref_model_name_or_path", "/nonexistent"], "ref_model_name_or_path='/nonexistent' is neither a local folder"),
     (["--model_name_or_path", "./no/such-model"], "model_name_or_path='./no/such-model' is neither a local folder"),
     (["--model_name_or_path", "no-such-org/no-such-model"], "not in the local Hub cache while the Hub is offline"),
