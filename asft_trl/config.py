@@ -520,13 +520,13 @@ class ASFTConfig(SFTConfig):
                     )
         if self.use_liger_kernel and (self.kl_coef > 0 or self.dft_weight_floor > 0):
             raise ValueError(
-                "use_liger_kernel=True does not go with the ASFT loss (kl_coef > 0 or a dft_weight_floor): Liger's fused "
-                "linear cross-entropy, the part that saves memory, computes SFT's loss, not this one (TRL switches it off "
-                "anyway), and its layer kernels are applied to the policy only when training starts, after the "
-                "reference was copied, so the anchor would run other kernels than the policy and the KL would not start "
-                "at 0. The ASFT loss is already chunked (use_fused_loss: no [tokens x vocabulary] logits). Fix: unset "
-                "use_liger_kernel (TRL deprecates it for Hub kernels, model_init_kwargs={'use_kernels': True}), or "
-                "kl_coef=0 for TRL's own SFT/DFT loss with Liger."
+                "use_liger_kernel=True does not go with the ASFT loss (kl_coef > 0 or a dft_weight_floor): Liger's "
+                "fused linear cross-entropy, the part that saves memory, computes SFT's loss, not this one (TRL "
+                "switches it off anyway), and its layer kernels are applied to the policy only when training starts, "
+                "after the reference was copied, so the anchor would run other kernels than the policy and the KL "
+                "would not start at 0. The ASFT loss is already chunked (use_fused_loss: no [tokens x vocabulary] "
+                "logits). Fix: unset use_liger_kernel (TRL deprecates it for Hub kernels, "
+                "model_init_kwargs={'use_kernels': True}), or kl_coef=0 for TRL's own SFT/DFT loss with Liger."
             )
         if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
             # TRL turns bf16 on by default, which stops a CPU-only run before it starts; keep it on where it works

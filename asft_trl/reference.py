@@ -205,7 +205,7 @@ def refuse_options_without_separate_reference(dtype: str | None, quantization: s
 
 # ------------------------------------------------------------------ a PeftModel that starts with a trained adapter
 
-# The frozen copy of a given PeftModel's adapter (TRL's DPO calls its copy "ref"; here the frozen model is the reference)
+# The frozen copy of a given PeftModel's adapter (TRL's DPO names its copy "ref"; here the frozen model is "reference")
 REFERENCE_ADAPTER = "reference"
 
 
@@ -233,6 +233,14 @@ def add_reference_adapter(peft_model) -> str:
             "copied into a frozen reference adapter. Fix: name the reference (`ref_model_name_or_path`, e.g. the "
             "model with this adapter merged and saved), or train a new adapter from the base model (`peft_config`)."
         )
+    if any(hasattr(p, "ds_id") for p in peft_model.parameters()):
+        # Loaded under ZeRO-3's zero.Init: each process holds a shard, and a copy of `.data` would copy no weights
+        raise ValueError(
+            "The PeftModel passed as `model` is already partitioned by DeepSpeed ZeRO-3, so its adapter can't be "
+            "copied into the frozen reference adapter that anchors it. Fix: build the PeftModel before the ZeRO-3 "
+            "TrainingArguments/ASFTConfig (so it is partitioned when training starts), use ZeRO-2 or FSDP2, or name "
+            "the reference (`ref_model_name_or_path`, e.g. the model with this adapter merged and saved)."
+        )
     if REFERENCE_ADAPTER in peft_model.peft_config:
         peft_model.delete_adapter(REFERENCE_ADAPTER)
     peft_model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(config))
@@ -249,7 +257,9 @@ def add_reference_adapter(peft_model) -> str:
             copied.add(target)
     missing = [n for n in params if REFERENCE_ADAPTER in n.split(".") and n not in copied]
     if missing:
-        raise RuntimeError(f"The reference adapter has parameters with no counterpart in adapter {active!r}: {missing[:3]}")
+        raise RuntimeError(
+            f"The reference adapter has parameters with no counterpart in adapter {active!r}: {missing[:3]}"
+        )
     for name, param in params.items():
         if REFERENCE_ADAPTER in name.split("."):
             param.requires_grad_(False)

@@ -597,15 +597,16 @@ def _as_asft_config(args) -> ASFTConfig:
         for name in ("loss_type", "kl_coef", "kl_direction", "disable_dropout")
     )
     logger.warning(
-        f"`args` is a {type(args).__name__}, converted to an ASFTConfig that trains {converted.method_name}: {settings}; "
-        f"'kept' comes from the {type(args).__name__}, 'default' is ASFTConfig's. The paper's ASFT is loss_type='dft' "
-        "with kl_coef > 0 (SFTConfig's own default loss_type is 'nll'): pass an ASFTConfig to choose them."
+        f"`args` is a {type(args).__name__}, converted to an ASFTConfig that trains {converted.method_name}: "
+        f"{settings}; 'kept' comes from the {type(args).__name__}, 'default' is ASFTConfig's. The paper's ASFT is "
+        "loss_type='dft' with kl_coef > 0 (SFTConfig's own default loss_type is 'nll'): pass an ASFTConfig to choose "
+        "them."
     )
     return converted
 
 
 class _FusedOutputsRecorder:
-    """The model as `SFTTrainer.compute_loss` sees it, keeping the outputs of its fused-head call (`fused_lm_head=True`).
+    """The model as `SFTTrainer.compute_loss` sees it, keeping the outputs of its fused-head call (fused_lm_head=True).
 
     Lives for one `compute_loss` call, so it holds the model and those outputs no longer than that.
     """

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     data = make_splits(seed=0)["train"].select(range(64))
     trim()
     rows.append({"after": "model loaded", "rss_mb": round(rss_mb(), 1), "forward_wrappers": forward_wrappers(model)})
-    print(f"{rows[-2]['after']:>14}: {rows[-2]['rss_mb']:8.1f} MB\n{rows[-1]['after']:>14}: {rows[-1]['rss_mb']:8.1f} MB")
+    for row in rows:
+        print(f"{row['after']:>14}: {row['rss_mb']:8.1f} MB")
     alive = []
     for i in range(1, args.trainers + 1):
         trainer = ASFTTrainer(

@@ -25,7 +25,8 @@ def test_alpaca_prompt_is_the_one_the_recipes_train_on():
     """A model trained on the recipes' Alpaca prompts is scored on exactly that prompt (nothing added after it)."""
     trained = to_prompt_completion(f"1+1?\n{MATH_INSTRUCTION}", "2", "alpaca")["prompt"]
     assert math_prompt("1+1?", "alpaca") == trained
-    assert quickstart_prompt("Reverse: a b", "alpaca") == to_prompt_completion("Reverse: a b", "b a", "alpaca")["prompt"]
+    trained = to_prompt_completion("Reverse: a b", "b a", "alpaca")["prompt"]
+    assert quickstart_prompt("Reverse: a b", "alpaca") == trained
     item = {"prompt": "Write f.", "mode": "write"}
     assert code_prompt(item, "alpaca").endswith("### Response:")
 

@@ -38,7 +38,9 @@ FEATURES = {
     "packing": (prompt_completion_rows, dict(packing=True, max_length=64, per_device_train_batch_size=2)),
     "padding_free": (prompt_completion_rows, dict(padding_free=True, max_length=None)),
     "completion_only_loss_false": (prompt_completion_rows, dict(completion_only_loss=False)),
-    "activation_checkpointing": (prompt_completion_rows, dict(activation_checkpointing=True)),
+    # make_args sets the deprecated name to False; unset it, or the two names would disagree
+    "activation_checkpointing": (prompt_completion_rows,
+                                 dict(activation_checkpointing=True, gradient_checkpointing=None)),
     "eval_during_training": (prompt_completion_rows, dict(eval_strategy="steps", eval_steps=1)),
 }
 

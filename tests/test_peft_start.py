@@ -103,3 +103,14 @@ def test_fresh_peft_model_and_a_second_trainer_on_the_same_model(tiny_model_path
         assert [h["kl"] for h in trainer.state.log_history if "kl" in h][-1] > 0
         assert list(model.peft_config) == ["default", REFERENCE_ADAPTER]
         del trainer
+
+
+def test_adapter_partitioned_by_zero3_is_refused_with_the_fix(tiny_model_path):
+    """Under ZeRO-3's zero.Init each process holds a shard of each weight: copying `.data` would copy no weights."""
+    from asft_trl.reference import add_reference_adapter
+
+    model = trained_peft_model(tiny_model_path)
+    next(p for n, p in model.named_parameters() if "lora_A" in n).ds_id = 0  # what zero.Init leaves on a weight
+    with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3.*Fix"):
+        add_reference_adapter(model)
+    assert REFERENCE_ADAPTER not in model.peft_config

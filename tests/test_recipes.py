@@ -159,7 +159,8 @@ def dry_run_overrides(model: str, fixture: Path, output_dir: Path) -> list[str]:
         "--model_name_or_path", model, "--dataset_name", str(fixture), "--output_dir", str(output_dir),
         "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
         "--max_length", "512", "--warmup_steps", "0", "--bf16", "false", "--dtype", "float32",
-        "--activation_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true",
+        "--activation_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "1",
+        "--disable_tqdm", "true",
     ]
 
 
