@@ -129,6 +129,18 @@ def test_bad_recipe_value_fails_before_launch(overrides, message, tiny_model_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("kl_direction", "sideways", "kl_direction='sideways' is not supported"),
+    ("loss_type", "ce", "loss_type='ce' is not supported"),
+    ("kl_coef", -0.5, "kl_coef=-0.5 is invalid"),
+])
+def test_bad_value_in_the_recipe_file_fails_before_launch(field, value, message, tiny_model_path, tmp_path, capsys,
+                                                           no_launch):
+    """argparse checks choices on the command line only: a recipe's own values reach the config's validation."""
+    recipe = write_recipe(tmp_path, tiny_model_path, **{field: value})
+    assert message in train_error(capsys, "--config", recipe)
+
+
 def test_unknown_recipe_field_is_an_error(tiny_model_path, tmp_path, capsys, no_launch):
     recipe = write_recipe(tmp_path, tiny_model_path, kl_coeff=0.1)
     assert "kl_coeff" in train_error(capsys, "--config", recipe)
