@@ -31,19 +31,19 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _in_hub_cache(repo_id: str, filename: str, cache_dir: str | None) -> bool:
+def _in_hub_cache(repo_id: str, filename: str, cache_dir: str | None, revision: str | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str)
+    return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str)
 
 
 def check_model_source(value: str | None, field: str, *, config_file: str = "config.json",
-                       cache_dir: str | None = None) -> None:
+                       cache_dir: str | None = None, revision: str | None = None) -> None:
     """Refuse a model (or adapter) source that is neither a local folder nor a Hub id, naming `field` and the fix.
 
     A Hub-shaped id is accepted as it is online (only the Hub can say whether it exists); offline
-    (`HF_HUB_OFFLINE=1`) it must be in the local Hub cache. `config_file` is the file that cache must hold
-    (`adapter_config.json` for a PEFT adapter).
+    (`HF_HUB_OFFLINE=1`) it must be in the local Hub cache, at `revision` (the default branch when unset), under
+    `cache_dir`. `config_file` is the file that cache must hold (`adapter_config.json` for a PEFT adapter).
     """
     if value is None or os.path.isdir(os.path.expanduser(value)):
         return
@@ -58,7 +58,7 @@ def check_model_source(value: str | None, field: str, *, config_file: str = "con
             "'namespace/name'). Fix: check the path (relative paths start from the current directory, "
             f"{os.getcwd()!r}), or give a Hub id such as 'Qwen/Qwen2.5-0.5B'."
         )
-    if _hub_offline() and not _in_hub_cache(value, config_file, cache_dir):
+    if _hub_offline() and not _in_hub_cache(value, config_file, cache_dir, revision):
         raise ValueError(
             f"{field}={value!r} is not a local folder, and as a Hub id it is not in the local Hub cache while the Hub "
             "is offline (HF_HUB_OFFLINE=1). Fix: check the path, or download the model once with the Hub reachable."

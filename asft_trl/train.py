@@ -177,10 +177,11 @@ def check_run(script_args: ASFTScriptArguments, training_args: ASFTConfig, model
                          "(`model_name_or_path: Qwen/Qwen2.5-0.5B`, or a local folder) or with --model_name_or_path.")
     if model_args.model_name_or_path != HUB_ID:  # the quickstart model falls back to its offline copy
         check_model_source(model_args.model_name_or_path, "model_name_or_path",
-                           cache_dir=(training_args.model_init_kwargs or {}).get("cache_dir"))
+                           cache_dir=(training_args.model_init_kwargs or {}).get("cache_dir"),
+                           revision=model_args.model_revision)
     ref_kwargs = training_args.ref_model_init_kwargs or training_args.model_init_kwargs or {}
     check_model_source(training_args.ref_model_name_or_path, "ref_model_name_or_path",
-                       cache_dir=ref_kwargs.get("cache_dir"))
+                       cache_dir=ref_kwargs.get("cache_dir"), revision=ref_kwargs.get("revision"))
 
 
 def check_launch(training_args: ASFTConfig) -> None:

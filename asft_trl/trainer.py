@@ -100,11 +100,14 @@ class ASFTTrainer(SFTTrainer):
             ref_model = args.ref_model_name_or_path
         # A path that is neither a folder nor a Hub id fails here, by name, not inside a loader half a minute later
         if isinstance(model, str):
-            check_model_source(model, "model", cache_dir=(args.model_init_kwargs or {}).get("cache_dir"))
+            init_kwargs = args.model_init_kwargs or {}
+            check_model_source(model, "model", cache_dir=init_kwargs.get("cache_dir"),
+                               revision=init_kwargs.get("revision"))
         if isinstance(ref_model, str):
             field = "ref_model_name_or_path" if ref_model == args.ref_model_name_or_path else "ref_model"
             ref_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs or {}
-            check_model_source(ref_model, field, cache_dir=ref_kwargs.get("cache_dir"))
+            check_model_source(ref_model, field, cache_dir=ref_kwargs.get("cache_dir"),
+                               revision=ref_kwargs.get("revision"))
         # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
         self.dropped_examples: dict[str, int] = {}
         self.empty_completions: dict[str, int] = {}

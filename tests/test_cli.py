@@ -225,3 +225,24 @@ def test_run_without_held_out_split_says_why_in_held_out_json(tiny_model_path, t
     assert report["empty_completions"] == {"train": 0} and report["dropped_examples"] == {"train": 0}
     assert "No held-out evaluation" in capsys.readouterr().out
     assert trainer.state.global_step == 1
+
+
+def test_offline_hub_id_is_looked_up_at_its_revision_and_cache_dir(monkeypatch, tiny_model_path, tmp_path, capsys,
+                                                                    no_launch):
+    """Offline, a Hub id passes when the local cache holds it at the recipe's revision (no false refusal)."""
+    import huggingface_hub
+
+    asked = []
+
+    def cached(repo_id, filename, cache_dir=None, revision=None, **kwargs):
+        asked.append((repo_id, filename, cache_dir, revision))
+        return "/cache/config.json" if revision == "v1" else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
+    recipe = write_recipe(tmp_path, "org/model", model_revision="v1", output_dir=str(tmp_path / "o1"))
+    from asft_trl.train import check_run, parse
+
+    check_run(*parse(["--config", str(recipe)]))
+    assert asked == [("org/model", "config.json", None, "v1")]
+    recipe = write_recipe(tmp_path, "org/model", output_dir=str(tmp_path / "o2"))
+    assert "not in the local Hub cache" in train_error(capsys, "--config", recipe)
