@@ -2,9 +2,11 @@
 `asft-trl eval SUITE --model PATH [...]` (asft_trl/evaluation/cli.py), `asft-trl plot RUN_DIR ...` (training curves)
 and `asft-trl study` (the drift study) run in this process.
 
-Like `trl sft`: the recipe is parsed (and so validated) here first, then the training script is started through
-`accelerate launch`, with the recipe's or the command line's `accelerate_config` and any flags that are not recipe
-fields (e.g. `--num_processes 2`) passed on to accelerate.
+Like `trl sft`: the recipe is parsed and validated here first (every config field, an earlier run in `output_dir`, the
+dataset, the model and reference paths: `asft_trl.train.check_run`), so a bad recipe ends in seconds with one line and
+exit status 2; then the training script is started through `accelerate launch`, with the recipe's or the command
+line's `accelerate_config` and any flags that are not recipe fields (e.g. `--num_processes 2`) passed on to
+accelerate.
 """
 
 from __future__ import annotations
@@ -25,26 +27,62 @@ def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
     return rest
 
 
+TRAIN_USAGE = "usage: asft-trl train --config RECIPE.yaml [--field value ...] [accelerate launch flags]"
+
+
 def _train(argv: list[str]) -> int:
+    if not argv:
+        print(f"{TRAIN_USAGE}\nasft-trl train: error: no recipe given, e.g. `asft-trl train --config "
+              "recipes/quickstart.yaml`; `asft-trl train --help` lists every field.", file=sys.stderr)
+        return 2
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
 
     from . import train
 
     parser = train.make_parser(prog="asft-trl train")
-    script_args, *_, config_remaining, launch_args = parser.parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True
-    )
-    if config_remaining:
-        raise SystemExit(f"asft-trl train: unknown fields in the recipe: {config_remaining}. Remove or rename them.")
-    script_argv = _without_subsequence(argv, launch_args)
-    if script_args.accelerate_config:
-        launch_args = resolve_accelerate_config_argument(["--accelerate_config", script_args.accelerate_config]) + launch_args
+    # Everything a recipe can get wrong is checked here, before accelerate starts a process that would spend a
+    # minute loading before it fails: one line that says what to fix, no traceback
+    try:
+        *dataclasses_, config_remaining, launch_args = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+        if config_remaining:
+            raise ValueError(f"unknown fields in the recipe: {config_remaining}. Remove or rename them.")
+        train.check_run(*dataclasses_)
+        script_args = dataclasses_[0]
+        script_argv = _without_subsequence(argv, launch_args)
+        if script_args.accelerate_config:
+            launch_args = resolve_accelerate_config_argument(
+                ["--accelerate_config", script_args.accelerate_config]
+            ) + launch_args
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"asft-trl train: error: {error}", file=sys.stderr)
+        return 2
     accelerate_args = launch_command_parser().parse_args(
         launch_args + ["--module", "asft_trl.train"] + script_argv
     )
+    _fill_launch_defaults(accelerate_args)
     launch_command(accelerate_args)
     return 0
+
+
+def _fill_launch_defaults(accelerate_args) -> None:
+    """Without an accelerate config, pass on the values `accelerate launch` would pick, so that it does not warn
+    about each of them on every run; on a machine without an accelerator that is one process (accelerate picks 0)."""
+    import os
+
+    import torch
+    from accelerate.commands.config import default_config_file
+
+    if accelerate_args.config_file is not None or os.path.isfile(default_config_file):
+        return  # the config file sets them
+    accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    if accelerate_args.num_processes is None and not accelerator:
+        accelerate_args.num_processes = 1
+    for name, value in (("num_machines", 1), ("mixed_precision", "no"), ("dynamo_backend", "no")):
+        if getattr(accelerate_args, name) is None:
+            setattr(accelerate_args, name, value)  # accelerate's own defaults; bf16/fp16 come from the recipe
 
 
 # Commands that run in this process: name -> (help, module with `main(argv) -> int`)

@@ -18,6 +18,10 @@ from .losses import KL_DIRECTIONS, LOSS_TYPES
 from .reference import REF_MODEL_DTYPES, REF_MODEL_QUANTIZATIONS
 
 
+def _accelerator_available() -> bool:
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
 def _bf16_accelerator_available() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
@@ -38,7 +42,9 @@ class ASFTConfig(SFTConfig):
 
     ASFT = DFT's probability-weighted SFT loss + `kl_coef` x KL to the frozen starting model. The paper's four methods
     are two switches of this config: SFT (`loss_type="nll"`, `kl_coef=0`), DFT (`"dft"`, `0`), SFT+KL (`"nll"`, `>0`)
-    and ASFT (`"dft"`, `>0`, the default). Every field of [`~trl.SFTConfig`] applies unchanged.
+    and ASFT (`"dft"`, `>0`, the default). Every field of [`~trl.SFTConfig`] applies unchanged, except
+    `use_liger_kernel`, which is refused with the ASFT loss (Liger's loss is SFT's, and its kernels would reach the
+    policy but not the reference); three defaults differ, documented at the end.
 
     Parameters:
         > Parameters that control the ASFT objective
@@ -74,7 +80,7 @@ class ASFTConfig(SFTConfig):
             Horizon of the controller in optimizer steps: lambda <- lambda x (1 + clip(kl/kl_target - 1) / kl_horizon).
             A KL off target moves lambda by at most a factor exp(kl_error_clip) every `kl_horizon` steps: with the
             defaults about 1.2x per 10 steps, 7x per 100, so it matters in a run of tens of steps and settles within a
-            few hundred, while one noisy batch moves lambda by at most 2%.
+            few hundred, while one noisy batch moves lambda by a factor of at most 1.02.
         kl_error_clip (`float`, *optional*, defaults to `0.2`):
             Clip of the controller's proportional error kl/kl_target - 1 (0.2 as in Ziegler et al. and TRL's old
             controller), so that one outlying batch cannot move lambda far. In (0, 1).
@@ -126,12 +132,29 @@ class ASFTConfig(SFTConfig):
         bf16 (`bool`, *optional*):
             As in TRL (on by default), except that it defaults to `False` where no bf16-capable GPU is present, so a
             CPU-only run works without extra flags.
+        activation_checkpointing (`bool`, *optional*, defaults to `True`):
+            As in TRL (on by default). `gradient_checkpointing`, transformers' deprecated name for it, is unset by
+            default, so that a config which does not use the old name raises no deprecation warning; setting it still
+            works, with transformers' warning.
+        dataloader_pin_memory (`bool`, *optional*, defaults to `True`):
+            As in transformers, except that it is switched off where no accelerator is present: pinned memory then
+            serves nothing, and PyTorch warns about it on every run.
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Switch dropout off in the policy and the reference, so that the KL measures the change of the weights and
             not dropout noise (it is then exactly 0 before the first update).
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["ref_model_init_kwargs"]
+
+    # TRL sets the deprecated name to True, which makes transformers warn on every config; the new name carries the
+    # same default (resolved in `__post_init__`)
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of activation_checkpointing (transformers), unset by default. Use "
+            "activation_checkpointing, which is on by default as in TRL."
+        },
+    )
 
     kl_coef: float = field(
         default=0.05,
@@ -192,7 +215,7 @@ class ASFTConfig(SFTConfig):
             "help": "Horizon of the controller in optimizer steps: lambda <- lambda x (1 + clip(kl/kl_target - 1) / "
             "kl_horizon). A KL off target moves lambda by at most a factor exp(kl_error_clip) every kl_horizon steps: "
             "with the defaults about 1.2x per 10 steps, 7x per 100, so it matters in a run of tens of steps and "
-            "settles within a few hundred, while one noisy batch moves lambda by at most 2%."
+            "settles within a few hundred, while one noisy batch moves lambda by a factor of at most 1.02."
         },
     )
     kl_error_clip: float = field(
@@ -495,9 +518,33 @@ class ASFTConfig(SFTConfig):
                         f"{name}={getattr(self, name)!r} does not go with precompute_ref_log_probs=True: no reference "
                         "model is kept during training (to sync, cast or quantise). Unset one of the two."
                     )
+        if self.use_liger_kernel and (self.kl_coef > 0 or self.dft_weight_floor > 0):
+            raise ValueError(
+                "use_liger_kernel=True does not go with the ASFT loss (kl_coef > 0 or a dft_weight_floor): Liger's "
+                "fused linear cross-entropy, the part that saves memory, computes SFT's loss, not this one (TRL "
+                "switches it off anyway), and its layer kernels are applied to the policy only when training starts, "
+                "after the reference was copied, so the anchor would run other kernels than the policy and the KL "
+                "would not start at 0. The ASFT loss is already chunked (use_fused_loss: no [tokens x vocabulary] "
+                "logits). Fix: unset use_liger_kernel (TRL deprecates it for Hub kernels, "
+                "model_init_kwargs={'use_kernels': True}), or kl_coef=0 for TRL's own SFT/DFT loss with Liger."
+            )
         if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
             # TRL turns bf16 on by default, which stops a CPU-only run before it starts; keep it on where it works
             self.bf16 = False
+        if None not in (self.activation_checkpointing, self.gradient_checkpointing) and (
+            bool(self.activation_checkpointing) != bool(self.gradient_checkpointing)
+        ):
+            # transformers would silently ignore the old name: `--gradient_checkpointing false` over a recipe's
+            # `activation_checkpointing: true` would change nothing
+            raise ValueError(
+                f"gradient_checkpointing={self.gradient_checkpointing} and activation_checkpointing="
+                f"{self.activation_checkpointing} disagree; gradient_checkpointing is transformers' deprecated name "
+                "for activation_checkpointing. Fix: set activation_checkpointing only."
+            )
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, under the name transformers keeps
+        if self.dataloader_pin_memory and not _accelerator_available():
+            self.dataloader_pin_memory = False  # nothing to pin for; PyTorch would warn on every run
         super().__post_init__()
         if self.ref_model_init_kwargs is not None and not isinstance(self.ref_model_init_kwargs, dict):
             raise ValueError(

@@ -6,6 +6,8 @@ wrappers expect:
 - `asft_hidden_states=True`: run the backbone only and return its output (the reference's hidden states);
 - `asft_loss_fn=f`: run the backbone and return `f(model, backbone_output)` (the policy's fused loss).
 Without either, the forward is the previous one, so generation and TRL's fused head are unchanged.
+A model object is patched once, however many trainers are built on it (a notebook cell run again), and the patch closes
+over the model alone: it holds no trainer, so nothing a trainer built outlives it.
 
 `head_parameters` and `head_transform` read the head's weight, bias and logit transform from a model; a head the
 fused loss can't express is reported by `fused_head_problem`. Nothing here computes a loss.
@@ -14,6 +16,7 @@ fused loss can't express is reported by `fused_head_problem`. Nothing here compu
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -25,20 +28,26 @@ from .losses import HeadTransform
 _HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head", "logits_to_keep")
 
 
-def patch_forward(causal_lm: torch.nn.Module, on_default_call: Callable | None = None) -> None:
-    """Give `causal_lm.forward` the `asft_hidden_states` / `asft_loss_fn` modes (see the module docstring).
+# The models whose forward is patched: a later trainer on the same model object (below TRL's own fused head, which each
+# SFTTrainer adds on top) finds the patch in place and adds none. Weak, so a model is never kept alive by this set.
+_PATCHED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
-    `on_default_call(kwargs, outputs)`, when given, sees every call that goes to the previous forward.
+
+def patch_forward(causal_lm: torch.nn.Module) -> None:
+    """Give `causal_lm.forward` the `asft_hidden_states` / `asft_loss_fn` modes (see the module docstring), once.
+
+    The keyword arguments pass through any forward patched on top later (TRL's fused head passes `**kwargs` on), so
+    the patch may sit anywhere in the chain. A copy made with `reference.frozen_copy` is a new object and is patched
+    on its own.
     """
+    if causal_lm in _PATCHED:
+        return
     previous = causal_lm.forward
 
     @functools.wraps(previous)
     def forward(*args, asft_hidden_states: bool = False, asft_loss_fn: Callable | None = None, **kwargs):
         if not asft_hidden_states and asft_loss_fn is None:
-            outputs = previous(*args, **kwargs)
-            if on_default_call is not None:
-                on_default_call(kwargs, outputs)
-            return outputs
+            return previous(*args, **kwargs)
         for name in _HEAD_ONLY_KWARGS:
             kwargs.pop(name, None)
         kwargs["use_cache"] = False
@@ -46,6 +55,7 @@ def patch_forward(causal_lm: torch.nn.Module, on_default_call: Callable | None =
         return backbone_outputs if asft_loss_fn is None else asft_loss_fn(causal_lm, backbone_outputs)
 
     causal_lm.forward = forward
+    _PATCHED.add(causal_lm)
 
 
 def head_transform(config) -> HeadTransform:

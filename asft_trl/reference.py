@@ -205,3 +205,90 @@ def refuse_options_without_separate_reference(dtype: str | None, quantization: s
             "policy's parameters, adapters included, with a named reference's, which don't match. Fix: full "
             "fine-tuning (no peft_config / use_peft: false), or sync_ref_model=False."
         )
+
+
+# ------------------------------------------------------------------ a PeftModel that starts with a trained adapter
+
+# The frozen copy of a given PeftModel's adapter (TRL's DPO names its copy "ref"; here the frozen model is "reference")
+REFERENCE_ADAPTER = "reference"
+
+
+def add_reference_adapter(peft_model) -> str:
+    """Anchor a `PeftModel` passed in with its adapter to the model as it was given: its active adapter is copied into
+    a second, frozen adapter named `reference`, as TRL's DPO does (`ref`). Returns the name of the adapter trained.
+
+    A PeftModel given to the trainer may carry a trained adapter (or one whose initialisation changes the model), so
+    switching its adapters off would anchor to another model than the one training starts from. The copy costs one
+    adapter's memory, no second model. A `reference` adapter left on the model by an earlier trainer is replaced, so
+    the anchor is always the model as this trainer received it. Each copied tensor keeps its source's dtype and
+    device (QLoRA keeps adapters in bfloat16), and the copy's dropout is off.
+    """
+    if len(peft_model.active_adapters) != 1:
+        raise ValueError(
+            f"The PeftModel passed as `model` has {len(peft_model.active_adapters)} active adapters "
+            f"({peft_model.active_adapters}); the anchor is the model as given, with its one trained adapter. Fix: "
+            "activate one adapter (`model.set_adapter(name)`), or merge them into the base model first."
+        )
+    active = peft_model.active_adapter
+    config = peft_model.peft_config[active]
+    if config.is_prompt_learning:
+        raise ValueError(
+            f"The PeftModel passed as `model` carries a {config.peft_type} adapter (prompt learning), which can't be "
+            "copied into a frozen reference adapter. Fix: name the reference (`ref_model_name_or_path`, e.g. the "
+            "model with this adapter merged and saved), or train a new adapter from the base model (`peft_config`)."
+        )
+    if any(hasattr(p, "ds_id") for p in peft_model.parameters()):
+        # Loaded under ZeRO-3's zero.Init: each process holds a shard, and a copy of `.data` would copy no weights
+        raise ValueError(
+            "The PeftModel passed as `model` is already partitioned by DeepSpeed ZeRO-3, so its adapter can't be "
+            "copied into the frozen reference adapter that anchors it. Fix: build the PeftModel before the ZeRO-3 "
+            "TrainingArguments/ASFTConfig (so it is partitioned when training starts), use ZeRO-2 or FSDP2, or name "
+            "the reference (`ref_model_name_or_path`, e.g. the model with this adapter merged and saved)."
+        )
+    if REFERENCE_ADAPTER in peft_model.peft_config:
+        peft_model.delete_adapter(REFERENCE_ADAPTER)
+    peft_model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(config))
+
+    params = dict(peft_model.named_parameters())
+    copied = set()
+    with torch.no_grad():
+        for name, param in params.items():
+            parts = name.split(".")
+            if active not in parts:
+                continue
+            target = ".".join(REFERENCE_ADAPTER if part == active else part for part in parts)
+            params[target].data = param.detach().clone()
+            copied.add(target)
+    missing = [n for n in params if REFERENCE_ADAPTER in n.split(".") and n not in copied]
+    if missing:
+        raise RuntimeError(
+            f"The reference adapter has parameters with no counterpart in adapter {active!r}: {missing[:3]}"
+        )
+    for name, param in params.items():
+        if REFERENCE_ADAPTER in name.split("."):
+            param.requires_grad_(False)
+    for name, module in peft_model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and name.split(".")[-1] == REFERENCE_ADAPTER:
+            module.p = 0.0
+    return active
+
+
+@contextlib.contextmanager
+def reference_adapter_active(peft_model, deterministic: bool):
+    """Run the PeftModel with its frozen `reference` adapter instead of the trained one (and, when asked, in evaluation
+    mode). PEFT's `set_adapter` sets the gradients of the adapters it switches; every flag is put back afterwards."""
+    previous = peft_model.active_adapter
+    flags = [(p, p.requires_grad) for n, p in peft_model.named_parameters()
+             if previous in n.split(".") or REFERENCE_ADAPTER in n.split(".")]
+    was_training = peft_model.training
+    if deterministic and was_training:
+        peft_model.eval()
+    peft_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        if deterministic and was_training:
+            peft_model.train()

@@ -148,7 +148,7 @@ def train_one(spec: RunSpec, model_path: str, splits, ood, args, run_dir: Path) 
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         dataset_num_proc=None,
         seed=args.seed,
     )

@@ -22,6 +22,12 @@ def held_out_report(trainer, eval_dataset, script_args) -> dict:
     return report
 
 
+def held_out_missing_note(test_split: str, splits) -> str:
+    """Why a run has no held-out numbers before and after training: the split it names is not in the data."""
+    return (f"No held-out evaluation: the dataset has no {test_split!r} split (its splits: {sorted(splits)}), so "
+            "nothing was evaluated before and after training. Fix: set dataset_test_split to one of its splits.")
+
+
 def _last(history: list[dict], key: str):
     for entry in reversed(history):
         if key in entry:
@@ -29,7 +35,7 @@ def _last(history: list[dict], key: str):
     return None
 
 
-def print_summary(trainer, before: dict, after: dict) -> None:
+def print_summary(trainer, before: dict, after: dict, note: str | None = None) -> None:
     args = trainer.args
     history = trainer.state.log_history
     lines = [
@@ -43,6 +49,11 @@ def print_summary(trainer, before: dict, after: dict) -> None:
     dropped = {k: v for k, v in getattr(trainer, "dropped_examples", {}).items() if v}
     if dropped:
         lines.append(f"  examples dropped (completion truncated to nothing): {dropped}")
+    empty = {k: v for k, v in getattr(trainer, "empty_completions", {}).items() if v}
+    if empty:
+        lines.append(f"  examples with an empty completion (trained to stop after the prompt): {empty}")
+    if note:
+        lines.append(f"  {note}")
     if before or after:
         lines.append(f"  {'held-out':<28} {'before':>9}  {'after':>9}")
         for key in sorted(set(before) | set(after)):

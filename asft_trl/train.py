@@ -104,7 +104,14 @@ class ASFTScriptArguments(ScriptArguments):
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    return TrlParser((ASFTScriptArguments, ASFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    parser = TrlParser((ASFTScriptArguments, ASFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+
+    def error(message: str):
+        # One line, not argparse's usage of every field of every config first
+        parser.exit(2, f"{parser.prog}: error: {message}. `{parser.prog} --help` lists every field.\n")
+
+    parser.error = error
+    return parser
 
 
 def check_output_dir(output_dir: str, resume_from_checkpoint, overwrite: bool) -> None:
@@ -151,6 +158,32 @@ def prepare_training_data(splits, script_args: ASFTScriptArguments, training_arg
     return splits
 
 
+def check_run(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig,
+              dataset_args=None) -> None:
+    """What can be checked about a run without loading anything: an earlier run in `output_dir`, a dataset named and
+    where it comes from, the model's and the reference's paths. The config fields themselves were checked when they
+    were parsed. `asft-trl train` calls this before it launches anything, so a bad recipe fails in seconds."""
+    from .data.loading import check_dataset_given
+    from .paths import check_dataset_source, check_model_source
+    from .quickstart.model import HUB_ID
+
+    check_output_dir(training_args.output_dir, _resume_value(training_args.resume_from_checkpoint),
+                     script_args.overwrite_output_dir)
+    check_dataset_given(script_args, dataset_args)
+    if not (dataset_args is not None and getattr(dataset_args, "datasets", None)):
+        check_dataset_source(script_args.dataset_name, "dataset_name")
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is not set. Fix: name the model to fine-tune in the recipe "
+                         "(`model_name_or_path: Qwen/Qwen2.5-0.5B`, or a local folder) or with --model_name_or_path.")
+    if model_args.model_name_or_path != HUB_ID:  # the quickstart model falls back to its offline copy
+        check_model_source(model_args.model_name_or_path, "model_name_or_path",
+                           cache_dir=(training_args.model_init_kwargs or {}).get("cache_dir"),
+                           revision=model_args.model_revision)
+    ref_kwargs = training_args.ref_model_init_kwargs or training_args.model_init_kwargs or {}
+    check_model_source(training_args.ref_model_name_or_path, "ref_model_name_or_path",
+                       cache_dir=ref_kwargs.get("cache_dir"), revision=ref_kwargs.get("revision"))
+
+
 def check_launch(training_args: ASFTConfig) -> None:
     """Refuse a launch that would not run as the distributed run it was asked to be.
 
@@ -190,7 +223,7 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
 
     from .data import load_training_data
     from .quickstart.model import HUB_ID, resolve_quickstart_model
-    from .summary import held_out_report, print_summary
+    from .summary import held_out_missing_note, held_out_report, print_summary
     from .trainer import ASFTTrainer
 
     logger = get_logger(__name__)
@@ -239,10 +272,12 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=script_args.dataset_name)
     if trainer.accelerator.is_main_process:
         report = {"method": training_args.method_name, "before": before, "after": after,
-                  "dropped_examples": trainer.dropped_examples}
+                  "dropped_examples": trainer.dropped_examples, "empty_completions": trainer.empty_completions}
+        if eval_split is None:
+            report["note"] = held_out_missing_note(script_args.dataset_test_split, splits)
         with open(os.path.join(training_args.output_dir, "held_out.json"), "w") as f:
             json.dump(report, f, indent=2)
-        print_summary(trainer, before, after)
+        print_summary(trainer, before, after, note=report.get("note"))
     from .diagnostics.plot import write_run_curves
 
     write_run_curves(trainer)  # trainer_state.json, asft_run.json and curves.png in the output dir (main process)

@@ -1,20 +1,26 @@
 """`ASFTTrainer`: TRL's `SFTTrainer` with the ASFT loss and a frozen reference model, in the manner of TRL's DPO.
 
 What this module adds to SFTTrainer, and nothing else:
-- the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT;
-  or, with `precompute_ref_log_probs`, one pass of it before training whose top-k log-probs ride in the batches);
+- the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT, or
+  a frozen copy of the adapter a given `PeftModel` carries; or, with `precompute_ref_log_probs`, one pass of it before
+  training whose top-k log-probs ride in the batches);
 - `compute_loss` for `kl_coef > 0` (or a DFT weight floor): by default the chunked, fused loss from both models'
   hidden states (`asft_trl.losses.fused`, reached through `asft_trl.lm_head`), else the plain one from full logits;
   with `kl_coef == 0` (and no floor) the loss is TRL's own, untouched;
 - the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
 - lambda by step: a schedule, or the adaptive controller (`asft_trl.kl_control`) held by `AdaptiveKLCallback`,
   which updates it once per optimizer step and saves it with every checkpoint;
-- early, explanatory errors for data TRL would fail on later (see `asft_trl.data.checks`).
+- early, explanatory errors for paths and data TRL would fail on later (`asft_trl.paths`, `asft_trl.data.checks`);
+- a model card that links to the Hub only what is there.
+Nothing it attaches to the model holds the trainer, so a trainer is freed with its last reference (a notebook cell
+run again), however many are built on one model object.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import textwrap
 from typing import Any
 
@@ -34,9 +40,10 @@ from . import lm_head
 from . import reference as ref_utils
 from . import reference_cache
 from .config import ASFTConfig
-from .data.checks import check_dataset_format, report_dropped
+from .data.checks import check_dataset_format, report_dropped, report_empty_completions
 from .kl_control import AdaptiveKLController, KLCoefSchedule
 from .losses import asft_loss, chunked_asft_loss, weight_stats
+from .paths import check_model_source, is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +90,7 @@ class ASFTTrainer(SFTTrainer):
             name = model if isinstance(model, str) else ref_utils.get_config_model_id(model.config)
             args = ASFTConfig(f"{(name or 'model').split('/')[-1]}-ASFT")
         elif not isinstance(args, ASFTConfig):
-            dict_args = args.to_dict()
-            dict_args["hub_token"] = args.hub_token  # to_dict hides the hub_token
-            args = ASFTConfig(**{k: v for k, v in dict_args.items() if k in ASFTConfig.__dataclass_fields__})
+            args = _as_asft_config(args)
         if ref_model is not None and not isinstance(ref_model, str) and ref_model is model:
             raise ValueError(
                 "`model` and `ref_model` are the same object, so the anchor would move with the policy. Omit "
@@ -93,8 +98,22 @@ class ASFTTrainer(SFTTrainer):
             )
         if ref_model is None and args.ref_model_name_or_path is not None:
             ref_model = args.ref_model_name_or_path
+        # A path that is neither a folder nor a Hub id fails here, by name, not inside a loader half a minute later
+        if isinstance(model, str):
+            init_kwargs = args.model_init_kwargs or {}
+            check_model_source(model, "model", cache_dir=init_kwargs.get("cache_dir"),
+                               revision=init_kwargs.get("revision"))
+        if isinstance(ref_model, str):
+            field = "ref_model_name_or_path" if ref_model == args.ref_model_name_or_path else "ref_model"
+            ref_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs or {}
+            check_model_source(ref_model, field, cache_dir=ref_kwargs.get("cache_dir"),
+                               revision=ref_kwargs.get("revision"))
         # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
         self.dropped_examples: dict[str, int] = {}
+        self.empty_completions: dict[str, int] = {}
+        # A PeftModel given as is may carry a trained adapter: its anchor is then a frozen copy of that adapter
+        self._given_peft_model = not isinstance(model, str) and is_peft_model(model)
+        self._reference_adapter: str | None = None
         self._early_reference_check(model, ref_model, args)
 
         super().__init__(model, args, *pos_args, **kwargs)
@@ -103,8 +122,8 @@ class ASFTTrainer(SFTTrainer):
         # for models whose forward takes **kwargs) and must not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
         self._policy_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        self._fused_capture = None
-        lm_head.patch_forward(self._policy_lm, on_default_call=self._capture_fused_outputs)
+        # Patched once per model object, holding no trainer: a notebook cell run again frees the previous trainer
+        lm_head.patch_forward(self._policy_lm)
         self._ref_lm = None  # the reference's own causal LM, when it is a separate model
         if args.disable_dropout:
             disable_dropout_in_model(self.accelerator.unwrap_model(self.model))
@@ -167,7 +186,11 @@ class ASFTTrainer(SFTTrainer):
                 args.sync_ref_model,
             )
         if ref_model is None and is_peft_model(policy):
-            return None  # same network, adapters switched off in `_run_reference`
+            if self._given_peft_model:
+                # The model as given, adapter included: a frozen copy of its adapter runs as the anchor
+                ref_utils.add_reference_adapter(policy)
+                self._reference_adapter = ref_utils.REFERENCE_ADAPTER
+            return None  # same network: adapters switched off (or the reference adapter on) in `_run_reference`
 
         ref_model, name = self._separate_reference(ref_model, args, policy)
         if args.sync_ref_model:
@@ -222,7 +245,8 @@ class ASFTTrainer(SFTTrainer):
         """One pass of the anchor over the datasets (`asft_trl.reference_cache`); afterwards no reference is kept.
 
         The default anchor is the starting model, which is the policy itself before its first update (adapters off
-        under PEFT), so no second model is loaded at all; a named reference is loaded for the pass and freed.
+        under PEFT, or, for a PeftModel given with its adapter, the policy as given), so no second model is loaded at
+        all; a named reference is loaded for the pass and freed.
         """
         if is_deepspeed_zero3_enabled():
             raise ValueError(
@@ -238,12 +262,14 @@ class ASFTTrainer(SFTTrainer):
             anchor_lm = runner = ref_model.to(self.args.device)
         weight, bias = lm_head.head_parameters(anchor_lm)
         head = (weight, bias, lm_head.head_transform(anchor_lm.config))
-        adapters = tuple(policy.peft_config) if runner is policy and is_peft_model(policy) else ()
+        # Adapters switched off for the pass are left out of the fingerprint; a given PeftModel runs as is, adapter on
+        adapters_off = runner is policy and is_peft_model(policy) and not self._given_peft_model
+        adapters = tuple(policy.peft_config) if adapters_off else ()
         reference_id = f"{name}:{reference_cache.weights_fingerprint(anchor_lm, skip_adapters=adapters)}"
 
         def run_backbone(inputs):
             with self.accelerator.autocast():
-                if runner is policy and is_peft_model(policy):
+                if adapters_off:
                     with ref_utils.adapters_disabled(policy, deterministic=True):
                         return policy(**inputs, asft_hidden_states=True).last_hidden_state
                 return runner(**inputs, asft_hidden_states=True).last_hidden_state
@@ -340,13 +366,58 @@ class ASFTTrainer(SFTTrainer):
             if self.ref_model is not None:
                 return self.ref_model(**model_inputs, **kwargs)
             peft_model = self.accelerator.unwrap_model(model)
-            with ref_utils.adapters_disabled(peft_model, deterministic=not self.args.disable_dropout):
+            deterministic = not self.args.disable_dropout
+            if self._reference_adapter is not None:
+                with ref_utils.reference_adapter_active(peft_model, deterministic=deterministic):
+                    return model(**model_inputs, **kwargs)
+            with ref_utils.adapters_disabled(peft_model, deterministic=deterministic):
                 return model(**model_inputs, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save as SFTTrainer does, leaving out the frozen reference adapter: the output holds the trained adapter
+        alone, as it would without the anchor."""
+        if self._reference_adapter is None or not is_peft_model(self.model):
+            return super()._save(output_dir, state_dict)
+        trained = [name for name in self.model.peft_config if name != self._reference_adapter]
+        self.model.save_pretrained = functools.partial(type(self.model).save_pretrained, self.model,
+                                                       selected_adapters=trained)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del self.model.save_pretrained
+
+    # ------------------------------------------------------------------ model card
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+        """TRL's model card, which links the base model and the dataset on the Hub; one that is not there (a local
+        folder or file, a model built in memory) is named instead of linked to `huggingface.co/None` or to
+        `huggingface.co/datasets/<local path>`."""
+        local_data = dataset_name is not None and (os.path.exists(dataset_name) or not is_hub_id(dataset_name))
+        super().create_model_card(model_name=model_name, dataset_name=None if local_data else dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        card_path = os.path.join(self.args.output_dir, "README.md")
+        with open(card_path) as f:
+            lines = f.read().split("\n")
+        base = ref_utils.get_config_model_id(self.model.config)
+        hub_base = bool(base) and not os.path.isdir(base)
+        base_text = f"[{base}](https://huggingface.co/{base})" if hub_base else (
+            f"the local model `{base}`" if base else "a model built in memory")
+        data_text = f" on the local data `{dataset_name}`" if local_data else (
+            f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset" if dataset_name else "")
+        for i, line in enumerate(lines):
+            if line.startswith("This model is a fine-tuned version of "):
+                lines[i] = f"This model is a fine-tuned version of {base_text}{data_text}."
+            elif self.hub_model_id is None and 'model="None"' in line:  # not pushed: load it from where it was saved
+                lines[i] = line.replace('model="None"', f'model="{self.args.output_dir}"')
+        with open(card_path, "w") as f:
+            f.write("\n".join(lines))
 
     # ------------------------------------------------------------------ data
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         check_dataset_format(dataset, args.dataset_text_field, formatting_func is not None, dataset_name)
+        self.empty_completions[dataset_name] = report_empty_completions(dataset, dataset_name)
         n_before = len(dataset) if isinstance(dataset, Dataset) and not packing else None
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         self.dropped_examples[dataset_name] = report_dropped(n_before, prepared, dataset_name, args.max_length)
@@ -354,21 +425,16 @@ class ASFTTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ loss
 
-    def _capture_fused_outputs(self, kwargs: dict, outputs) -> None:
-        """Keep the per-token log-probabilities of TRL's fused LM head, so that the `kl_coef == 0` path (TRL's own
-        loss, untouched) still logs the DFT weight statistics without any extra computation."""
-        if kwargs.get("fused_lm_head") and getattr(outputs, "log_probs", None) is not None:
-            self._fused_capture = (outputs.log_probs.detach(), outputs.label_mask)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ref_topk = reference_cache.pop_reference(inputs)
         if not self._uses_own_loss(self.args):
-            self._fused_capture = None
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if self._fused_capture is not None:
-                log_probs, mask = self._fused_capture
+            # TRL's own loss, untouched; its fused head's per-token log-probabilities also give the DFT weight
+            # statistics, read from the call it makes anyway
+            recording = _FusedOutputsRecorder(model)
+            result = super().compute_loss(recording, inputs, return_outputs, num_items_in_batch)
+            if recording.outputs is not None:
+                log_probs, mask = recording.outputs.log_probs.detach(), recording.outputs.label_mask
                 self._log_completion_metrics("train" if self.model.training else "eval", -log_probs[mask])
-                self._fused_capture = None
             return result
         return self._compute_anchored_loss(model, inputs, return_outputs, num_items_in_batch, ref_topk)
 
@@ -520,6 +586,49 @@ class ASFTTrainer(SFTTrainer):
         callback = self._kl_controller_callback()
         if callback is not None:
             callback.add_kl(kl_sum, count)
+
+
+def _as_asft_config(args) -> ASFTConfig:
+    """An `ASFTConfig` from another `TrainingArguments` (an `SFTConfig`, say): every field they share keeps its value,
+    and the ASFT fields get their defaults, which a warning names (an SFTConfig's `loss_type="nll"` with the default
+    `kl_coef` trains SFT+KL, not ASFT)."""
+    values = args.to_dict()
+    for name in values:
+        if name.endswith("_token"):  # `to_dict` replaces every `*_token` field (hub_token, eos_token, ...) by a mask
+            values[name] = getattr(args, name)
+    shared = {k: v for k, v in values.items() if k in ASFTConfig.__dataclass_fields__}
+    converted = ASFTConfig(**shared)
+    settings = ", ".join(
+        f"{name}={getattr(converted, name)!r} ({'kept' if name in shared else 'default'})"
+        for name in ("loss_type", "kl_coef", "kl_direction", "disable_dropout")
+    )
+    logger.warning(
+        f"`args` is a {type(args).__name__}, converted to an ASFTConfig that trains {converted.method_name}: "
+        f"{settings}; 'kept' comes from the {type(args).__name__}, 'default' is ASFTConfig's. The paper's ASFT is "
+        "loss_type='dft' with kl_coef > 0 (SFTConfig's own default loss_type is 'nll'): pass an ASFTConfig to choose "
+        "them."
+    )
+    return converted
+
+
+class _FusedOutputsRecorder:
+    """The model as `SFTTrainer.compute_loss` sees it, keeping the outputs of its fused-head call (fused_lm_head=True).
+
+    Lives for one `compute_loss` call, so it holds the model and those outputs no longer than that.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.outputs = None
+
+    def __call__(self, *args, **kwargs):
+        outputs = self.model(*args, **kwargs)
+        if kwargs.get("fused_lm_head") and getattr(outputs, "log_probs", None) is not None:
+            self.outputs = outputs
+        return outputs
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
 
 
 class AdaptiveKLCallback(TrainerCallback, ExportableState):

@@ -128,7 +128,7 @@ def _worker(cfg) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         bf16=cfg["dtype"] == "bfloat16",
         use_cpu=not cuda,
         disable_tqdm=True,

@@ -41,7 +41,7 @@ def _trained_policy(args):
     config = ASFTConfig(
         output_dir=args.scratch, kl_coef=args.kl_coef, loss_type="dft", max_steps=args.steps, per_device_train_batch_size=8,
         learning_rate=2e-3, lr_scheduler_type="constant", max_length=64, logging_steps=max(1, args.steps // 4),
-        save_strategy="no", report_to="none", gradient_checkpointing=False, seed=0, dataset_num_proc=None,
+        save_strategy="no", report_to="none", activation_checkpointing=False, seed=0, dataset_num_proc=None,
         model_init_kwargs={"dtype": "float32"},
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,

@@ -100,10 +100,27 @@ def test_bad_input_fails_before_a_model_is_loaded(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
     with pytest.raises(SystemExit, match=r"\['answer', 'final_answer', 'gold'\]"):
-        eval_cli("math", "--model", tmp_path / "no-such-model", "--data_files", f"x={bad}", "--output_dir", tmp_path / "o")
+        # a folder that holds no model: loading it would fail, so the data error proves nothing was loaded
+        eval_cli("math", "--model", tmp_path, "--data_files", f"x={bad}", "--output_dir", tmp_path / "o")
     with pytest.raises(SystemExit, match="--model"):
         eval_cli("math", "--output_dir", tmp_path / "o")
     with pytest.raises(SystemExit, match="template"):
         eval_cli("medical", "--model", "m", "--template", "chat")
     with pytest.raises(SystemExit, match="not a suite"):
         eval_cli("poetry", "--model", "m")
+
+
+def test_bad_model_path_is_named_before_any_benchmark_is_fetched(tmp_path, monkeypatch):
+    """Offline, `--model /nonexistent` used to report the unreachable benchmark; the path is checked first."""
+    from asft_trl.evaluation import cli as eval_cli_module
+
+    def no_benchmarks(*args, **kwargs):
+        raise AssertionError("a benchmark was loaded before the model path was checked")
+
+    monkeypatch.setattr(eval_cli_module, "load_benchmark", no_benchmarks)
+    with pytest.raises(SystemExit, match=r"model='/nonexistent' is neither a local folder .* nor a Hub id"):
+        eval_cli("math", "--model", "/nonexistent", "--output_dir", tmp_path / "o")
+    with pytest.raises(SystemExit, match="not in the local Hub cache while the Hub is offline"):
+        eval_cli("math", "--model", "no-such-org/no-such-model", "--output_dir", tmp_path / "o")
+    with pytest.raises(SystemExit, match=r"adapter='.*missing-adapter' is neither a local folder"):
+        eval_cli("math", "--model", tmp_path, "--adapter", "./missing-adapter", "--output_dir", tmp_path / "o")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
-from asft_trl.evaluation.prompts import code_prompt, math_prompt, medical_prompt
+from asft_trl.data.formatting import to_prompt_completion
+from asft_trl.evaluation.prompts import MATH_INSTRUCTION, code_prompt, math_prompt, medical_prompt, quickstart_prompt
 from asft_trl.evaluation.report import build_results, compare_table, markdown_table
 
 
 def test_prompt_templates():
     alpaca = math_prompt("1+1?", "alpaca")
-    assert alpaca.startswith("Below is an instruction") and alpaca.endswith("### Response:\n")
+    assert alpaca.startswith("Below is an instruction") and alpaca.endswith("### Response:")
     assert "1+1?\nPlease reason step by step" in alpaca and "\\boxed{}" in alpaca
     assert math_prompt("1+1?", "chat") == [{"role": "user", "content": "1+1?\nPlease reason step by step, and put "
                                             "your final answer within \\boxed{}."}]
@@ -18,6 +19,16 @@ def test_prompt_templates():
     item = {"prompt": "def f():\n", "mode": "complete"}
     assert code_prompt(item, "raw") == "def f():\n" and "```python\ndef f():\n```" in code_prompt(item, "chat")[0]["content"]
     assert medical_prompt("Q?", ["x", "y"]) == "Question: Q?\n\nOptions:\nA. x\nB. y\n\nAnswer:"
+
+
+def test_alpaca_prompt_is_the_one_the_recipes_train_on():
+    """A model trained on the recipes' Alpaca prompts is scored on exactly that prompt (nothing added after it)."""
+    trained = to_prompt_completion(f"1+1?\n{MATH_INSTRUCTION}", "2", "alpaca")["prompt"]
+    assert math_prompt("1+1?", "alpaca") == trained
+    trained = to_prompt_completion("Reverse: a b", "b a", "alpaca")["prompt"]
+    assert quickstart_prompt("Reverse: a b", "alpaca") == trained
+    item = {"prompt": "Write f.", "mode": "write"}
+    assert code_prompt(item, "alpaca").endswith("### Response:")
 
 
 def test_tables_and_compare(tmp_path):

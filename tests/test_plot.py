@@ -61,6 +61,18 @@ def test_missing_metrics_are_reported_not_fatal(two_runs, tmp_path, caplog):
     assert "not_a_metric" in caplog.text
 
 
+def test_default_metrics_warn_about_nothing_a_run_never_asked_for(tmp_path, capsys, caplog):
+    """`drift_kl` needs `log_drift`, `kl` a KL term: with the default metrics each run draws what it logged, and
+    nothing is said about the rest."""
+    asft = write_run(tmp_path / "asft", "ASFT", "dft", 0.05, ["loss", "nll", "kl", "dft_weight_ess"])
+    sft = write_run(tmp_path / "sft", "SFT", "nll", 0.0, ["loss", "nll", "dft_weight_ess"])
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["plot", str(asft), str(sft), "--out", str(tmp_path / "c.png")]) == 0
+    assert "was not logged" not in caplog.text and "not logged" not in capsys.readouterr().out
+    _, fig, _ = plot_run_dirs([asft, sft], None, tmp_path / "d.png")
+    assert list(lines_by_panel(fig)) == ["loss", "nll", "kl", "dft_weight_ess"]
+
+
 def test_no_requested_metric_anywhere_is_a_clear_error(two_runs, tmp_path):
     with pytest.raises(ValueError, match="Metrics they logged: .*'drift_kl'"):
         plot_run_dirs(two_runs, ["nope"], tmp_path / "c.png")

@@ -229,3 +229,93 @@ def test_padding_free_batches_give_the_reference_the_same_positions(tiny_model_p
     trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items(batch))
     mode = "train" if trainer.model.training else "eval"
     assert trainer._metrics[mode]["kl"][-1] == 0.0
+
+
+def test_sft_config_as_args_is_converted_and_says_what_it_trains(tiny_model_path, pc_dataset, tmp_path, caplog):
+    """`to_dict` masks every `*_token` field ('<EOS_TOKEN>'), so the conversion must read them from the config."""
+    import logging
+
+    sft_args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                         bf16=False, hub_token="secret", eos_token="<|im_end|>", pad_token="<pad>")
+    with caplog.at_level(logging.WARNING):
+        trainer = ASFTTrainer(tiny_model_path, args=sft_args, train_dataset=pc_dataset)
+    args = trainer.args
+    assert (args.eos_token, args.pad_token, args.hub_token) == ("<|im_end|>", "<pad>", "secret")
+    assert (args.loss_type, args.kl_coef, args.method_name) == ("nll", 0.05, "SFT+KL")
+    assert "converted to an ASFTConfig that trains SFT+KL" in caplog.text
+    assert "loss_type='nll' (kept)" in caplog.text and "kl_coef=0.05 (default)" in caplog.text
+    trainer.train()
+    assert [h["kl"] for h in trainer.state.log_history if "kl" in h] == [0.0]
+    # an SFTConfig left at its defaults (eos_token=None) converts too
+    assert ASFTTrainer(tiny_model_path, args=SFTConfig(output_dir=str(tmp_path), bf16=False, report_to="none"),
+                       train_dataset=pc_dataset).args.eos_token is None
+
+
+@pytest.mark.parametrize("where", ["ref_model", "ref_model_name_or_path", "model"])
+def test_path_that_is_neither_folder_nor_hub_id_is_named_before_loading(where, tiny_model_path, pc_dataset, tmp_path,
+                                                                         monkeypatch):
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("the dataset was prepared before the path was checked")
+
+    monkeypatch.setattr(ASFTTrainer, "_prepare_dataset", no_tokenising)
+    missing = str(tmp_path / "no" / "such-model")
+    kwargs = {"ref_model": missing} if where == "ref_model" else {}
+    args = make_args(tmp_path, ref_model_name_or_path=missing if where == "ref_model_name_or_path" else None)
+    with pytest.raises(ValueError, match=f"^{where}='{missing}' is neither a local folder .* nor a Hub id"):
+        ASFTTrainer(missing if where == "model" else tiny_model_path, args=args, train_dataset=pc_dataset, **kwargs)
+
+
+def test_empty_completions_are_counted_and_reported(tiny_model_path, tmp_path, caplog):
+    import logging
+
+    rows = prompt_completion_rows(8)
+    rows[2]["completion"] = [{"role": "assistant", "content": ""}]
+    rows[5]["completion"] = [{"role": "assistant", "content": "   "}]
+    plain = [{"prompt": "q", "completion": ""}, {"prompt": "q", "completion": "a"}]
+    with caplog.at_level(logging.WARNING):
+        trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path), train_dataset=Dataset.from_list(rows),
+                              eval_dataset=Dataset.from_list(plain))
+    assert trainer.empty_completions == {"train": 2, "eval": 1}
+    assert "2 of 8 train examples have an empty completion (rows 2, 5)" in caplog.text
+    assert "1 of 2 eval examples have an empty completion (rows 0)" in caplog.text
+
+
+def test_model_card_links_only_what_is_on_the_hub(tiny_model_path, pc_dataset, tmp_path):
+    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path), train_dataset=pc_dataset)
+    local_data = tmp_path / "train.jsonl"
+    local_data.write_text("{}")
+    trainer.create_model_card(model_name="tiny-asft", dataset_name=str(local_data))
+    card = (tmp_path / "README.md").read_text()
+    assert "huggingface.co/None" not in card and "huggingface.co/datasets/" not in card and 'model="None"' not in card
+    assert f"fine-tuned version of the local model `{tiny_model_path}` on the local data `{local_data}`." in card
+    assert f'model="{tmp_path}"' in card and "2509.23753" in card
+    # Hub ids are still linked
+    trainer.model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    trainer.create_model_card(model_name="tiny-asft", dataset_name="trl-lib/Capybara")
+    card = (tmp_path / "README.md").read_text()
+    assert ("[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) on the "
+            "[trl-lib/Capybara](https://huggingface.co/datasets/trl-lib/Capybara) dataset.") in card
+
+
+def test_a_plain_cpu_config_raises_no_deprecation_or_pin_memory_warning(tiny_model_path, pc_dataset, tmp_path):
+    """TRL's config sets transformers' deprecated `gradient_checkpointing`, and pinned memory warns without an
+    accelerator: a first run should print neither."""
+    import warnings
+
+    from asft_trl import ASFTConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = ASFTConfig(output_dir=str(tmp_path), report_to="none", max_steps=1, per_device_train_batch_size=4,
+                          dataset_num_proc=None)
+        assert args.activation_checkpointing is True and args.gradient_checkpointing is True  # TRL's default
+        trainer = ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset)
+        next(iter(trainer.get_train_dataloader()))
+    messages = [str(w.message) for w in caught]
+    assert not any("gradient_checkpointing" in m for m in messages), messages
+    if not torch.cuda.is_available():
+        assert args.dataloader_pin_memory is False
+        assert not any("pin_memory" in m for m in messages), messages
+    # the old name still works, with transformers' warning
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):
+        assert ASFTConfig(output_dir=str(tmp_path), gradient_checkpointing=False).activation_checkpointing is False

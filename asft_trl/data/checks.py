@@ -3,6 +3,8 @@
 - `check_dataset_format`: the dataset is in one of the formats TRL's SFTTrainer accepts.
 - `report_dropped`: examples TRL dropped because truncation left them no completion token are counted and reported,
   and a dataset left empty is refused.
+- `report_empty_completions`: prompt/completion rows whose completion is empty (they would teach "end the answer right
+  after the prompt", the EOS token being all that is scored) are counted and reported.
 This module never changes data; it only looks at column names and row counts.
 """
 
@@ -69,3 +71,34 @@ def report_dropped(n_before: int | None, dataset, dataset_name: str, max_length:
             "prompts, or check that the 'completion' column is not empty."
         )
     return dropped
+
+
+def _is_empty_completion(completion) -> bool:
+    if completion is None:
+        return True
+    if isinstance(completion, str):
+        return not completion.strip()
+    if isinstance(completion, list):  # conversational: the assistant messages
+        return all(not str(message.get("content") or "").strip() for message in completion if isinstance(message, dict))
+    return False
+
+
+def report_empty_completions(dataset, dataset_name: str) -> int:
+    """Count the prompt/completion rows whose completion is empty or blank, and warn with a few row numbers.
+
+    Such a row still trains (TRL appends EOS, or the chat template closes the turn, and that is what is scored), so it
+    teaches the model to stop right after the prompt; usually it is a data bug. Returns the count (0 when the dataset
+    has no 'completion' column or its rows can't be read up front, e.g. an IterableDataset).
+    """
+    if not isinstance(dataset, Dataset) or "completion" not in (dataset.column_names or []):
+        return 0
+    empty = [i for i, completion in enumerate(dataset["completion"]) if _is_empty_completion(completion)]
+    if empty:
+        shown = ", ".join(str(i) for i in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        logger.warning(
+            "%d of %d %s examples have an empty completion (rows %s): they still train, teaching the model to end its "
+            "answer right after the prompt (only the end-of-turn token is scored). If that is not meant, remove them, "
+            "e.g. `dataset.filter(lambda row: row['completion'])`.",
+            len(empty), len(dataset), dataset_name, shown,
+        )
+    return len(empty)

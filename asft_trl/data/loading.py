@@ -22,6 +22,17 @@ GENERATED_DATASETS = {
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
+def check_dataset_given(script_args, dataset_args=None) -> None:
+    """Refuse a recipe that names no dataset (neither `dataset_name` nor a `datasets:` mixture)."""
+    if dataset_args is not None and getattr(dataset_args, "datasets", None):
+        return
+    if not script_args.dataset_name:
+        raise ValueError(
+            "No dataset given. Set `dataset_name` in the recipe (a Hub id, a local .json/.jsonl/.parquet/.csv file, or "
+            f"one of the generated datasets {sorted(GENERATED_DATASETS)}), or a `datasets:` mixture."
+        )
+
+
 def load_training_data(script_args, dataset_args=None, seed: int = 42) -> DatasetDict:
     """Load the recipe's dataset.
 
@@ -33,12 +44,8 @@ def load_training_data(script_args, dataset_args=None, seed: int = 42) -> Datase
         from trl import get_dataset
 
         return get_dataset(dataset_args)
+    check_dataset_given(script_args)
     name = script_args.dataset_name
-    if not name:
-        raise ValueError(
-            "No dataset given. Set `dataset_name` in the recipe (a Hub id, a local .json/.jsonl/.parquet/.csv file, or "
-            f"one of the generated datasets {sorted(GENERATED_DATASETS)}), or a `datasets:` mixture."
-        )
     if name in GENERATED_DATASETS:
         return GENERATED_DATASETS[name](seed=seed)
     path = Path(name)

@@ -3,7 +3,8 @@
 Reads each run's `trainer_state.json` (its `log_history`: training metrics such as `loss`, `nll`, `kl`,
 `dft_weight_ess`, `drift_kl`, and eval metrics such as `eval_kl`) and draws one panel per metric, one line per run,
 labelled by method and lambda (from the run's `asft_run.json`, which `asft-trl train` and `asft-trl study` write).
-A metric a run did not log is reported and skipped for that run, never an error. Only reads runs; writes one PNG.
+A metric asked for with `--metrics` that a run did not log is reported and skipped for that run, never an error; of the
+default metrics, each run draws those it logged, without a word about the others. Only reads runs; writes one PNG.
 """
 
 from __future__ import annotations
@@ -112,13 +113,13 @@ def unique_labels(runs: list[Run]) -> None:
             run.label = f"{run.label} ({run.path.resolve().name})"
 
 
-def plot_runs(runs: list[Run], metrics: list[str], title: str | None = None):
+def plot_runs(runs: list[Run], metrics: list[str], title: str | None = None, warn_missing: bool = True):
     """One panel per metric that at least one run logged, one line per run. Returns (figure, missing), where
-    `missing` lists (metric, run label) pairs that were not logged (those are also logged as warnings)."""
+    `missing` lists (metric, run label) pairs that were not logged (also logged as warnings, with `warn_missing`)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed (Agg canvas)
 
     missing = [(m, r.label) for m in metrics for r in runs if not r.series(m)[0]]
-    for metric, label in missing:
+    for metric, label in missing if warn_missing else ():
         logger.warning("Metric %r was not logged by run %r: no line for it.", metric, label)
     drawn = [m for m in metrics if any(r.series(m)[0] for r in runs)]
     if not drawn:
@@ -176,7 +177,14 @@ def plot_run_dirs(run_dirs, metrics=None, out=None, title=None):
     """Load the runs, draw them and save the PNG. Returns (path written, figure, missing metric/run pairs)."""
     runs = [load_run(d) for d in run_dirs]
     unique_labels(runs)
-    fig, missing = plot_runs(runs, list(metrics) if metrics else with_varying_kl_coef(runs, DEFAULT_METRICS), title)
+    if metrics:
+        fig, missing = plot_runs(runs, list(metrics), title)
+    else:
+        # The defaults include what only some runs log (`drift_kl` needs log_drift, `kl` a KL term): a run that never
+        # asked for one is not warned about it, and a default no run logged gets no panel
+        defaults = [m for m in with_varying_kl_coef(runs, DEFAULT_METRICS) if any(run.series(m)[0] for run in runs)]
+        fig, missing = plot_runs(runs, defaults or list(DEFAULT_METRICS), title, warn_missing=False)
+        missing = []
     if out is None:
         out = Path(run_dirs[0]) / "curves.png" if len(run_dirs) == 1 else Path("curves.png")
     return save_figure(fig, out), fig, missing

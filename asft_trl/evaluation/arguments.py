@@ -118,6 +118,13 @@ class EvalArguments:
         for pair in self.data_files or []:
             if "=" not in pair:
                 raise ValueError(f"data_files entry {pair!r} must be name=path (e.g. math500=problems.jsonl).")
+        # A bad path is named before any benchmark is fetched or model loaded (the quickstart model resolves offline)
+        from ..paths import check_model_source
+        from ..quickstart.model import HUB_ID
+
+        if self.model != HUB_ID:
+            check_model_source(self.model, "model")
+        check_model_source(self.adapter, "adapter", config_file="adapter_config.json")
 
     def local_files(self) -> dict[str, str]:
         return dict(pair.split("=", 1) for pair in self.data_files or [])

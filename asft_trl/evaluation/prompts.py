@@ -2,7 +2,8 @@
 
 Templates:
 - `chat`: the model's own chat template (applied in generation.py) around a user turn with an instruction.
-- `alpaca`: the Alpaca "prompt_no_input" format the ASFT authors trained with (instruction, then "### Response:").
+- `alpaca`: the Alpaca "prompt_no_input" format the ASFT authors trained with (instruction, then "### Response:"),
+  the very template the recipes train on (`asft_trl.data.formatting`), so a model is scored on the prompt it learned.
 - `raw`: the text as is (base models; HumanEval-style code completion; the medical suite's zero-shot prompt).
 """
 
@@ -10,10 +11,8 @@ from __future__ import annotations
 
 import string
 
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
+from ..data.formatting import ALPACA_PROMPT_NO_INPUT
+
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CODE_COMPLETE_INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function in a ```python code block.\n\n"
