@@ -216,7 +216,11 @@ def save_run_info(trainer) -> None:
     trainer.save_state()
     info = {"method_name": getattr(args, "method_name", None), "loss_type": getattr(args, "loss_type", None),
             "kl_coef": getattr(args, "kl_coef", None), "kl_direction": getattr(args, "kl_direction", None),
-            "kl_coef_schedule": getattr(args, "kl_coef_schedule", None), "kl_target": getattr(args, "kl_target", None)}
+            "kl_coef_schedule": getattr(args, "kl_coef_schedule", None), "kl_target": getattr(args, "kl_target", None),
+            "kl_estimator": getattr(args, "kl_estimator", None),
+            "dft_normalization": getattr(args, "dft_normalization", None),
+            # The starting model's probability of the completions' special tokens (DFT runs; SpecialTokenCheck)
+            "special_tokens": getattr(trainer, "special_token_report", None)}
     with open(Path(args.output_dir) / RUN_INFO_FILE, "w") as f:
         json.dump(info, f, indent=2)
 
