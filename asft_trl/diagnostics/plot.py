@@ -25,7 +25,9 @@ DEFAULT_METRICS = ("loss", "nll", "kl", "dft_weight_ess", "drift_kl")
 DESCRIPTIONS = {
     "loss": "training loss (task term + kl_coef x KL)",
     "nll": "NLL per completion token (training batches)",
-    "kl": "KL(reference || policy) per token, training batches",
+    "kl": "KL(reference || policy) per token, training batches (a kl_estimator's estimate when set)",
+    "eval_kl": "KL term per token, held-out split",
+    "eval_kl_full": "exact KL to the reference per token, held-out split",
     "dft_weight_mean": "mean DFT weight p(y_t)",
     "dft_weight_ess": "ESS fraction of the DFT weights",
     "entropy": "policy entropy per token",
@@ -61,6 +63,10 @@ def run_label(info: dict) -> str:
         label += f" → KL {info['kl_target']:g}"
     elif kl_coef and info.get("kl_coef_schedule") not in (None, "constant"):
         label += f" {info['kl_coef_schedule']}"
+    if kl_coef and info.get("kl_estimator") not in (None, "full"):  # a per-token estimate, and which way
+        label += f" {info['kl_estimator']}" + (" reverse" if info.get("kl_direction") == "reverse" else "")
+    if info.get("dft_normalization") == "weights":
+        label += " /Σw"
     return label
 
 

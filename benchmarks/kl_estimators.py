@@ -1,0 +1,149 @@
+"""How the exact KL behaves when ASFT trains with a per-token KL estimator (`kl_estimator` k1 / k2 / k3) instead of
+the exact KL, on the quickstart (SmolLM2-135M-Instruct + LoRA, the generated word-order task).
+
+    python benchmarks/kl_estimators.py                  # the runs below, then table + JSON + PNG
+    python benchmarks/kl_estimators.py --steps 40 --runs full k3 k3_reverse
+
+Every run is the package's own command, `asft-trl train --config recipes/quickstart.yaml` with the overrides listed
+in RUNS (printed before each run) plus the same short-run overrides for all: `--max_steps`, evaluation on the 64
+held-out prompts every `--eval_steps` steps (`eval_kl_full`: the exact KL on the held-out completions beside the
+estimate the run trains with). Same data, steps, learning rate, seed and batch: matched cost per run (the estimators
+save only the reference head's softmax, a small share of a step here; the seconds per step are reported).
+
+The DFT baseline (no anchor) runs with kl_coef = 1e-6 so that the KL is still measured: an anchor 50,000 times weaker
+than the recipe's, which moves nothing.
+
+Writes `--out` (JSON of every run's curves and end figures) and a PNG next to it, and prints a markdown table. Runs whose
+output folder already holds a finished run with the same overrides are read back, not trained again. Nothing here is a
+test: the figures depend on the machine (time) and on the generated task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (overrides, what it is)
+RUNS = {
+    "dft": (["--kl_coef", "1e-6"], "DFT, no anchor (lambda 1e-6, so that the KL is measured)"),
+    "full": ([], "ASFT, exact forward KL (the default)"),
+    "k1": (["--kl_estimator", "k1"], "ASFT, k1 forward"),
+    "k2": (["--kl_estimator", "k2"], "ASFT, k2"),
+    "k3": (["--kl_estimator", "k3"], "ASFT, k3 forward"),
+    "k3_reverse": (["--kl_estimator", "k3", "--kl_direction", "reverse"], "ASFT, k3 reverse (NeMo-RL's)"),
+    "k3_x10": (["--kl_estimator", "k3", "--kl_coef", "0.5"], "ASFT, k3 forward, lambda 0.5"),
+    "k3_reverse_x10": (["--kl_estimator", "k3", "--kl_direction", "reverse", "--kl_coef", "0.5"],
+                       "ASFT, k3 reverse, lambda 0.5"),
+}
+DEFAULT_RUNS = ("dft", "full", "k1", "k2", "k3", "k3_reverse")
+
+
+def common_overrides(args) -> list[str]:
+    return ["--max_steps", str(args.steps), "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps),
+            "--logging_steps", str(args.eval_steps), "--per_device_eval_batch_size", "16"]
+
+
+def train(name: str, args) -> Path:
+    out = Path(args.output_dir) / name
+    overrides = RUNS[name][0] + common_overrides(args)
+    marker = out / "kl_estimators_overrides.json"
+    if (out / "held_out.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == overrides:
+        print(f"[{name}] reusing the finished run in {out}")
+        return out
+    cmd = [str(Path(sys.executable).with_name("asft-trl")), "train", "--config", "recipes/quickstart.yaml",
+           "--output_dir", str(out), "--overwrite_output_dir", "true", *overrides]
+    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    print(f"[{name}] {time.perf_counter() - start:.0f} s wall", flush=True)
+    marker.write_text(json.dumps(overrides))
+    return out
+
+
+def collect(name: str, out: Path) -> dict:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    held_out = json.loads((out / "held_out.json").read_text())
+
+    def series(key):
+        return [(e["step"], e[key]) for e in history if key in e]
+
+    exact = series("eval_kl_full") or series("eval_kl")  # the default's eval_kl is the exact KL
+    runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
+    steps = max(e["step"] for e in history)
+    return {
+        "name": name, "what": RUNS[name][1], "overrides": RUNS[name][0],
+        "exact_kl_eval": exact, "trained_kl": series("kl"), "eval_trained_kl": series("eval_kl"),
+        "drift_kl": series("drift_kl"), "eval_nll": series("eval_nll"),
+        "accuracy_before": held_out["before"].get("task_accuracy"),
+        "accuracy_after": held_out["after"].get("task_accuracy"),
+        "nll_after": held_out["after"].get("eval_nll"),
+        "seconds_per_step": runtime / steps,
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| run | exact KL, held-out (step 10 / 20 / ... / end) | trained `kl` at the end | drift KL end | "
+             "held-out NLL end | exact match end | s/step |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        exact = " / ".join(f"{v:.3f}" for _, v in r["exact_kl_eval"])
+        trained = r["trained_kl"][-1][1] if r["trained_kl"] else float("nan")
+        drift = r["drift_kl"][-1][1] if r["drift_kl"] else float("nan")
+        lines.append(f"| {r['what']} | {exact} | {trained:.3f} | {drift:.3f} | {r['nll_after']:.3f} | "
+                     f"{r['accuracy_after']:.2f} | {r['seconds_per_step']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from asft_trl.diagnostics.plot import save_figure
+
+    panels = [("exact_kl_eval", "exact KL(reference || policy) per token, held-out task prompts"),
+              ("trained_kl", "the KL term as trained (`kl`: estimate or exact), training batches"),
+              ("drift_kl", "drift: exact KL(base || policy), 16 general prompts"),
+              ("eval_nll", "NLL per completion token, held-out task prompts")]
+    fig = Figure(figsize=(13, 8.5), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (key, title) in zip(axes, panels):
+        for r in results:
+            points = r[key]
+            if points:
+                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", ms=3, label=r["what"])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("symlog", linthresh=0.1)
+    axes[1].set_yscale("symlog", linthresh=0.1)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("ASFT on the quickstart (SmolLM2-135M + LoRA): the exact KL under each kl_estimator", fontsize=11)
+    save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), choices=list(RUNS))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-steps", type=int, default=10)
+    parser.add_argument("--output-dir", default="outputs/kl_estimators")
+    parser.add_argument("--out", default="benchmarks/results/kl_estimators_cpu.json")
+    args = parser.parse_args(argv)
+    results = [collect(name, train(name, args)) for name in args.runs]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "steps": args.steps,
+                               "common_overrides": common_overrides(args), "runs": results}, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(table(results))
+    print(f"Wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
