@@ -301,8 +301,9 @@ class ASFTTrainer(SFTTrainer):
                 f"{type(dataset).__name__}): the stored reference is added to it as columns. Load the data without "
                 "streaming, or set precompute_ref_log_probs to False."
             )
+        what = "top-k log-probs" if options["store"] == "topk" else "log-probs of the targets"
         return reference_cache.add_reference_columns(
-            dataset, desc=f"Precomputing the reference's top-k log-probs ({split})", **options
+            dataset, desc=f"Precomputing the reference's {what} ({split})", **options
         )
 
     def _set_signature_columns_if_needed(self):

@@ -4,6 +4,7 @@ reference's one float per token against the live reference."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -288,3 +289,112 @@ def test_references_an_estimator_cannot_use_are_refused():
     with pytest.raises(ValueError, match="whole distribution"):
         chunked_asft_loss(hidden, weight, labels, ref_token_log_probs=token)
     assert not math.isnan(kl_estimate(torch.tensor([-1e4]), torch.tensor([0.0]), "k3").item())
+
+
+# ------------------------------------------------------------------------------------------------ in the trainer
+
+
+@pytest.mark.parametrize("estimator, direction", [("k3", "forward"), ("k1", "reverse"), ("k2", "forward")])
+def test_fused_and_plain_trainers_train_the_same(tiny_model_path, pc_dataset, tmp_path, estimator, direction):
+    from test_fused_trainer import _train
+
+    kwargs = dict(kl_estimator=estimator, kl_direction=direction)
+    plain, h_plain = _train(tiny_model_path, pc_dataset, tmp_path / "p", fused=False, **kwargs)
+    fused, h_fused = _train(tiny_model_path, pc_dataset, tmp_path / "f", fused=True, **kwargs)
+    assert max((fused[k] - plain[k]).abs().max().item() for k in plain) < 2e-5
+    assert abs(h_fused[-1]["kl"]) > 1e-4 and h_fused[-1]["kl"] == pytest.approx(h_plain[-1]["kl"], rel=1e-3)
+
+
+@pytest.mark.parametrize("case", ["full_fused", "full_plain", "lora_fused"])
+def test_one_stored_float_per_token_trains_like_the_live_reference(tiny_model_path, pc_dataset, tmp_path, case):
+    from asft_trl import reference_cache
+    from test_fused_trainer import _train
+
+    fused, peft = case.endswith("fused"), case.startswith("lora")
+    live, h_live = _train(tiny_model_path, pc_dataset, tmp_path / "live", fused=fused, peft=peft, kl_estimator="k3")
+    stored, h_stored = _train(tiny_model_path, pc_dataset, tmp_path / "stored", fused=fused, peft=peft,
+                              kl_estimator="k3", precompute_ref_log_probs=True)
+    assert max((stored[k] - live[k]).abs().max().item() for k in live) < 2e-5
+    assert h_stored[-1]["kl"] > 1e-4 and h_stored[-1]["kl"] == pytest.approx(h_live[-1]["kl"], rel=1e-3)
+    files = list((tmp_path / "stored" / "reference_cache").glob("*.arrow"))
+    assert [f.name.split("-")[0] for f in files] == ["reference_token"]
+    assert reference_cache.COLUMNS[0] not in pc_dataset.column_names
+
+
+def test_the_token_store_is_one_float_per_token_and_its_own_file(tiny_model_path, pc_dataset, tmp_path):
+    import os
+
+    from asft_trl import ASFTTrainer, reference_cache
+    from conftest import make_args
+
+    cache = tmp_path / "cache"
+    common = dict(precompute_ref_log_probs=True, precompute_ref_cache_dir=str(cache))
+    token = ASFTTrainer(tiny_model_path, args=make_args(tmp_path / "a", kl_estimator="k3", **common),
+                        train_dataset=pc_dataset)
+    features = token.train_dataset.features
+    assert reference_cache.TOKEN_COLUMN in features and reference_cache.COLUMNS[0] not in features
+    assert features[reference_cache.TOKEN_COLUMN].feature.dtype == "float32"
+    row = token.train_dataset[0]
+    assert len(row[reference_cache.TOKEN_COLUMN]) == reference_cache.scored_count(token.data_collator.collator, row)
+    first = {f: os.path.getmtime(cache / f) for f in os.listdir(cache)}
+    assert [f.split("-")[0] for f in first] == ["reference_token"]
+    # Another estimator stores the same numbers: the file is reused, not rewritten; the exact KL's top-k is another file
+    ASFTTrainer(tiny_model_path, args=make_args(tmp_path / "b", kl_estimator="k1", **common), train_dataset=pc_dataset)
+    assert {f: os.path.getmtime(cache / f) for f in first} == first
+    ASFTTrainer(tiny_model_path, args=make_args(tmp_path / "c", **common), train_dataset=pc_dataset)
+    assert sorted(f.split("-")[0] for f in os.listdir(cache)) == ["reference_token", "reference_top64"]
+
+
+def test_evaluation_logs_the_exact_kl_beside_the_estimate(tiny_model_path, pc_dataset, tmp_path):
+    from asft_trl import ASFTTrainer
+    from conftest import make_args
+
+    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, kl_estimator="k3", learning_rate=0.5),
+                          train_dataset=pc_dataset, eval_dataset=pc_dataset)
+    trainer.train()
+    assert not any("kl_full" in h for h in trainer.state.log_history if "loss" in h)  # training: the estimate only
+    estimated = trainer.evaluate()
+    trainer.args.kl_estimator = "full"  # the same weights, scored with the exact KL
+    exact = trainer.evaluate()
+    assert estimated["eval_kl_full"] > 1e-3
+    assert estimated["eval_kl_full"] == pytest.approx(exact["eval_kl"], rel=1e-4)
+    assert estimated["eval_kl"] != pytest.approx(exact["eval_kl"], rel=1e-2)  # the estimate is another number
+    assert "eval_kl_full" not in exact
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(kl_estimator="k4"), ["kl_estimator='k4'", "'full'", "'k3'"]),
+        (dict(kl_estimator="k3", kl_coef=0.0), ["kl_estimator='k3'", "kl_coef=0", "kl_coef > 0"]),
+        (dict(kl_estimator="k2", kl_direction="reverse"), ["kl_estimator='k2'", "kl_direction='reverse'",
+                                                            "'forward'"]),
+        (dict(kl_estimator="k3", precompute_ref_log_probs=True, precompute_ref_topk=16),
+         ["precompute_ref_topk=16", "kl_estimator='k3'", "Remove precompute_ref_topk"]),
+    ],
+)
+def test_bad_values_and_combinations_are_refused_with_the_fix(tmp_path, overrides, words):
+    from asft_trl import ASFTConfig
+
+    with pytest.raises(ValueError) as error:
+        ASFTConfig(output_dir=str(tmp_path), **overrides)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_options_come_from_a_recipe_and_the_command_line(tiny_model_path, tmp_path):
+    from test_cli import run_cli, write_recipe
+
+    recipe = write_recipe(tmp_path, tiny_model_path, kl_estimator="k3", dft_normalization="weights",
+                          precompute_ref_log_probs=True)
+    result = run_cli("train", "--config", str(recipe), "--kl_estimator", "k2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    info = json.loads((out / "asft_run.json").read_text())
+    assert (info["kl_estimator"], info["dft_normalization"]) == ("k2", "weights")
+    assert [f.name.split("-")[0] for f in (out / "reference_cache").glob("*.arrow")] == ["reference_token"]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses and losses[0] > 1.0  # divided by the weight sum: ~ the weighted-mean NLL, not DFT's ~0.02
+    bad = run_cli("train", "--config", str(recipe), "--kl_estimator", "k2", "--kl_direction", "reverse")
+    assert bad.returncode != 0 and "kl_estimator='k2' with kl_direction='reverse'" in bad.stderr
