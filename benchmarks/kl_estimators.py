@@ -16,6 +16,12 @@ than the recipe's, which moves nothing.
 Writes `--out` (JSON of every run's curves and end figures) and a PNG next to it, and prints a markdown table. Runs whose
 output folder already holds a finished run with the same overrides are read back, not trained again. Nothing here is a
 test: the figures depend on the machine (time) and on the generated task.
+
+    python benchmarks/kl_estimators.py --loss-cost-only   # the fused loss alone: exact KL vs k3 vs one stored float
+
+times the fused loss's forward + backward alone on SmolLM2-135M's head shape (576 x 49,152) for 512 completion tokens:
+the exact KL and k3 with a live reference (both project the reference head), k3 from one stored float per token, and
+DFT without reference, interleaved, the median of `--reps`.
 """
 
 from __future__ import annotations
@@ -126,6 +132,34 @@ def plot(results: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def loss_cost(reps: int, tokens: int = 512, hidden_size: int = 576, vocab: int = 49152) -> dict[str, float]:
+    import statistics
+
+    import torch
+
+    from asft_trl.losses import chunked_asft_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size)
+    weight = torch.randn(vocab, hidden_size) * 0.05
+    ref_hidden = hidden + 0.1 * torch.randn(tokens, hidden_size)
+    labels = torch.randint(0, vocab, (tokens,))
+    stored = torch.log_softmax(ref_hidden @ weight.t(), -1).gather(-1, labels[:, None]).squeeze(-1)
+    live = dict(ref_hidden=ref_hidden, ref_weight=weight)
+    cases = {"exact KL, live reference": dict(live, kl_coef=0.05),
+             "k3, live reference": dict(live, kl_coef=0.05, kl_estimator="k3"),
+             "k3, one stored float per token": dict(ref_token_log_probs=stored, kl_coef=0.05, kl_estimator="k3"),
+             "DFT alone (no reference)": dict(kl_coef=0.0)}
+    times = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, kwargs in cases.items():
+            h = hidden.clone().requires_grad_()
+            start = time.perf_counter()
+            chunked_asft_loss(h, weight, labels, **kwargs)[0].backward()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), choices=list(RUNS))
@@ -133,7 +167,17 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--output-dir", default="outputs/kl_estimators")
     parser.add_argument("--out", default="benchmarks/results/kl_estimators_cpu.json")
+    parser.add_argument("--loss-cost-only", action="store_true", help="only time the fused loss (no training runs)")
+    parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args(argv)
+    if args.loss_cost_only:
+        cost = loss_cost(args.reps)
+        base = cost["exact KL, live reference"]
+        for name, seconds in cost.items():
+            print(f"| {name} | {seconds:.2f} s | {seconds / base:.2f} |")
+        path = Path(args.out).with_name("kl_estimators_loss_cost_cpu.json")
+        path.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "seconds": cost}, indent=2))
+        return 0
     results = [collect(name, train(name, args)) for name in args.runs]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
