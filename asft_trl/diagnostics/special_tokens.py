@@ -15,6 +15,7 @@ random numbers (the first examples in dataset order, dropout off) and no network
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 
@@ -66,6 +67,23 @@ def warning_text(entry: dict, examples: int) -> str:
     )
 
 
+@contextlib.contextmanager
+def _evaluation_mode(model: torch.nn.Module):
+    """Every module in eval mode (no dropout, so no random numbers), except bitsandbytes' layers, kept in training
+    mode as for the training forward: in eval mode on a CPU its 4-bit layers repack their weights in place for
+    inference (and fail on small shapes); they have no dropout."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    for module in modes:
+        if type(module).__module__.split(".")[0] == "bitsandbytes":
+            module.training = True
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 class SpecialTokenCheck(TrainerCallback):
     """Measures, at the start of training, the starting model's probability of the special tokens in the completions
     (see the module docstring). Added by `ASFTTrainer` for `loss_type="dft"`."""
@@ -83,16 +101,12 @@ class SpecialTokenCheck(TrainerCallback):
             return
         examples = self._first_examples(trainer.train_dataset)
         log_probs, targets = [], []
-        was_training = model.training
-        model.eval()
-        try:
+        with _evaluation_mode(model):
             for start in range(0, len(examples), args.per_device_train_batch_size):
                 batch = trainer.data_collator(examples[start : start + args.per_device_train_batch_size])
                 lp, y = self._special_target_log_probs(model, trainer._prepare_inputs(batch), names)
                 log_probs.append(lp.cpu())
                 targets.append(y.cpu())
-        finally:
-            model.train(was_training)
         floor = args.dft_weight_floor
         report = summarise(torch.cat(log_probs), torch.cat(targets), names, floor) if targets else []
         trainer.special_token_report = report
