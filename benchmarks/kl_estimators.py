@@ -13,7 +13,7 @@ save only the reference head's softmax, a small share of a step here; the second
 The DFT baseline (no anchor) runs with kl_coef = 1e-6 so that the KL is still measured: an anchor 50,000 times weaker
 than the recipe's, which moves nothing.
 
-Writes `--out` (JSON of every run's curves and end figures) and a PNG next to it, and prints a markdown table. Runs whose
+Writes `--out` (JSON of every run's curves and end figures) and `--png` (the curves), and prints a markdown table. Runs whose
 output folder already holds a finished run with the same overrides are read back, not trained again. Nothing here is a
 test: the figures depend on the machine (time) and on the generated task.
 
@@ -167,6 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--output-dir", default="outputs/kl_estimators")
     parser.add_argument("--out", default="benchmarks/results/kl_estimators_cpu.json")
+    parser.add_argument("--png", default="docs/kl_estimators_quickstart.png")
     parser.add_argument("--loss-cost-only", action="store_true", help="only time the fused loss (no training runs)")
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args(argv)
@@ -183,9 +184,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "steps": args.steps,
                                "common_overrides": common_overrides(args), "runs": results}, indent=2))
-    plot(results, out.with_suffix(".png"))
+    plot(results, Path(args.png))
     print(table(results))
-    print(f"Wrote {out} and {out.with_suffix('.png')}")
+    print(f"Wrote {out} and {args.png}")
     return 0
 
 
