@@ -21,6 +21,11 @@ import logging
 
 import torch
 from transformers import TrainerCallback
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from ..lm_head import fused_head_problem, head_parameters, head_transform
+from ..losses import head_log_probs
+from ..reference_cache import pop_reference
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +115,8 @@ class SpecialTokenCheck(TrainerCallback):
         floor = args.dft_weight_floor
         report = summarise(torch.cat(log_probs), torch.cat(targets), names, floor) if targets else []
         trainer.special_token_report = report
+        if not state.is_world_process_zero:  # every process measured the same examples; one says so
+            return
         for entry in report:
             if entry["warned"]:
                 logger.warning(warning_text(entry, len(examples)))
@@ -127,11 +134,6 @@ class SpecialTokenCheck(TrainerCallback):
 
     def _special_target_log_probs(self, model, inputs: dict, names: dict[int, str]):
         """log p(y_t) of the starting model at the completion positions whose target is a special token."""
-        from ..lm_head import fused_head_problem, head_parameters, head_transform
-        from ..losses import head_log_probs
-        from ..reference_cache import pop_reference
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-
         pop_reference(inputs)  # a precomputed reference's columns are not model inputs
         shifted = "shift_labels" in inputs
         labels = inputs["shift_labels"] if shifted else inputs["labels"][:, 1:]
