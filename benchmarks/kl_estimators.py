@@ -43,9 +43,11 @@ RUNS = {
     "k2": (["--kl_estimator", "k2"], "ASFT, k2"),
     "k3": (["--kl_estimator", "k3"], "ASFT, k3 forward"),
     "k3_reverse": (["--kl_estimator", "k3", "--kl_direction", "reverse"], "ASFT, k3 reverse (NeMo-RL's)"),
-    "k3_x10": (["--kl_estimator", "k3", "--kl_coef", "0.5"], "ASFT, k3 forward, lambda 0.5"),
-    "k3_reverse_x10": (["--kl_estimator", "k3", "--kl_direction", "reverse", "--kl_coef", "0.5"],
-                       "ASFT, k3 reverse, lambda 0.5"),
+    # lambda does not carry over: the same estimators at a tenth of the recipe's lambda
+    "k2_lambda_0.005": (["--kl_estimator", "k2", "--kl_coef", "0.005"], "ASFT, k2, lambda 0.005"),
+    "k3_lambda_0.005": (["--kl_estimator", "k3", "--kl_coef", "0.005"], "ASFT, k3 forward, lambda 0.005"),
+    "k3_reverse_lambda_0.005": (["--kl_estimator", "k3", "--kl_direction", "reverse", "--kl_coef", "0.005"],
+                                "ASFT, k3 reverse, lambda 0.005"),
 }
 DEFAULT_RUNS = ("dft", "full", "k1", "k2", "k3", "k3_reverse")
 
