@@ -74,6 +74,44 @@ def train(name: str, args) -> Path:
     return out
 
 
+def final_kls(out: Path) -> dict:
+    """The trained adapter's exact forward KL(base || policy) and reverse KL(policy || base) per token, and its NLL, on
+    the 64 held-out completions (the same measure for every run, whatever direction it trained with). Cached in the
+    run folder."""
+    cached = out / "kl_estimators_final.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from asft_trl.diagnostics.drift import DriftProbe
+    from asft_trl.losses import kl_per_token
+    from asft_trl.quickstart.model import HUB_ID, resolve_quickstart_model
+    from asft_trl.quickstart.task import make_splits
+
+    test = make_splits(seed=0)["test"]  # the recipe's held-out split (dataset asft/quickstart, seed 0)
+    pairs = [(row["prompt"][0]["content"], row["completion"][0]["content"]) for row in test]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(resolve_quickstart_model(HUB_ID, "outputs/models"))
+    policy = PeftModel.from_pretrained(base, out).eval()
+    probe = DriftProbe(tokenizer, pairs, batch_size=16, name="task")
+    base_log_probs = probe.base_log_probs(policy)  # adapters off
+    sums = {"forward": 0.0, "reverse": 0.0, "nll": 0.0}
+    count = 0
+    with torch.no_grad():
+        for (inputs, targets), log_q in zip(probe._batches("cpu"), base_log_probs):
+            mask = targets != -100
+            log_p = torch.log_softmax(policy(**inputs).logits[:, :-1][mask].float(), -1)
+            sums["forward"] += kl_per_token(log_q, log_p).sum().item()
+            sums["reverse"] += kl_per_token(log_p, log_q).sum().item()
+            sums["nll"] += -log_p.gather(-1, targets[mask][:, None]).sum().item()
+            count += int(mask.sum())
+    result = {f"final_{key}": value / count for key, value in sums.items()}
+    cached.write_text(json.dumps(result))
+    return result
+
+
 def collect(name: str, out: Path) -> dict:
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     held_out = json.loads((out / "held_out.json").read_text())
@@ -92,19 +130,21 @@ def collect(name: str, out: Path) -> dict:
         "accuracy_after": held_out["after"].get("task_accuracy"),
         "nll_after": held_out["after"].get("eval_nll"),
         "seconds_per_step": runtime / steps,
+        "direction": "reverse" if "reverse" in RUNS[name][0] else "forward",
+        **final_kls(out),
     }
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| run | exact KL per token, held-out, steps 10 / 20 / 30 / 40 | trained `kl` at the end | drift KL end | "
-             "held-out NLL end | exact match end |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | exact KL in the run's direction, held-out, steps 10 / 20 / 30 / 40 | trained `kl` at the end | "
+             "exact forward / reverse KL at the end | drift KL at the end | held-out NLL | exact match |",
+             "|---|---|---:|---|---:|---:|---:|"]
     for r in results:
-        exact = " / ".join(f"{v:.3f}" for _, v in r["exact_kl_eval"])
+        exact = " / ".join(f"{v:.2f}" for _, v in r["exact_kl_eval"])
         trained = r["trained_kl"][-1][1] if r["trained_kl"] else float("nan")
         drift = r["drift_kl"][-1][1] if r["drift_kl"] else float("nan")
-        lines.append(f"| {r['what']} | {exact} | {trained:.3f} | {drift:.3f} | {r['nll_after']:.3f} | "
-                     f"{r['accuracy_after']:.2f} |")
+        lines.append(f"| {r['what']} | {exact} | {trained:.2f} | {r['final_forward']:.2f} / {r['final_reverse']:.2f} "
+                     f"| {drift:.2f} | {r['nll_after']:.3f} | {r['accuracy_after']:.2f} |")
     return "\n".join(lines)
 
 
@@ -113,23 +153,27 @@ def plot(results: list[dict], path: Path) -> None:
 
     from asft_trl.diagnostics.plot import save_figure
 
-    panels = [("exact_kl_eval", "exact KL(reference || policy) per token, held-out task prompts"),
+    panels = [("exact_kl_eval", "exact KL per token, held-out task prompts\n(solid: forward KL(ref || policy); dashed: "
+                                "the reverse runs' reverse KL, x: their forward KL at the end)"),
               ("trained_kl", "the KL term as trained (`kl`: estimate or exact), training batches"),
               ("drift_kl", "drift: exact KL(base || policy), 16 general prompts"),
               ("eval_nll", "NLL per completion token, held-out task prompts")]
-    fig = Figure(figsize=(13, 8.5), layout="constrained")
+    fig = Figure(figsize=(13, 10), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
     for ax, (key, title) in zip(axes, panels):
         for r in results:
             points = r[key]
             if points:
-                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", ms=3, label=r["what"])
+                reverse = key == "exact_kl_eval" and r["direction"] == "reverse"
+                line, = ax.plot([s for s, _ in points], [v for _, v in points], "--" if reverse else "-", marker="o",
+                                ms=3, label=r["what"] if key == "exact_kl_eval" else None)
+                if reverse:
+                    ax.plot([points[-1][0]], [r["final_forward"]], "x", ms=9, mew=2, color=line.get_color())
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("symlog", linthresh=0.1)
-    axes[1].set_yscale("symlog", linthresh=0.1)
-    axes[0].legend(fontsize=8)
+    axes[1].set_yscale("symlog", linthresh=1.0)  # k1's estimate is negative
+    fig.legend(loc="outside lower center", ncol=3, fontsize=9)
     fig.suptitle("ASFT on the quickstart (SmolLM2-135M + LoRA): the exact KL under each kl_estimator", fontsize=11)
     save_figure(fig, path)
 
