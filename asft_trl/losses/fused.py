@@ -12,8 +12,9 @@ gradient in the same pass (see docs/method.md):
 
 so the backward pass only rescales stored gradients. A per-token estimator needs no reference softmax: only the
 reference's log-probability of each target token, from a precomputed reference (no reference head at all) or from the
-reference head's log-softmax at the target (its matmul and one normalising pass, no exp or sums over the vocabulary). Peak extra memory is a few [chunk x vocab] float32 buffers plus
-the float32 gradients of the inputs, whatever the sequence length and batch size.
+reference head's log-softmax at the target (its matmul and one normalising pass, no exp or sums over the vocabulary).
+Peak extra memory is a few [chunk x vocab] float32 buffers plus the float32 gradients of the inputs, whatever the
+sequence length and batch size.
 
 `asft_trl.losses.plain` is the reference this module is tested against (loss and gradients). Like it, this module
 knows nothing of models, trainers or processes: the caller selects the scored positions and passes the heads.
