@@ -14,7 +14,7 @@ import torch
 from trl import SFTConfig
 
 from .kl_control import KL_COEF_SCHEDULES, parse_milestones
-from .losses import KL_DIRECTIONS, LOSS_TYPES
+from .losses import KL_DIRECTIONS, KL_ESTIMATORS, LOSS_TYPES
 from .reference import REF_MODEL_DTYPES, REF_MODEL_QUANTIZATIONS
 
 
@@ -26,6 +26,9 @@ def _bf16_accelerator_available() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+DFT_NORMALIZATIONS = ("tokens", "weights")
 
 
 def method_name(loss_type: str, kl_coef: float) -> str:
@@ -142,6 +145,25 @@ class ASFTConfig(SFTConfig):
         disable_dropout (`bool`, *optional*, defaults to `True`):
             Switch dropout off in the policy and the reference, so that the KL measures the change of the weights and
             not dropout noise (it is then exactly 0 before the first update).
+
+        > Parameters beyond the paper's loss (off by default: the exact KL, normalised by the token count)
+
+        kl_estimator (`str`, *optional*, defaults to `"full"`):
+            `"full"` is the exact KL over the vocabulary (the paper's). `"k1"`, `"k2"`, `"k3"` are Schulman's per-token
+            estimates from the target token alone (as NeMo-RL's ASFT; k3 there): with u = log p(y) - log p_ref(y) for
+            `kl_direction="forward"` (minus that for `"reverse"`), k1 = -u, k2 = u^2/2, k3 = e^u - 1 - u, u clamped to
+            +-20 and the estimate to +-10 nats. They need the reference's log-probability of the target only (no
+            reference softmax; with `precompute_ref_log_probs`, one float per token on disk), but on demonstration data
+            they estimate a different quantity than the KL and lambda does not carry over (docs/method.md). The logged
+            `kl` is the estimate; evaluation also logs the exact KL as `kl_full`. Needs `kl_coef > 0`; k2 is the same
+            in both directions, so it takes `kl_direction="forward"` only.
+        dft_normalization (`str`, *optional*, defaults to `"tokens"`):
+            What the loss of an optimizer step is divided by: `"tokens"`, the number of completion tokens of the whole
+            step (the paper's, and TRL's `num_items_in_batch`); `"weights"`, the sum of the DFT weights of the whole
+            step over all accumulation micro-batches and processes, which puts DFT's loss and gradient on
+            cross-entropy's scale (DFT's is 10-20x smaller). Both terms (task and KL) are divided by it, so the balance
+            that lambda sets is the default's; the step's gradients are rescaled once, before clipping. Only for
+            `loss_type="dft"`; not under DeepSpeed (which clips inside its own step).
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["ref_model_init_kwargs"]
@@ -346,6 +368,33 @@ class ASFTConfig(SFTConfig):
         },
     )
 
+    kl_estimator: str = field(
+        default="full",
+        metadata={
+            "help": "'full' is the exact KL over the vocabulary (the paper's). 'k1', 'k2', 'k3' are Schulman's "
+            "per-token estimates from the target token alone (as NeMo-RL's ASFT; k3 there): with u = log p(y) - log "
+            "p_ref(y) for kl_direction='forward' (minus that for 'reverse'), k1 = -u, k2 = u^2/2, k3 = e^u - 1 - u, u "
+            "clamped to +-20 and the estimate to +-10 nats. They need the reference's log-probability of the target "
+            "only (no reference softmax; with precompute_ref_log_probs, one float per token on disk), but on "
+            "demonstration data they estimate a different quantity than the KL and lambda does not carry over "
+            "(docs/method.md). The logged kl is the estimate; evaluation also logs the exact KL as kl_full. Needs "
+            "kl_coef > 0; k2 is the same in both directions, so it takes kl_direction='forward' only.",
+            "choices": list(KL_ESTIMATORS),
+        },
+    )
+    dft_normalization: str = field(
+        default="tokens",
+        metadata={
+            "help": "What the loss of an optimizer step is divided by: 'tokens', the number of completion tokens of the "
+            "whole step (the paper's, and TRL's num_items_in_batch); 'weights', the sum of the DFT weights of the "
+            "whole step over all accumulation micro-batches and processes, which puts DFT's loss and gradient on "
+            "cross-entropy's scale (DFT's is 10-20x smaller). Both terms (task and KL) are divided by it, so the "
+            "balance that lambda sets is the default's; the step's gradients are rescaled once, before clipping. Only "
+            "for loss_type='dft'; not under DeepSpeed (which clips inside its own step).",
+            "choices": list(DFT_NORMALIZATIONS),
+        },
+    )
+
     def __post_init__(self):
         # Checked before SFTConfig's own post-init so that a bad ASFT field fails before anything else is set up
         if isinstance(self.kl_coef, str):
@@ -528,6 +577,7 @@ class ASFTConfig(SFTConfig):
                 "logits). Fix: unset use_liger_kernel (TRL deprecates it for Hub kernels, "
                 "model_init_kwargs={'use_kernels': True}), or kl_coef=0 for TRL's own SFT/DFT loss with Liger."
             )
+        self._check_estimator_and_normalization()
         if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
             # TRL turns bf16 on by default, which stops a CPU-only run before it starts; keep it on where it works
             self.bf16 = False
@@ -550,6 +600,50 @@ class ASFTConfig(SFTConfig):
             raise ValueError(
                 f"ref_model_init_kwargs={self.ref_model_init_kwargs!r} must be a dict (or a JSON object string)."
             )
+
+    def _check_estimator_and_normalization(self) -> None:
+        """`kl_estimator` and `dft_normalization`: known values, and only in combinations that mean something."""
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(
+                f"kl_estimator={self.kl_estimator!r} is not supported. Use 'full' (the exact KL, the default) or a "
+                "per-token estimator 'k1', 'k2' or 'k3'."
+            )
+        if self.kl_estimator != "full":
+            if self.kl_coef == 0:
+                raise ValueError(
+                    f"kl_estimator={self.kl_estimator!r} estimates the KL anchor, but kl_coef=0 has none. Set kl_coef > "
+                    "0 (lambda does not carry over from the exact KL: docs/method.md), or leave kl_estimator at 'full'."
+                )
+            if self.kl_estimator == "k2" and self.kl_direction != "forward":
+                raise ValueError(
+                    f"kl_estimator='k2' with kl_direction={self.kl_direction!r}: k2 = (log p(y) - log p_ref(y))^2 / 2 "
+                    "is the same for both directions, so the direction means nothing. Leave kl_direction at 'forward'."
+                )
+            default_topk = type(self).__dataclass_fields__["precompute_ref_topk"].default
+            if self.precompute_ref_log_probs and int(self.precompute_ref_topk) != default_topk:
+                raise ValueError(
+                    f"precompute_ref_topk={self.precompute_ref_topk} does not apply with kl_estimator="
+                    f"{self.kl_estimator!r}: the precomputed reference then stores one log-probability per token (the "
+                    "target's), not a top-k. Remove precompute_ref_topk, or set kl_estimator to 'full'."
+                )
+        if self.dft_normalization not in DFT_NORMALIZATIONS:
+            raise ValueError(
+                f"dft_normalization={self.dft_normalization!r} is not supported. Use 'tokens' (the default: divide by "
+                "the step's completion tokens) or 'weights' (by the step's sum of DFT weights)."
+            )
+        if self.dft_normalization == "weights":
+            if self.loss_type != "dft":
+                raise ValueError(
+                    f"dft_normalization='weights' divides by the sum of the DFT weights, but loss_type="
+                    f"{self.loss_type!r} weights every token by 1 (the sum is the token count). Set loss_type to 'dft', "
+                    "or dft_normalization to 'tokens'."
+                )
+            if self.deepspeed is not None:
+                raise ValueError(
+                    "dft_normalization='weights' rescales the optimizer step's gradients before clipping, and DeepSpeed "
+                    "clips and steps inside its own backward. Use DDP or FSDP2, or dft_normalization='tokens' (with "
+                    "Adam the scale of the loss barely matters; docs/method.md)."
+                )
 
     @property
     def method_name(self) -> str:

@@ -5,7 +5,9 @@ Only reads the trainer's state and runs evaluation; it never changes the model o
 
 from __future__ import annotations
 
-HELD_OUT_KEYS = ("eval_loss", "eval_nll", "eval_kl", "eval_mean_token_accuracy")
+# eval_kl is the KL term as trained (the exact KL, or a kl_estimator's estimate); eval_kl_full the exact KL beside an
+# estimate
+HELD_OUT_KEYS = ("eval_loss", "eval_nll", "eval_kl", "eval_kl_full", "eval_mean_token_accuracy")
 
 
 def held_out_report(trainer, eval_dataset, script_args) -> dict:
@@ -46,6 +48,10 @@ def print_summary(trainer, before: dict, after: dict, note: str | None = None) -
         f"  final train loss: {_fmt(_last(history, 'loss'))}   final KL to the reference: {_fmt(_last(history, 'kl'))}"
         f"   DFT weight ESS: {_fmt(_last(history, 'dft_weight_ess'))}",
     ]
+    unlearnable = [e for e in getattr(trainer, "special_token_report", None) or [] if e["warned"]]
+    if unlearnable:
+        lines.append("  special tokens DFT may not learn (starting model's mean probability): " + ", ".join(
+            f"{e['token']!r} {e['mean_probability']:.2g}" for e in unlearnable) + " -- see the warning at the start")
     dropped = {k: v for k, v in getattr(trainer, "dropped_examples", {}).items() if v}
     if dropped:
         lines.append(f"  examples dropped (completion truncated to nothing): {dropped}")

@@ -41,8 +41,9 @@ from . import reference as ref_utils
 from . import reference_cache
 from .config import ASFTConfig
 from .data.checks import check_dataset_format, report_dropped, report_empty_completions
+from .diagnostics.special_tokens import SpecialTokenCheck
 from .kl_control import AdaptiveKLController, KLCoefSchedule
-from .losses import asft_loss, chunked_asft_loss, weight_stats
+from .losses import asft_loss, asft_token_terms, chunked_asft_loss, weight_stats
 from .paths import check_model_source, is_hub_id
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class ASFTTrainer(SFTTrainer):
             )
         if args.kl_coef > 0 and args.kl_target is not None:
             self.add_callback(AdaptiveKLCallback(args.kl_coef, args.kl_target, args.kl_horizon, args.kl_error_clip))
+        self._set_up_dft_options(args)
 
     # ------------------------------------------------------------------ reference model
 
@@ -275,10 +277,12 @@ class ASFTTrainer(SFTTrainer):
                 return runner(**inputs, asft_hidden_states=True).last_hidden_state
 
         cache_dir = args.precompute_ref_cache_dir or f"{args.output_dir}/reference_cache"
+        # A per-token KL estimator needs only the anchor's log-probability of each target: one float per token
+        store = "topk" if args.kl_estimator == "full" else "token"
         options = dict(
             run_backbone=run_backbone, head=head, collator=self.data_collator, k=args.precompute_ref_topk,
             batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size, cache_dir=cache_dir,
-            reference_id=reference_id, device=self.args.device,
+            reference_id=reference_id, device=self.args.device, store=store,
         )
         was_training = runner.training
         runner.eval()
@@ -294,7 +298,11 @@ class ASFTTrainer(SFTTrainer):
                     self.eval_dataset = self._with_reference_columns(self.eval_dataset, "eval", options)
         finally:
             runner.train(was_training)
-        self.data_collator = reference_cache.ReferenceColumnsCollator(self.data_collator)
+        self.data_collator = reference_cache.ReferenceColumnsCollator(self.data_collator, store=store)
+        if store == "token":
+            logger.info(f"Precomputed the reference ({name}) into {cache_dir}: its log-probability of each completion "
+                        f"token, for kl_estimator={args.kl_estimator!r}.")
+            return
         self.precomputed_top_k_mass = reference_cache.mean_top_k_mass(self.train_dataset)
         message = (
             f"Precomputed the reference ({name}) into {cache_dir}: its top-{args.precompute_ref_topk} tokens hold "
@@ -319,19 +327,21 @@ class ASFTTrainer(SFTTrainer):
                 f"{type(dataset).__name__}): the stored reference is added to it as columns. Load the data without "
                 "streaming, or set precompute_ref_log_probs to False."
             )
+        what = "top-k log-probs" if options["store"] == "topk" else "log-probs of the targets"
         return reference_cache.add_reference_columns(
-            dataset, desc=f"Precomputing the reference's top-k log-probs ({split})", **options
+            dataset, desc=f"Precomputing the reference's {what} ({split})", **options
         )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self.args.precompute_ref_log_probs and reference_cache.COLUMNS[0] not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, *reference_cache.COLUMNS]
+            self._signature_columns = [*self._signature_columns, *reference_cache.COLUMNS, reference_cache.TOKEN_COLUMN]
 
     @staticmethod
     def _uses_own_loss(args: ASFTConfig) -> bool:
-        """Whether the loss is this package's rather than TRL's own SFT/DFT loss: with an anchor, or a weight floor."""
-        return args.kl_coef > 0 or args.dft_weight_floor > 0
+        """Whether the loss is this package's rather than TRL's own SFT/DFT loss: with an anchor, a weight floor, or
+        the DFT weight normalisation."""
+        return args.kl_coef > 0 or args.dft_weight_floor > 0 or args.dft_normalization == "weights"
 
     @property
     def current_kl_coef(self) -> float:
@@ -426,7 +436,7 @@ class ASFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ref_topk = reference_cache.pop_reference(inputs)
+        stored = reference_cache.pop_reference(inputs)
         if not self._uses_own_loss(self.args):
             # TRL's own loss, untouched; its fused head's per-token log-probabilities also give the DFT weight
             # statistics, read from the call it makes anyway
@@ -436,9 +446,9 @@ class ASFTTrainer(SFTTrainer):
                 log_probs, mask = recording.outputs.log_probs.detach(), recording.outputs.label_mask
                 self._log_completion_metrics("train" if self.model.training else "eval", -log_probs[mask])
             return result
-        return self._compute_anchored_loss(model, inputs, return_outputs, num_items_in_batch, ref_topk)
+        return self._compute_anchored_loss(model, inputs, return_outputs, num_items_in_batch, stored)
 
-    def _compute_anchored_loss(self, model, inputs, return_outputs, num_items_in_batch, ref_topk=None):
+    def _compute_anchored_loss(self, model, inputs, return_outputs, num_items_in_batch, stored=None):
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
@@ -455,17 +465,24 @@ class ASFTTrainer(SFTTrainer):
             kl_direction=self.args.kl_direction,
             num_items_in_batch=num_items_in_batch,
             dft_weight_floor=self.args.dft_weight_floor,
+            kl_estimator=self.args.kl_estimator,
         )
+        # The precomputed reference: top-k rows (the exact KL) or one log-probability per token (an estimator)
+        ref_topk = stored if isinstance(stored, reference_cache.TopKReference) else None
+        ref_token_log_probs = stored if torch.is_tensor(stored) else None
+        # The exact KL beside an estimate, in evaluation only (one more pass of both heads; none in training)
+        measure_full_kl = anchored and mode == "eval" and self.args.kl_estimator != "full" and stored is None
+        full_kl = None
 
-        if ref_topk is not None and len(ref_topk) != int(mask.sum()):
+        if stored is not None and len(stored) != int(mask.sum()):
             raise RuntimeError(
                 f"The batch scores {int(mask.sum())} completion tokens but carries the precomputed reference of "
-                f"{len(ref_topk)}: the stored reference does not match these examples."
+                f"{len(stored)}: the stored reference does not match these examples."
             )
 
         if self.use_fused_loss:
             ref_hidden = None
-            if anchored and ref_topk is None:
+            if anchored and stored is None:
                 ref_hidden = self._run_reference(model, model_inputs, asft_hidden_states=True).last_hidden_state
                 ref_hidden = ref_hidden if shifted else ref_hidden[:, :-1]
             result = {}
@@ -486,26 +503,33 @@ class ASFTTrainer(SFTTrainer):
                         else lm_head.head_parameters(self._ref_lm, dtype=weight.dtype)
                     )
                 heads = {id(t): t for t in (weight, bias, ref_weight, ref_bias) if t is not None}
+                fused_inputs = dict(
+                    hidden=hidden.to(weight.device)[on_head],
+                    weight=weight,
+                    labels=labels.to(weight.device)[on_head],
+                    ref_hidden=None if ref_hidden is None else ref_hidden.to(weight.device)[on_head],
+                    ref_weight=ref_weight,
+                    bias=bias,
+                    ref_bias=ref_bias,
+                    head=lm_head.head_transform(policy_lm.config),
+                    # None: the same head (and transform) as the policy's
+                    ref_head=None if self._ref_lm is None else lm_head.head_transform(self._ref_lm.config),
+                    chunk_size=self.args.loss_chunk_size,
+                )
                 with maybe_gather_lm_head_ctx(*heads.values()):
                     result["loss"], result["terms"] = chunked_asft_loss(
-                        hidden.to(weight.device)[on_head],
-                        weight,
-                        labels.to(weight.device)[on_head],
-                        None if ref_hidden is None else ref_hidden.to(weight.device)[on_head],
-                        ref_weight,
-                        bias=bias,
-                        ref_bias=ref_bias,
-                        head=lm_head.head_transform(policy_lm.config),
-                        # None: the same head (and transform) as the policy's
-                        ref_head=None if self._ref_lm is None else lm_head.head_transform(self._ref_lm.config),
-                        chunk_size=self.args.loss_chunk_size,
+                        **fused_inputs,
                         ref_topk=None if ref_topk is None else ref_topk.to(weight.device),
+                        ref_token_log_probs=None if ref_token_log_probs is None else ref_token_log_probs.to(weight.device),
                         **loss_kwargs,
                     )
+                    if measure_full_kl:
+                        result["full_kl"] = chunked_asft_loss(
+                            **fused_inputs, **{**loss_kwargs, "kl_estimator": "full", "kl_coef": 0.0})[1].kl
                 return CausalLMOutputWithPast(loss=result["loss"])
 
             outputs = model(**model_inputs, asft_loss_fn=fused_loss)
-            loss, terms = outputs.loss, result["terms"]
+            loss, terms, full_kl = outputs.loss, result["terms"], result.get("full_kl")
             if return_outputs:  # the logits were never built; only `compute_metrics` users ask for them
                 with torch.no_grad():
                     outputs = model(**model_inputs)
@@ -513,19 +537,95 @@ class ASFTTrainer(SFTTrainer):
             outputs = model(**model_inputs)
             policy_logits = outputs.logits if shifted else outputs.logits[:, :-1]
             ref_logits = None
-            if anchored and ref_topk is None:
+            if anchored and stored is None:
                 ref_logits = self._run_reference(model, model_inputs).logits
                 ref_logits = (ref_logits if shifted else ref_logits[:, :-1])[mask]
-            loss, terms = asft_loss(policy_logits[mask], labels[mask], ref_logits, ref_topk=ref_topk, **loss_kwargs)
+            loss, terms = asft_loss(policy_logits[mask], labels[mask], ref_logits, ref_topk=ref_topk,
+                                    ref_token_log_probs=ref_token_log_probs, **loss_kwargs)
+            if measure_full_kl:
+                with torch.no_grad():
+                    full_kl = asft_token_terms(policy_logits[mask], labels[mask], ref_logits,
+                                               kl_direction=self.args.kl_direction).kl
         # Like TRL: `num_items_in_batch` counts the tokens of every process, and DDP averages gradients across them
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         if self.aux_loss_enabled and getattr(outputs, "aux_loss", None) is not None:
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+        if self.args.dft_normalization == "weights":
+            loss = self._normalize_by_weights(mode, loss, terms, num_items_in_batch, int(mask.sum()))
 
-        self._log_token_metrics(mode, terms, inputs)
+        self._log_token_metrics(mode, terms, inputs, full_kl)
         return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ DFT: weight normalisation, special tokens
+
+    def _set_up_dft_options(self, args: ASFTConfig) -> None:
+        """Refuse what `dft_normalization="weights"` can't run under, and, for a DFT loss, check before training that
+        the starting model can learn the special tokens the completions hold (`SpecialTokenCheck`)."""
+        if args.dft_normalization == "weights":
+            if self.is_deepspeed_enabled:
+                raise ValueError(
+                    "dft_normalization='weights' rescales the optimizer step's gradients before clipping, and DeepSpeed "
+                    "clips and steps inside its own backward. Use DDP or FSDP2, or dft_normalization='tokens'."
+                )
+            if self.aux_loss_enabled:
+                raise ValueError(
+                    "dft_normalization='weights' rescales the step's whole gradient, the MoE router's auxiliary loss "
+                    "included. Set dft_normalization='tokens', or switch the auxiliary loss off (router_aux_loss_coef)."
+                )
+        self.special_token_report = None  # filled in by SpecialTokenCheck when training starts
+        if args.loss_type == "dft":
+            self.add_callback(SpecialTokenCheck(self))
+
+    def _normalize_by_weights(self, mode: str, loss: torch.Tensor, terms, num_items_in_batch, local_items: int):
+        """`dft_normalization="weights"`: the loss divided by the sum W of the DFT weights instead of the token count N.
+
+        Training: the loss stays divided by the step's N (`num_items_in_batch`), and this micro-batch's weight sum is
+        added to the step's; `training_step` multiplies the step's gradients by N / W once its last micro-batch is done
+        (the weights depend on the policy, so W is known only after every micro-batch's forward). Evaluation: a batch
+        is a step of its own and is rescaled here.
+        """
+        weight_sum = terms.weight.detach().float().sum()
+        if mode == "train":
+            if num_items_in_batch is None:
+                raise RuntimeError(
+                    "dft_normalization='weights' needs the Trainer's num_items_in_batch (the step's token count) to "
+                    "rescale the step; it was not given. Use dft_normalization='tokens'."
+                )
+            self._dft_step_weight_sum = weight_sum + getattr(self, "_dft_step_weight_sum", 0.0)
+            self._dft_step_items = num_items_in_batch
+            return loss
+        items = local_items if num_items_in_batch is None else num_items_in_batch
+        return loss * self._weights_scale(items, weight_sum, gathered=num_items_in_batch is not None)
+
+    def _weights_scale(self, items, weight_sum: torch.Tensor, gathered: bool) -> torch.Tensor:
+        """N / W, with W summed over the processes that N (`num_items_in_batch`) counts, as the Trainer counts N."""
+        if gathered and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # Tensor-parallel ranks hold the same tokens (the Trainer divides N by the same factor)
+            weight_sum = self.accelerator.gather(weight_sum.reshape(1)).sum() / self.get_tp_size()
+        items = torch.as_tensor(items, device=weight_sum.device, dtype=torch.float32)
+        # W is 0 only if every weight underflowed; the task gradient is then 0 too, so leave the step as it is
+        return torch.where(weight_sum > 0, items / weight_sum.clamp_min(1e-30), torch.ones_like(items))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.args.dft_normalization != "weights":
+            return loss
+        step_loss = loss + getattr(self, "_dft_step_loss", 0.0)  # what the step's micro-batches returned so far
+        # The Trainer sets `sync_gradients` for the step's last micro-batch, and clips and steps right after it
+        if not self.accelerator.sync_gradients:
+            self._dft_step_loss = step_loss
+            return loss
+        scale = self._weights_scale(self._dft_step_items, self._dft_step_weight_sum, gathered=True)
+        factor = float(scale)  # a Python number multiplies any gradient, sharded (DTensor) ones included
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(factor)
+        self._dft_step_loss = self._dft_step_weight_sum = 0.0
+        # The Trainer logs the sum of what this returns over the step: make that sum the weight-normalised loss
+        return loss + step_loss * (scale - 1)
 
     # ------------------------------------------------------------------ metrics
 
@@ -552,9 +652,11 @@ class ASFTTrainer(SFTTrainer):
             metrics[name].append(total / count if count else 0.0)
         return {"count": count, **dict(zip(per_token, sums))}
 
-    def _log_token_metrics(self, mode: str, terms, inputs) -> None:
+    def _log_token_metrics(self, mode: str, terms, inputs, full_kl: torch.Tensor | None = None) -> None:
+        # `kl` is what the loss uses (the exact KL, or the estimate); `kl_full` the exact KL beside an estimate
+        extra = {} if full_kl is None else {"kl_full": full_kl}
         sums = self._log_completion_metrics(
-            mode, terms.nll, kl=terms.kl, entropy=terms.entropy, mean_token_accuracy=terms.is_top1
+            mode, terms.nll, kl=terms.kl, entropy=terms.entropy, mean_token_accuracy=terms.is_top1, **extra
         )
         metrics = self._metrics[mode]
         if self.args.kl_coef > 0:

@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=3)
     parser.add_argument("--precompute-topk", type=int, default=0,
                         help="train against the precomputed top-k reference (0: the live reference model)")
+    parser.add_argument("--dft-normalization", default="tokens", help="ASFTConfig.dft_normalization")
     parser.add_argument("--no-average-tokens-across-devices", action="store_true",
                         help="normalise by each process's own token count (the control: must differ)")
     opts = parser.parse_args(argv)
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
         out / "trainer", batch_size=opts.batch_size, grad_accum=opts.grad_accum, learning_rate=opts.learning_rate,
         loss_type=opts.loss_type, kl_coef=opts.kl_coef, max_steps=opts.max_steps,
         average_tokens_across_devices=not opts.no_average_tokens_across_devices,
+        dft_normalization=opts.dft_normalization,
         **({"precompute_ref_log_probs": True, "precompute_ref_topk": opts.precompute_topk} if opts.precompute_topk else {}),
     )
     trainer = recording_trainer_class()(

@@ -33,6 +33,8 @@ STEPS = 3
 # Large enough SGD rates that the weights move by 0.3-2 in 3 steps at random init (where the DFT weight is ~1/V,
 # so DFT needs a far larger rate than NLL) and the KL to the reference is clearly > 0 at the last step.
 LEARNING_RATES = {"dft": 100.0, "nll": 0.5}
+# dft_normalization="weights" divides by the DFT weight sum (~N / V here) instead of N: a rate ~V times smaller
+WEIGHTS_LEARNING_RATE = 0.5
 KL_COEF = 0.1
 ATOL = 2e-5  # float32 noise of a different summation order is ~1e-6 here
 MIN_MOTION = 1000 * ATOL  # the weights must move by orders of magnitude more than the tolerance
@@ -85,11 +87,22 @@ def _local_items_per_step(batches: list[dict]) -> dict[int, list[int]]:
 
 
 def train_in_process(model_path: str, tmp_dir: Path, batch_size: int, grad_accum: int, loss_type: str,
-                     per_micro_batch_mean: bool = False) -> dict:
+                     per_micro_batch_mean: bool = False, dft_normalization: str = "tokens") -> dict:
     from transformers import AutoTokenizer
 
     base = dist_train.recording_trainer_class()
-    if per_micro_batch_mean:
+    if per_micro_batch_mean and dft_normalization == "weights":
+
+        class OneMicroBatchWeightSumTrainer(base):
+            """The control: the step divided by the DFT weight sum of its last micro-batch only (forgetting to add up
+            the step's micro-batches)."""
+
+            def _normalize_by_weights(self, mode, loss, terms, num_items_in_batch, local_items):
+                self._dft_step_weight_sum = 0.0
+                return super()._normalize_by_weights(mode, loss, terms, num_items_in_batch, local_items)
+
+        trainer_cls = OneMicroBatchWeightSumTrainer
+    elif per_micro_batch_mean:
 
         class PerMicroBatchMeanTrainer(base):
             """The control: each micro-batch normalised by its own token count, then divided by the accumulation
@@ -105,10 +118,12 @@ def train_in_process(model_path: str, tmp_dir: Path, batch_size: int, grad_accum
         trainer_cls = base
 
     torch.manual_seed(0)
+    weights = dft_normalization == "weights"
     args = dist_train.training_args(
-        tmp_dir / f"{loss_type}-{batch_size}x{grad_accum}{'-control' if per_micro_batch_mean else ''}",
-        batch_size=batch_size, grad_accum=grad_accum, learning_rate=LEARNING_RATES[loss_type], loss_type=loss_type,
-        kl_coef=KL_COEF, max_steps=STEPS,
+        tmp_dir / f"{loss_type}-{dft_normalization}-{batch_size}x{grad_accum}{'-control' if per_micro_batch_mean else ''}",
+        batch_size=batch_size, grad_accum=grad_accum,
+        learning_rate=WEIGHTS_LEARNING_RATE if weights else LEARNING_RATES[loss_type], loss_type=loss_type,
+        kl_coef=KL_COEF, max_steps=STEPS, dft_normalization=dft_normalization,
     )
     trainer = trainer_cls(
         model=model_path, args=args, train_dataset=dist_train.make_dataset(),
@@ -146,10 +161,12 @@ def run(tiny_model, tmp_path_factory):
     cache: dict[tuple, dict] = {}
     tmp_dir = tmp_path_factory.mktemp("equivalence-runs")
 
-    def get(batch_size: int, grad_accum: int, loss_type: str, per_micro_batch_mean: bool = False) -> dict:
-        key = (batch_size, grad_accum, loss_type, per_micro_batch_mean)
+    def get(batch_size: int, grad_accum: int, loss_type: str, per_micro_batch_mean: bool = False,
+            dft_normalization: str = "tokens") -> dict:
+        key = (batch_size, grad_accum, loss_type, per_micro_batch_mean, dft_normalization)
         if key not in cache:
-            cache[key] = train_in_process(tiny_model, tmp_dir, batch_size, grad_accum, loss_type, per_micro_batch_mean)
+            cache[key] = train_in_process(tiny_model, tmp_dir, batch_size, grad_accum, loss_type, per_micro_batch_mean,
+                                          dft_normalization)
         return cache[key]
 
     return get
@@ -216,6 +233,34 @@ def test_control_per_micro_batch_mean_differs(run):
     assert diff > 100 * ATOL, f"a per-micro-batch mean gives nearly the same weights ({diff:.3g}): no teeth"
 
 
+def test_weight_normalised_steps_give_the_same_weights_for_every_split(run, initial_weights):
+    """dft_normalization="weights": the step's DFT weight sum over all its micro-batches, like num_items_in_batch."""
+    reference = run(8, 1, "dft", dft_normalization="weights")
+    motion, _ = max_abs_diff(reference["weights"], initial_weights)
+    assert motion > MIN_MOTION
+    assert final_metric(reference["log_history"], "kl") > MIN_FINAL_KL
+    # The normalisation really differs from the token count's: the losses are ~1 / mean weight times larger
+    tokens = run(8, 1, "dft")
+    ratio = _losses(reference["log_history"])[0] / _losses(tokens["log_history"])[0]
+    assert ratio == pytest.approx(1 / reference["log_history"][0]["dft_weight_mean"], rel=1e-3) and ratio > 20
+    for batch_size, grad_accum in [(4, 2), (2, 4)]:
+        result = run(batch_size, grad_accum, "dft", dft_normalization="weights")
+        assert step_groups(result["batches"]) == expected_groups(reference["dataset_input_ids"])
+        diff, param = max_abs_diff(result["weights"], reference["weights"])
+        print(f"\n[weights] max |w_{batch_size}x{grad_accum} - w_8x1| = {diff:.3g} ({param}), motion {motion:.3g}")
+        assert diff < ATOL, f"{batch_size}x{grad_accum} differs from 8x1 by {diff:.3g} in {param}"
+        for ref_entry, entry in zip(_losses(reference["log_history"]), _losses(result["log_history"])):
+            assert entry == pytest.approx(ref_entry, rel=1e-4, abs=1e-6)
+
+    # Control: dividing by one micro-batch's weight sum instead of the step's gives other weights
+    same = run(8, 1, "dft", per_micro_batch_mean=True, dft_normalization="weights")
+    assert max_abs_diff(same["weights"], reference["weights"])[0] < ATOL
+    wrong = run(4, 2, "dft", per_micro_batch_mean=True, dft_normalization="weights")
+    control_diff, _ = max_abs_diff(wrong["weights"], reference["weights"])
+    print(f"[weights] control (last micro-batch's weight sum) 4x2 vs 8x1: {control_diff:.4g}")
+    assert control_diff > 100 * ATOL, "one micro-batch's weight sum gives the same weights: the test has no teeth"
+
+
 # ---------------------------------------------------------------------------------------------------- 2 processes
 
 SUBPROCESS_TIMEOUT = 300
@@ -235,10 +280,11 @@ def _launch(cmd: list[str], what: str) -> None:
         )
 
 
-def _dist_run(model: str, out: Path, *, nproc: int, batch_size: int, grad_accum: int, extra: tuple = ()) -> dict:
+def _dist_run(model: str, out: Path, *, nproc: int, batch_size: int, grad_accum: int, extra: tuple = (),
+              learning_rate: float = LEARNING_RATES["dft"]) -> dict:
     script_args = [
         str(TESTS_DIR / "dist_train.py"), "--model", model, "--out", str(out), "--batch-size", str(batch_size),
-        "--grad-accum", str(grad_accum), "--learning-rate", str(LEARNING_RATES["dft"]), "--loss-type", "dft",
+        "--grad-accum", str(grad_accum), "--learning-rate", str(learning_rate), "--loss-type", "dft",
         "--kl-coef", str(KL_COEF), "--max-steps", str(STEPS), *extra,
     ]
     if nproc == 1:
@@ -312,3 +358,27 @@ def test_two_processes_with_the_precomputed_reference_train_like_one_with_the_li
     assert final_metric(double["log_history"], "kl") == pytest.approx(final_metric(single["log_history"], "kl"),
                                                                        rel=1e-3)
     assert len(list((tmp_path / "double" / "trainer" / "reference_cache").glob("reference_top*.arrow"))) == 1
+
+
+def test_two_processes_normalised_by_the_weight_sum_train_like_one(tiny_model, initial_weights, tmp_path):
+    """dft_normalization="weights": the weight sum is gathered over both processes, as num_items_in_batch is."""
+    weights = ("--dft-normalization", "weights")
+    single = _dist_run(tiny_model, tmp_path / "single", nproc=1, batch_size=4, grad_accum=2, extra=weights,
+                       learning_rate=WEIGHTS_LEARNING_RATE)
+    double = _dist_run(tiny_model, tmp_path / "double", nproc=2, batch_size=2, grad_accum=2, extra=weights,
+                       learning_rate=WEIGHTS_LEARNING_RATE)
+    assert double["num_processes"] == 2 and "MULTI_CPU" in double["distributed_type"]
+    motion, _ = max_abs_diff(single["weights"], initial_weights)
+    diff, param = max_abs_diff(double["weights"], single["weights"])
+    print(f"\n[2 processes, weights] motion {motion:.4g}, max |w_2proc - w_1proc| = {diff:.3g} ({param})")
+    assert motion > MIN_MOTION and final_metric(double["log_history"], "kl") > MIN_FINAL_KL
+    assert diff < ATOL, f"2 processes differ from 1 by {diff:.3g} in {param} (tolerance {ATOL})"
+    for a, b in zip(_losses(single["log_history"]), _losses(double["log_history"])):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+
+    # Control: each process dividing by its own weight sum (and token count) gives other weights
+    control = _dist_run(tiny_model, tmp_path / "control", nproc=2, batch_size=2, grad_accum=2,
+                        extra=(*weights, "--no-average-tokens-across-devices"), learning_rate=WEIGHTS_LEARNING_RATE)
+    control_diff, _ = max_abs_diff(control["weights"], single["weights"])
+    print(f"[2 processes, weights] control (per-process weight sum): max diff {control_diff:.4g}")
+    assert control_diff > 100 * ATOL, "per-process normalisation gives the same weights: the test has no teeth"

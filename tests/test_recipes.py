@@ -211,6 +211,22 @@ def test_recipe_with_chat_template(tiny_model_path, tmp_path):
     assert "### Instruction" not in text
 
 
+def test_recipe_dry_run_with_the_dft_and_estimator_options(tiny_model_path, tmp_path):
+    """The options beyond the paper's loss (issue 16) reach a paper recipe from the command line."""
+    from asft_trl.train import main
+
+    overrides = dry_run_overrides(tiny_model_path, FIXTURES / "medmcqa.jsonl", tmp_path)
+    trainer = main(*parse_recipe("asft_medical_lora.yaml", *overrides, "--kl_estimator", "k3", "--kl_direction",
+                                 "reverse", "--dft_normalization", "weights"))
+    assert (trainer.args.kl_estimator, trainer.args.kl_direction, trainer.args.dft_normalization) == (
+        "k3", "reverse", "weights")
+    assert trainer.state.global_step == 2
+    kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
+    assert kls[-1] > 0 and all(math.isfinite(kl) for kl in kls)
+    info = json.loads((tmp_path / "asft_run.json").read_text())
+    assert info["kl_estimator"] == "k3" and info["special_tokens"]  # the recipe's completions end with EOS
+
+
 def test_recipe_refuses_data_without_the_columns(tiny_model_path, tmp_path):
     """The medical recipe pointed at a file of another schema fails on its columns, before any model is loaded."""
     from asft_trl.train import main

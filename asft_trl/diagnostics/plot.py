@@ -26,7 +26,9 @@ DEFAULT_METRICS = ("loss", "nll", "kl", "dft_weight_ess", "drift_kl")
 DESCRIPTIONS = {
     "loss": "training loss (task term + kl_coef x KL)",
     "nll": "NLL per completion token (training batches)",
-    "kl": "KL(reference || policy) per token, training batches",
+    "kl": "KL(reference || policy) per token, training batches (a kl_estimator's estimate when set)",
+    "eval_kl": "KL term per token, held-out split",
+    "eval_kl_full": "exact KL to the reference per token, held-out split",
     "dft_weight_mean": "mean DFT weight p(y_t)",
     "dft_weight_ess": "ESS fraction of the DFT weights",
     "entropy": "policy entropy per token",
@@ -62,6 +64,10 @@ def run_label(info: dict) -> str:
         label += f" → KL {info['kl_target']:g}"
     elif kl_coef and info.get("kl_coef_schedule") not in (None, "constant"):
         label += f" {info['kl_coef_schedule']}"
+    if kl_coef and info.get("kl_estimator") not in (None, "full"):  # a per-token estimate, and which way
+        label += f" {info['kl_estimator']}" + (" reverse" if info.get("kl_direction") == "reverse" else "")
+    if info.get("dft_normalization") == "weights":
+        label += " /Σw"
     return label
 
 
@@ -224,7 +230,11 @@ def save_run_info(trainer) -> None:
     trainer.save_state()
     info = {"method_name": getattr(args, "method_name", None), "loss_type": getattr(args, "loss_type", None),
             "kl_coef": getattr(args, "kl_coef", None), "kl_direction": getattr(args, "kl_direction", None),
-            "kl_coef_schedule": getattr(args, "kl_coef_schedule", None), "kl_target": getattr(args, "kl_target", None)}
+            "kl_coef_schedule": getattr(args, "kl_coef_schedule", None), "kl_target": getattr(args, "kl_target", None),
+            "kl_estimator": getattr(args, "kl_estimator", None),
+            "dft_normalization": getattr(args, "dft_normalization", None),
+            # The starting model's probability of the completions' special tokens (DFT runs; SpecialTokenCheck)
+            "special_tokens": getattr(trainer, "special_token_report", None)}
     with open(Path(args.output_dir) / RUN_INFO_FILE, "w") as f:
         json.dump(info, f, indent=2)
 

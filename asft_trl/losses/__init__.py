@@ -9,18 +9,25 @@ tail) that either takes in place of the reference's logits. The trainer wires mo
 from .topk import TopKReference, complete_log_probs, top_k_of
 from .fused import HeadTransform, auto_chunk_size, chunked_asft_loss, head_log_probs
 from .plain import (
+    ESTIMATOR_LOG_RATIO_CLAMP,
+    ESTIMATOR_VALUE_CLAMP,
     KL_DIRECTIONS,
+    KL_ESTIMATORS,
     LOSS_TYPES,
     TokenTerms,
     asft_loss,
     asft_token_terms,
     dft_weight,
+    kl_estimate,
     kl_per_token,
     weight_stats,
 )
 
 __all__ = [
+    "ESTIMATOR_LOG_RATIO_CLAMP",
+    "ESTIMATOR_VALUE_CLAMP",
     "KL_DIRECTIONS",
+    "KL_ESTIMATORS",
     "LOSS_TYPES",
     "HeadTransform",
     "TokenTerms",
@@ -32,6 +39,7 @@ __all__ = [
     "complete_log_probs",
     "dft_weight",
     "head_log_probs",
+    "kl_estimate",
     "kl_per_token",
     "top_k_of",
     "weight_stats",

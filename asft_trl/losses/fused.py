@@ -8,9 +8,13 @@ gradient in the same pass (see docs/method.md):
 
     forward KL:  dL/dz = w (p - onehot(y)) + kl_coef (p - p_ref)
     reverse KL:  dL/dz = w (p - onehot(y)) + kl_coef p ((log p - log p_ref) - KL)
+    k1/k2/k3:    dL/dz = (w - kl_coef k'(y)) (p - onehot(y))     k' = d estimate / d log p(y), `plain.kl_estimate`
 
-so the backward pass only rescales stored gradients. Peak extra memory is a few [chunk x vocab] float32 buffers plus
-the float32 gradients of the inputs, whatever the sequence length and batch size.
+so the backward pass only rescales stored gradients. A per-token estimator needs no reference softmax: only the
+reference's log-probability of each target token, from a precomputed reference (no reference head at all) or from the
+reference head's log-softmax at the target (its matmul and one normalising pass, no exp or sums over the vocabulary).
+Peak extra memory is a few [chunk x vocab] float32 buffers plus the float32 gradients of the inputs, whatever the
+sequence length and batch size.
 
 `asft_trl.losses.plain` is the reference this module is tested against (loss and gradients). Like it, this module
 knows nothing of models, trainers or processes: the caller selects the scored positions and passes the heads.
@@ -23,7 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .plain import KL_DIRECTIONS, LOSS_TYPES, TokenTerms, dft_weight
+from .plain import (
+    ESTIMATOR_LOG_RATIO_CLAMP,
+    ESTIMATOR_VALUE_CLAMP,
+    KL_DIRECTIONS,
+    LOSS_TYPES,
+    TokenTerms,
+    _check_reference_arguments,
+    dft_weight,
+)
 from .topk import TopKReference, complete_log_probs
 
 # [chunk x vocab] float32 elements per buffer when `chunk_size` is not given: 64 MiB on CPU, 256 MiB on a GPU. Smaller
@@ -129,20 +141,42 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
 
 
+def _kl_estimate_with_slope(token_log_p: torch.Tensor, ref_token_log_p: torch.Tensor, estimator: str,
+                            kl_direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`plain.kl_estimate` (the same operations, so the same values) and its derivative with respect to
+    `token_log_p`, which is zero past either clamp, as autograd gives it for the clamped function."""
+    log_ratio = token_log_p - ref_token_log_p
+    raw = log_ratio if kl_direction == "forward" else -log_ratio
+    u = raw.clamp(-ESTIMATOR_LOG_RATIO_CLAMP, ESTIMATOR_LOG_RATIO_CLAMP)
+    if estimator == "k1":
+        value, slope = -u, torch.full_like(u, -1.0)
+    elif estimator == "k2":
+        value, slope = 0.5 * u * u, u
+    else:
+        slope = torch.expm1(u)
+        value = slope - u
+    low = -ESTIMATOR_VALUE_CLAMP if estimator == "k1" else 0.0
+    kept = (raw >= -ESTIMATOR_LOG_RATIO_CLAMP) & (raw <= ESTIMATOR_LOG_RATIO_CLAMP)
+    kept &= (value >= low) & (value <= ESTIMATOR_VALUE_CLAMP)
+    slope = torch.where(kept, slope if kl_direction == "forward" else -slope, 0.0)
+    return value.clamp(low, ESTIMATOR_VALUE_CLAMP), slope
+
+
 class _ChunkedASFT(torch.autograd.Function):
     """sum_t (task_t + kl_coef * kl_t) for the scored tokens, with the gradients computed during the forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, topk_ids, topk_log_probs, topk_tail,
-                labels, options):
-        kl_coef, loss_type, floor, kl_direction, head, ref_head, chunk_size, grad_enabled, dtype, ref_dtype = options
+                ref_token_log_probs, labels, options):
+        (kl_coef, loss_type, floor, kl_direction, head, ref_head, chunk_size, grad_enabled, dtype, ref_dtype,
+         kl_estimator) = options
         n = hidden.shape[0]
         device = hidden.device
         # `needs_input_grad` is set under no_grad too (evaluation): no gradients are formed there
         needs_hidden, needs_weight, needs_bias = (grad_enabled and needed for needed in ctx.needs_input_grad[:3])
         # Measured even when kl_coef is 0 (a warm-up), so that it can be logged
         topk = None if topk_ids is None else TopKReference(topk_ids, topk_log_probs, topk_tail)
-        use_ref = ref_hidden is not None or topk is not None
+        use_ref = ref_hidden is not None or topk is not None or ref_token_log_probs is not None
 
         grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, device=device, dtype=torch.float32) if needs_weight else None
@@ -175,8 +209,22 @@ class _ChunkedASFT(torch.autograd.Function):
             weight_t = dft_weight(token_log_p, loss_type, floor)
             loss_sum += (weight_t * -token_log_p).sum()
 
-            # grad becomes dL/dz for the chunk
-            if use_ref:
+            # grad becomes dL/dz for the chunk; `onehot_coef` is what the target's column loses
+            onehot_coef = weight_t
+            if use_ref and kl_estimator != "full":
+                if ref_token_log_probs is not None:
+                    ref_token_log_p = ref_token_log_probs[start:end].float()
+                else:
+                    z_ref, _ = _transform(_project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head)
+                    ref_token_log_p = torch.log_softmax(z_ref, dim=-1)[rows, y]
+                    del z_ref
+                kl, slope = _kl_estimate_with_slope(token_log_p, ref_token_log_p, kl_estimator, kl_direction)
+                per_token["kl"][start:end] = kl
+                loss_sum += kl_coef * kl.sum()
+                # dL/dz = (w - kl_coef k') (p - onehot(y))
+                onehot_coef = weight_t - kl_coef * slope
+                grad = p.mul_(onehot_coef.unsqueeze(-1))
+            elif use_ref:
                 if topk is None:
                     z_ref, _ = _transform(_project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head)
                     log_q = torch.log_softmax(z_ref, dim=-1)
@@ -204,7 +252,7 @@ class _ChunkedASFT(torch.autograd.Function):
             else:
                 grad = p.mul_(weight_t.unsqueeze(-1))
             del log_p
-            grad[rows, y] -= weight_t
+            grad[rows, y] -= onehot_coef
 
             if tanh_p is not None:
                 grad.mul_(1 - tanh_p * tanh_p)
@@ -233,7 +281,7 @@ class _ChunkedASFT(torch.autograd.Function):
         for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             # In place: a second weight-sized buffer would raise the peak memory of full fine-tuning
             grads.append(saved.mul_(grad_loss).to(dtype) if saved.numel() else None)
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def chunked_asft_loss(
@@ -254,6 +302,8 @@ def chunked_asft_loss(
     chunk_size: int | None = None,
     dft_weight_floor: float = 0.0,
     ref_topk: TopKReference | None = None,
+    kl_estimator: str = "full",
+    ref_token_log_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, TokenTerms]:
     """The ASFT loss, (sum_t task_t + kl_coef * kl_t) / num_items_in_batch, from hidden states and head weights.
 
@@ -270,6 +320,10 @@ def chunked_asft_loss(
             (with a reference the KL is measured even when `kl_coef` is 0).
         chunk_size: tokens per chunk; default from a fixed [chunk x vocab] budget (`auto_chunk_size`).
         ref_topk: instead of `ref_hidden`/`ref_weight`, a precomputed reference (top-k + tail) at the N tokens.
+        kl_estimator: "full" (the exact KL) or a per-token estimator "k1" / "k2" / "k3", as in
+            `asft_trl.losses.asft_loss`.
+        ref_token_log_probs: [N] instead of `ref_hidden`/`ref_weight`, the reference's log-probability of each target
+            token (a precomputed reference for a per-token estimator).
 
     Returns the loss and per-token `TokenTerms`; here every term is detached (the gradient flows through the loss).
     """
@@ -279,13 +333,16 @@ def chunked_asft_loss(
         raise ValueError(f"kl_direction={kl_direction!r} is not one of {KL_DIRECTIONS}.")
     if kl_coef < 0:
         raise ValueError(f"kl_coef={kl_coef} is negative; it must be >= 0.")
-    if ref_topk is not None:
+    if ref_topk is not None or ref_token_log_probs is not None:
         if ref_hidden is not None or ref_weight is not None:
-            raise ValueError("Give the reference as `ref_hidden`/`ref_weight` or as `ref_topk`, not both.")
-        if len(ref_topk) != hidden.shape[0]:
+            stored = "`ref_topk`" if ref_topk is not None else "`ref_token_log_probs`"
+            raise ValueError(f"Give the reference as `ref_hidden`/`ref_weight` or as {stored}, not both.")
+        if ref_topk is not None and len(ref_topk) != hidden.shape[0]:
             raise ValueError(f"`ref_topk` holds {len(ref_topk)} tokens but there are {hidden.shape[0]} to score.")
     elif kl_coef > 0 and (ref_hidden is None or ref_weight is None):
-        raise ValueError("kl_coef > 0 needs `ref_hidden` and `ref_weight` (or `ref_topk`).")
+        raise ValueError("kl_coef > 0 needs `ref_hidden` and `ref_weight` (or `ref_topk` / `ref_token_log_probs`).")
+    _check_reference_arguments(ref_hidden, ref_topk, ref_token_log_probs, kl_estimator, hidden.shape[0],
+                               live_name="ref_hidden")
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("`ref_hidden` and `ref_weight` go together: give both or neither.")
     if ref_hidden is not None:
@@ -304,13 +361,14 @@ def chunked_asft_loss(
     options = (
         float(kl_coef), loss_type, float(dft_weight_floor), kl_direction, head, ref_head or head, int(chunk_size),
         torch.is_grad_enabled(), _compute_dtype(hidden, weight),
-        None if ref_weight is None else _compute_dtype(hidden, ref_weight),
+        None if ref_weight is None else _compute_dtype(hidden, ref_weight), kl_estimator,
     )
     # The float32 math must not be recast by an enclosing autocast; the matmul dtype was chosen above
     with torch.autocast(hidden.device.type, enabled=False):
         topk = (None, None, None) if ref_topk is None else (ref_topk.ids, ref_topk.log_probs, ref_topk.tail_log_prob)
         loss_sum, nll, kl, entropy, is_top1 = _ChunkedASFT.apply(
-            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *topk, labels.long(), options
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *topk,
+            None if ref_token_log_probs is None else ref_token_log_probs.detach(), labels.long(), options
         )
     weight_t = dft_weight(-nll, loss_type, dft_weight_floor)
     denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch
