@@ -281,9 +281,12 @@ def score_base(model_path: str, data: StudyData, args, out_dir: Path) -> dict:
                 if k in ("model", "n_people", "n_heldout_people", "task_seed", "max_length", "n_recall_seen",
                          "recall_max_new_tokens", "ood_max_new_tokens")}
     cached, probs_file = out_dir / "base.json", out_dir / "base_token_probs.pt"
-    if cached.is_file() and probs_file.is_file():
+    if cached.is_file():
         result = json.loads(cached.read_text())
-        if result.get("settings") == settings:
+        if result.get("settings") != settings:
+            raise FileExistsError(f"{cached} was measured with other settings ({result.get('settings')}). Fix: pass "
+                                  "another --output_dir, or move that folder away.")
+        if probs_file.is_file():
             return {**result, "token_probs": torch.load(probs_file)}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -479,7 +482,9 @@ def write_doc(doc: Path, report: dict, figure: str, specs: dict[str, RunSpec]) -
         "",
         f"Generated {report['finished']} by `{report['command']}`.",
         "",
-        f"Settings: model `{s['model']}`, LoRA r={s['lora_r']} alpha {s['lora_alpha']} on all projections, "
+        f"Settings: model `{s['model']}`"
+        + (f" (from `{s['model_path']}`)" if s["model_path"] != s["model"] else "")
+        + f", LoRA r={s['lora_r']} alpha {s['lora_alpha']} on all projections, "
         f"{s['max_steps']} steps x batch {s['per_device_train_batch_size']}, learning rate {s['learning_rate']:g} "
         f"({s['lr_scheduler_type']}, {s['warmup_steps']} warmup steps), lambda {report['kl_coef']:g} for SFT+KL and "
         f"ASFT, max length {s['max_length']}; task: {s['n_people']} people x 4 facts x 3 trained phrasings "
@@ -500,7 +505,8 @@ def write_doc(doc: Path, report: dict, figure: str, specs: dict[str, RunSpec]) -
         "",
         verdict_table(report["verdicts"]),
         "",
-        f"Recall: share of questions whose greedy reply contains the fact's value ({report['n_recall']['heldout_phrasings']} "
+        "Recall: share of questions whose greedy reply contains the fact's value "
+        f"({report['n_recall']['heldout_phrasings']} "
         f"held-out-phrasing questions of trained facts, {report['n_recall']['seen_phrasings']} trained questions, "
         f"{report['n_recall']['heldout_facts']} questions about {s['n_heldout_people']} people never trained on). OOD: "
         f"the {report['n_ood']} questions of `ood_checks()`. trainset = {TRAINSET_PROBE_SIZE} fixed training examples, "
@@ -541,11 +547,14 @@ def run_study(args) -> dict:
     specs = method_specs(args.kl_coef)
     methods = [m for m in METHOD_KEYS if m in args.methods]
 
+    plan = [(seed, key) for seed in args.seeds for key in methods]  # seed by seed: an interruption leaves whole seeds
+    for seed, key in plan:  # a folder holding other settings is refused now, before any compute
+        check_run_dir(out_dir / key / f"seed{seed}", run_settings(args, specs[key], seed),
+                      f"{specs[key].label} seed {seed}")
     print(f"[study knowledge] scoring the base model {model_path}")
     base = score_base(model_path, data, args, out_dir)
     print(f"[study knowledge] base: recall on held-out phrasings {base['recall_heldout_phrasings']:.2f}, OOD "
           f"{base['ood_accuracy']:.2f}, answer tokens with p < {LOW_P}: {base['low_p_base']:.2f}")
-    plan = [(seed, key) for seed in args.seeds for key in methods]  # seed by seed: an interruption leaves whole seeds
     runs: dict[str, dict[int, dict]] = {k: {} for k in methods}
     trained, trained_seconds = 0, 0.0
     for i, (seed, key) in enumerate(plan, 1):
@@ -634,7 +643,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Subset of sft,dft,sft_kl,asft (verdicts and the report need all four).")
     p.add_argument("--kl_coef", type=float, default=0.05, help="lambda of SFT+KL and ASFT.")
     p.add_argument("--max_steps", type=int, default=200)
-    p.add_argument("--per_device_train_batch_size", type=int, default=4)
+    p.add_argument("--per_device_train_batch_size", type=int, default=2)
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--lr_scheduler_type", default="constant_with_warmup")
     p.add_argument("--warmup_steps", type=int, default=10)
@@ -642,10 +651,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_alpha", type=int, default=16)
     p.add_argument("--max_length", type=int, default=96)
     p.add_argument("--logging_steps", type=int, default=5)
-    p.add_argument("--probe_steps", type=int, default=25,
-                   help="Measure drift_kl, task_kl and trainset_* at log steps that are a multiple of this (and step 0).")
+    p.add_argument("--probe_steps", type=int, default=50,
+                   help="Measure drift_kl, task_kl and trainset_* at log steps that are a multiple of this "
+                   "(and at step 0).")
     p.add_argument("--save_steps", type=int, default=50, help="Checkpoint interval, for resuming an interrupted run.")
-    p.add_argument("--n_people", type=int, default=16, help="People whose facts are trained on (x4 facts x3 phrasings).")
+    p.add_argument("--n_people", type=int, default=16,
+                   help="People whose facts are trained on (x4 facts x3 phrasings).")
     p.add_argument("--n_heldout_people", type=int, default=4, help="People never trained on (the guessing control).")
     p.add_argument("--task_seed", type=int, default=0, help="Seed of the generated people and facts.")
     p.add_argument("--n_recall_seen", type=int, default=32, help="Trained questions scored for recall.")

@@ -35,6 +35,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="Timed steps per method and round (+1 warm-up).")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=None, help="Write the figures as JSON here too.")
+    parser.add_argument("--steps_only", action="store_true", help="Time the training steps only (no probes, scoring).")
     args = parser.parse_args(own)
 
     import torch
@@ -72,7 +73,9 @@ def main() -> int:
     start = time.perf_counter()
     for key in METHOD_KEYS:
         t0 = time.perf_counter()
-        trainers[key], _ = make_trainer(specs[key], 0, model_path, data, study, Path(tmp) / key)
+        trainers[key], probes = make_trainer(specs[key], 0, model_path, data, study, Path(tmp) / key)
+        for probe in probes:  # timed on their own below; here they would only add their set-up to every round
+            trainers[key].remove_callback(probe)
         out["build_trainer_s"] = time.perf_counter() - t0
         timers[key] = StepTimer()
         trainers[key].add_callback(timers[key])
@@ -88,6 +91,11 @@ def main() -> int:
         out["methods"][key] = {"wall_s_per_step": statistics.median(wall), "cpu_s_per_step": statistics.median(cpu),
                                "steps_timed": len(wall)}
     out["load_1min_per_round"] = loads
+    if args.steps_only:
+        print(json.dumps(out, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=2))
+        return 0
 
     # One measurement of each probe, on the ASFT-trained model (one forward pass each; the base is cached)
     from asft_trl.diagnostics.drift import GENERAL_PROMPTS, DriftProbe
@@ -113,8 +121,8 @@ def main() -> int:
     # The study's wall time from the parts, per seed and in all
     full = make_parser().parse_args(study_argv)
     n_probes = full.max_steps // full.probe_steps + 1
-    per_seed = {k: full.max_steps * out["methods"][k]["wall_s_per_step"] + n_probes * probe_s + out["score_recall_ood_s"]
-                + out["token_probs_s"] + out["build_trainer_s"] for k in METHOD_KEYS}
+    per_seed = {k: full.max_steps * out["methods"][k]["wall_s_per_step"] + n_probes * probe_s
+                + out["score_recall_ood_s"] + out["token_probs_s"] + out["build_trainer_s"] for k in METHOD_KEYS}
     base_s = out["score_recall_ood_s"] + 2 * out["token_probs_s"]  # the base model generates to the limit: rough
     out["estimate_s"] = {"per_run": per_seed, "study": base_s + len(full.seeds) * sum(per_seed.values()),
                          "for": {"max_steps": full.max_steps, "seeds": full.seeds, "probe_steps": full.probe_steps}}

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from asft_trl import cli
+from asft_trl import cli, study_knowledge
 from asft_trl.quickstart.facts import (ATTRIBUTES, N_TRAIN_PHRASINGS, OCCUPATIONS, as_recall_rows, make_fact_splits,
                                        spread_subset)
 from asft_trl.study import BEGIN as WORD_ORDER_BEGIN
@@ -28,7 +28,7 @@ def test_splits_are_deterministic_and_the_seed_changes_them():
     for name in ("train", "test_phrasings", "test_facts"):
         assert a[name].to_list() == b[name].to_list()
     assert a["train"].to_list() != c["train"].to_list()
-    assert (len(a["train"]), len(a["test_phrasings"]), len(a["test_facts"])) == (40 * 4 * 3, 40 * 4 * 2, 12 * 4 * 2)
+    assert (len(a["train"]), len(a["test_phrasings"]), len(a["test_facts"])) == (16 * 4 * 3, 16 * 4 * 2, 4 * 4 * 2)
 
 
 def test_heldout_phrasings_and_heldout_facts_never_occur_in_training():
@@ -280,10 +280,44 @@ def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_o
     (["--seeds", "0,0"], "each once"), (["--seeds", "a"], "integers"), (["--methods", "sft,ppo"], "choose from"),
     (["--max_steps", "0"], "max_steps must be > 0"), (["--kl_coef", "0"], "kl_coef must be > 0"),
     (["--max_steps", "100", "--probe_steps", "30"], "multiple of --probe_steps"),
-    (["--probe_steps", "25", "--max_steps", "100"], "multiple of --logging_steps"),
+    (["--probe_steps", "12", "--max_steps", "96"], "multiple of --logging_steps"),
     (["--n_heldout_people", "0"], "guessing control"),
 ])
-def test_bad_arguments_are_refused(bad, message, capsys):
+def test_bad_arguments_are_refused(bad, message, capsys, monkeypatch):
+    def accepted(args):  # an accepted case would otherwise run the real study with its defaults
+        raise AssertionError(f"{bad} was not refused")
+
+    monkeypatch.setattr(study_knowledge, "run_study", accepted)
     with pytest.raises(SystemExit):
         cli.main(["study", "knowledge", *bad])
     assert message in capsys.readouterr().err
+
+
+def test_banded_plot_draws_the_mean_and_the_min_max_of_each_group(tmp_path):
+    from pathlib import Path
+
+    from asft_trl.diagnostics.plot import Run, plot_run_groups
+
+    def run(values, name):
+        return Run(Path(name), name, [{"step": s, "trainset_kl": v} for s, v in zip((0, 10, 20), values)])
+
+    groups = {"DFT": [run([0, 1, 4], "a"), run([0, 3, 2], "b")], "SFT": [run([0, 1, 1], "c")], "none": []}
+    fig = plot_run_groups(groups, ["trainset_kl", "not_logged"])
+    (ax,) = fig.axes  # one panel: a metric no group logged gets none
+    lines = {line.get_label(): line.get_ydata().tolist() for line in ax.get_lines()}
+    assert lines == {"DFT (n=2)": [0, 2, 3], "SFT (n=1)": [0, 1, 1]}
+    band = ax.collections[0].get_paths()[0].vertices[:, 1].tolist()
+    assert min(band) == 0 and max(band) == 4 and 1 in band and 3 in band  # DFT's band spans min..max per step
+    with pytest.raises(ValueError, match="None of the metrics"):
+        plot_run_groups(groups, ["not_logged"])
+
+
+def test_the_committed_report_holds_each_generated_part_once():
+    from pathlib import Path
+
+    from asft_trl.study import END as WORD_ORDER_END
+
+    text = (Path(__file__).parents[1] / "docs" / "study.md").read_text()
+    for marker in (WORD_ORDER_BEGIN, WORD_ORDER_END, BEGIN, END):
+        assert text.count(marker) == 1
+    assert text.index(WORD_ORDER_END) < text.index(BEGIN)

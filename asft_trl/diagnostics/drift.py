@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
-from ..losses import kl_per_token
+from ..losses import kl_per_token, weight_stats
 from ..reference import adapters_disabled, freeze, frozen_copy
 
 logger = logging.getLogger(__name__)
@@ -162,9 +162,8 @@ class DriftProbe:
 
     def _probability_stats(self, probs: torch.Tensor) -> dict[str, float]:
         probs = probs.double()
-        ess = probs.sum() ** 2 / (len(probs) * (probs**2).sum()) if (probs > 0).any() else torch.tensor(0.0)
-        return {f"{self.name}_low_p": (probs < self.low_p_threshold).double().mean().item(),
-                f"{self.name}_ess": ess.item()}
+        _, ess = weight_stats(probs.sum(), (probs**2).sum(), torch.tensor(len(probs)))  # the trainer's own formula
+        return {f"{self.name}_low_p": (probs < self.low_p_threshold).double().mean().item(), f"{self.name}_ess": ess}
 
     @torch.no_grad()
     def token_probs(self, policy) -> list[torch.Tensor]:
@@ -176,10 +175,10 @@ class DriftProbe:
         out = []
         try:
             for inputs, targets in self._batches(next(policy.parameters()).device):
-                logp = F.log_softmax(policy(**inputs).logits[:, :-1].float(), dim=-1)
-                for row_logp, row_targets in zip(logp, targets):
-                    mask = row_targets != -100
-                    out.append(row_logp[mask].gather(-1, row_targets[mask].unsqueeze(-1)).squeeze(-1).exp().cpu())
+                mask = targets != -100  # the softmax only at answer positions; rows stay in order when flattened
+                logp = F.log_softmax(policy(**inputs).logits[:, :-1][mask].float(), dim=-1)
+                probs = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1).exp().cpu()
+                out.extend(probs.split(mask.sum(dim=1).tolist()))
         finally:
             policy.train(was_training)
         return out

@@ -124,7 +124,7 @@ def _rows(person: dict, phrasings: range) -> list[dict]:
     return rows
 
 
-def make_fact_splits(n_people: int = 40, n_heldout_people: int = 12, seed: int = 0) -> DatasetDict:
+def make_fact_splits(n_people: int = 16, n_heldout_people: int = 4, seed: int = 0) -> DatasetDict:
     """`train`, `test_phrasings` and `test_facts` (see the module docstring), in TRL's conversational
     prompt/completion form plus the columns `person`, `attribute`, `value` and `phrasing` (the question's index).
 
