@@ -89,7 +89,8 @@ def _fill_launch_defaults(accelerate_args) -> None:
 _IN_PROCESS_COMMANDS = {
     "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", ".evaluation.cli"),
     "plot": ("Draw the training curves of one or more runs into a PNG.", ".diagnostics.plot"),
-    "study": ("Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep; write docs/study.md.", ".study"),
+    "study": ("Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep (`study knowledge`: the knowledge study, several "
+              "seeds); write docs/study.md.", ".study"),
 }
 
 

@@ -1,5 +1,8 @@
 """`asft-trl study`: SFT vs DFT vs SFT+KL vs ASFT, and an ASFT lambda sweep, on the quickstart model and task.
 
+`asft-trl study knowledge ...` runs the second study instead (generated knowledge, several seeds, verdicts by fixed
+rules): see `asft_trl.study_knowledge`.
+
 Every run uses the same data, steps, learning rate, LoRA set-up and seed; only the two switches of the method change
 (`loss_type`, `kl_coef`). The runs are SFT (nll, 0), DFT (dft, 0), SFT+KL (nll, lambda), ASFT (dft, lambda), plus ASFT
 at each lambda of `--sweep` (runs that coincide are trained once). For each run it records:
@@ -244,10 +247,17 @@ def write_doc(doc: Path, report: dict, figures: dict[str, str]) -> None:
         "",
         END,
     ])
-    text = doc.read_text() if doc.is_file() else "# Drift study: SFT vs DFT vs SFT+KL vs ASFT\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + generated + rest.split(END, 1)[1]
+    replace_generated(doc, generated, BEGIN, END, "# Drift study: SFT vs DFT vs SFT+KL vs ASFT\n\n")
+
+
+def replace_generated(doc: Path, generated: str, begin: str, end: str, new_doc_head: str) -> None:
+    """Put `generated` (which starts with `begin` and ends with `end`) in place of the text between those markers in
+    `doc`, or at its end when it has none; everything else in the file is kept. A new file starts with `new_doc_head`.
+    Written under a temporary name and renamed, so a failure never leaves a half-written report."""
+    text = doc.read_text() if doc.is_file() else new_doc_head
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + generated + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + generated + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +337,9 @@ def _floats(text: str) -> list[float]:
 def make_parser() -> argparse.ArgumentParser:
     from .quickstart.model import HUB_ID
 
-    p = argparse.ArgumentParser(prog="asft-trl study", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="asft-trl study", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                epilog="`asft-trl study knowledge --help`: the second study (generated knowledge, "
+                                "several seeds, verdicts by fixed rules).")
     p.add_argument("--model", default=HUB_ID, help="Model path or Hub id (default: the quickstart model; offline, "
                    "its GGUF copy materialised under --model_cache_dir).")
     p.add_argument("--model_cache_dir", default=os.path.join("outputs", "models"),
@@ -360,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["knowledge"]:  # the second study: `asft-trl study knowledge ...` (asft_trl/study_knowledge.py)
+        from . import study_knowledge
+
+        return study_knowledge.main(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
     for name in ("max_steps", "per_device_train_batch_size", "logging_steps", "drift_steps", "n_train", "n_eval",

@@ -7,6 +7,10 @@ with hand-written reference answers (`GENERAL_PROMPTS`), so forgetting outside t
     drift_kl  = mean over the answer tokens of KL(base || policy)     (0 before any update)
     drift_nll = mean NLL of the hand-written answers under the policy
 
+With `low_p_threshold` set (off by default) a probe also logs `{name}_low_p`, the share of answer tokens whose
+probability under the policy is below the threshold, and `{name}_ess`, the effective sample size fraction of those
+probabilities (the DFT weights p(y_t) on fixed tokens); `token_probs` returns the probabilities themselves.
+
 `DriftCallback` logs both at step 0 and at training log steps (every `every_steps`) into the trainer's
 `log_history`, so they land in `trainer_state.json` beside `kl`, `loss` and the rest, and `asft-trl plot` draws them.
 
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
-from ..losses import kl_per_token
+from ..losses import kl_per_token, weight_stats
 from ..reference import adapters_disabled, freeze, frozen_copy
 
 logger = logging.getLogger(__name__)
@@ -61,8 +65,12 @@ GENERAL_PROMPTS: tuple[tuple[str, str], ...] = (
 class DriftProbe:
     """The general prompts, tokenised once with the policy's chat template, and the drift measured on them."""
 
-    def __init__(self, tokenizer, prompts=GENERAL_PROMPTS, batch_size: int = 8, name: str = "drift"):
+    def __init__(self, tokenizer, prompts=GENERAL_PROMPTS, batch_size: int = 8, name: str = "drift",
+                 low_p_threshold: float | None = None):
+        if low_p_threshold is not None and not 0 < low_p_threshold < 1:
+            raise ValueError(f"low_p_threshold={low_p_threshold} must be a probability in (0, 1), or None (off).")
         self.name = name
+        self.low_p_threshold = low_p_threshold
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 "The drift measure formats its general prompts as chat turns, but the tokenizer has no chat template. "
@@ -135,17 +143,45 @@ class DriftProbe:
             base = self.base_log_probs(policy, reference)
         was_training = policy.training
         policy.eval()
-        kl_sum, nll_sum, count = 0.0, 0.0, 0
+        kl_sum, nll_sum, count, gold = 0.0, 0.0, 0, []
         try:
             for (inputs, targets), base_logp in zip(self._batches(next(policy.parameters()).device), base):
                 mask = targets != -100
                 policy_logp = F.log_softmax(policy(**inputs).logits[:, :-1][mask].float(), dim=-1)
                 kl_sum += kl_per_token(base_logp, policy_logp).sum().item()
-                nll_sum += -policy_logp.gather(-1, targets[mask].unsqueeze(-1)).sum().item()
+                gold_logp = policy_logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+                nll_sum += -gold_logp.sum().item()
+                gold.append(gold_logp.exp())
                 count += int(mask.sum())
         finally:
             policy.train(was_training)
-        return {f"{self.name}_kl": kl_sum / count, f"{self.name}_nll": nll_sum / count}
+        values = {f"{self.name}_kl": kl_sum / count, f"{self.name}_nll": nll_sum / count}
+        if self.low_p_threshold is not None:
+            values.update(self._probability_stats(torch.cat(gold)))
+        return values
+
+    def _probability_stats(self, probs: torch.Tensor) -> dict[str, float]:
+        probs = probs.double()
+        _, ess = weight_stats(probs.sum(), (probs**2).sum(), torch.tensor(len(probs)))  # the trainer's own formula
+        return {f"{self.name}_low_p": (probs < self.low_p_threshold).double().mean().item(), f"{self.name}_ess": ess}
+
+    @torch.no_grad()
+    def token_probs(self, policy) -> list[torch.Tensor]:
+        """The probability of each answer token under `policy` (teacher forcing, evaluation mode), one 1-D tensor per
+        (prompt, answer) pair, in the pairs' order; the answer's end-of-turn tokens included, as training scores them.
+        """
+        was_training = policy.training
+        policy.eval()
+        out = []
+        try:
+            for inputs, targets in self._batches(next(policy.parameters()).device):
+                mask = targets != -100  # the softmax only at answer positions; rows stay in order when flattened
+                logp = F.log_softmax(policy(**inputs).logits[:, :-1][mask].float(), dim=-1)
+                probs = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1).exp().cpu()
+                out.extend(probs.split(mask.sum(dim=1).tolist()))
+        finally:
+            policy.train(was_training)
+        return out
 
 
 class DriftCallback(TrainerCallback):
@@ -159,13 +195,14 @@ class DriftCallback(TrainerCallback):
         name: prefix of the logged metrics (`drift` -> `drift_kl`, `drift_nll`); a second callback on other prompts
             (e.g. the task's held-out prompts, `task`) logs beside it.
         every_steps: measure only at training log steps that are a multiple of this (default: every log step).
+        low_p_threshold: also log `{name}_low_p` and `{name}_ess` (see the module docstring); default None, off.
     """
 
     def __init__(self, tokenizer, ref_model=None, prompts=GENERAL_PROMPTS, batch_size: int = 8, name: str = "drift",
-                 every_steps: int | None = None):
+                 every_steps: int | None = None, low_p_threshold: float | None = None):
         if every_steps is not None and every_steps <= 0:
             raise ValueError(f"every_steps={every_steps} must be a positive number of steps (or None: every log step).")
-        self.probe = DriftProbe(tokenizer, prompts, batch_size, name)
+        self.probe = DriftProbe(tokenizer, prompts, batch_size, name, low_p_threshold)
         self.every_steps = every_steps
         self.ref_model = ref_model
         self._policy = None
@@ -205,13 +242,13 @@ class DriftCallback(TrainerCallback):
         return values
 
 
-def add_drift_callback(trainer, prompts=GENERAL_PROMPTS, name: str = "drift", every_steps: int | None = None
-                       ) -> DriftCallback:
+def add_drift_callback(trainer, prompts=GENERAL_PROMPTS, name: str = "drift", every_steps: int | None = None,
+                       low_p_threshold: float | None = None) -> DriftCallback:
     """Attach a `DriftCallback` that uses the trainer's reference model when it has one. Returns the callback.
 
     It is put before the reporting callbacks (TensorBoard, W&B, ...) so that they receive the drift values too.
     """
     callback = DriftCallback(trainer.processing_class, getattr(trainer, "ref_model", None), prompts, name=name,
-                             every_steps=every_steps)
+                             every_steps=every_steps, low_p_threshold=low_p_threshold)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

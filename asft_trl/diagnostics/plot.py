@@ -38,6 +38,10 @@ DESCRIPTIONS = {
     "drift_nll": "NLL of general-prompt answers",
     "task_kl": "KL(base || policy), held-out task prompts",
     "task_nll": "NLL, held-out task prompts",
+    "trainset_kl": "KL(base || policy), fixed training sample",
+    "trainset_nll": "NLL, fixed training sample",
+    "trainset_ess": "ESS fraction of p(y_t), fixed training sample",
+    "trainset_low_p": "share of training answer tokens with p < 0.1",
     "learning_rate": "learning rate",
     "grad_norm": "gradient norm",
 }
@@ -156,6 +160,53 @@ def plot_runs(runs: list[Run], metrics: list[str], title: str | None = None, war
     if title:
         fig.suptitle(title)
     return fig, missing
+
+
+def plot_run_groups(groups: dict[str, list[Run]], metrics: list[str], title: str | None = None):
+    """One panel per metric, one line per group of runs (e.g. the seeds of one method): the mean over the group's runs
+    at each step they all logged, and a band from their minimum to their maximum. Returns the figure.
+
+    A step some run of a group did not log is left out for that group (a band needs every run); a metric no group
+    logged gets no panel, as in `plot_runs`.
+    """
+    from matplotlib.figure import Figure
+
+    def band(runs: list[Run], metric: str):
+        series = [dict(zip(*run.series(metric))) for run in runs]
+        steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+        values = [[s[step] for s in series] for step in steps]
+        return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+    drawn = [m for m in metrics if any(band(runs, m)[0] for runs in groups.values() if runs)]
+    if not drawn:
+        raise ValueError(f"None of the metrics {metrics} was logged by every run of any group.")
+    cols = min(3, len(drawn))
+    rows = math.ceil(len(drawn) / cols)
+    fig = Figure(figsize=(5.2 * cols, 3.6 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, metric in zip(axes, drawn):
+        for i, (label, runs) in enumerate(groups.items()):
+            if not runs:
+                continue
+            steps, mean, low, high = band(runs, metric)
+            if steps:
+                ax.plot(steps, mean, color=f"C{i % 10}", label=f"{label} (n={len(runs)})",
+                        marker="o" if len(steps) < 15 else None, markersize=3)
+                ax.fill_between(steps, low, high, color=f"C{i % 10}", alpha=0.2, linewidth=0)
+        ax.set_title(f"{metric}\n{DESCRIPTIONS.get(metric, '')}".strip(), fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(drawn):]:
+        fig.delaxes(ax)
+    handles = {}
+    for ax in axes[: len(drawn)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 6),
+               fontsize=9, title="line: mean over seeds; band: min to max")
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def available_metrics(runs: list[Run]) -> set[str]:
