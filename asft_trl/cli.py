@@ -32,8 +32,11 @@ TRAIN_USAGE = "usage: asft-trl train --config RECIPE.yaml [--field value ...] [a
 
 def _train(argv: list[str]) -> int:
     if not argv:
-        print(f"{TRAIN_USAGE}\nasft-trl train: error: no recipe given, e.g. `asft-trl train --config "
-              "recipes/quickstart.yaml`; `asft-trl train --help` lists every field.", file=sys.stderr)
+        print(
+            f"{TRAIN_USAGE}\nasft-trl train: error: no recipe given, e.g. `asft-trl train --config "
+            "recipes/quickstart.yaml`; `asft-trl train --help` lists every field.",
+            file=sys.stderr,
+        )
         return 2
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
@@ -53,15 +56,14 @@ def _train(argv: list[str]) -> int:
         script_args = dataclasses_[0]
         script_argv = _without_subsequence(argv, launch_args)
         if script_args.accelerate_config:
-            launch_args = resolve_accelerate_config_argument(
-                ["--accelerate_config", script_args.accelerate_config]
-            ) + launch_args
+            launch_args = (
+                resolve_accelerate_config_argument(["--accelerate_config", script_args.accelerate_config])
+                + launch_args
+            )
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"asft-trl train: error: {error}", file=sys.stderr)
         return 2
-    accelerate_args = launch_command_parser().parse_args(
-        launch_args + ["--module", "asft_trl.train"] + script_argv
-    )
+    accelerate_args = launch_command_parser().parse_args(launch_args + ["--module", "asft_trl.train"] + script_argv)
     _fill_launch_defaults(accelerate_args)
     launch_command(accelerate_args)
     return 0
@@ -89,8 +91,11 @@ def _fill_launch_defaults(accelerate_args) -> None:
 _IN_PROCESS_COMMANDS = {
     "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", ".evaluation.cli"),
     "plot": ("Draw the training curves of one or more runs into a PNG.", ".diagnostics.plot"),
-    "study": ("Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep (`study knowledge`: the knowledge study, several "
-              "seeds); write docs/study.md.", ".study"),
+    "study": (
+        "Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep (`study knowledge`: the knowledge study, several "
+        "seeds); write docs/study.md.",
+        ".study",
+    ),
 }
 
 

@@ -353,7 +353,9 @@ class ASFTConfig(SFTConfig):
     )
     precompute_ref_topk: int = field(
         default=64,
-        metadata={"help": "Reference tokens stored per completion token (k). Disk: 8 k + 4 bytes per completion token."},
+        metadata={
+            "help": "Reference tokens stored per completion token (k). Disk: 8 k + 4 bytes per completion token."
+        },
     )
     precompute_ref_batch_size: int | None = field(
         default=None,
@@ -462,7 +464,11 @@ class ASFTConfig(SFTConfig):
                 f"kl_coef_final={self.kl_coef_final} only applies to kl_coef_schedule='cosine' (it is "
                 f"{self.kl_coef_schedule!r}). Set the schedule to 'cosine', or leave kl_coef_final at 0."
             )
-        if isinstance(self.kl_coef_milestones, str) and self.kl_coef_milestones.strip().lower() in ("", "none", "null"):
+        if isinstance(self.kl_coef_milestones, str) and self.kl_coef_milestones.strip().lower() in (
+            "",
+            "none",
+            "null",
+        ):
             self.kl_coef_milestones = None  # unset from the command line, over a recipe's milestones
         if self.kl_coef_milestones is not None:
             if self.kl_coef_schedule != "by_step":
@@ -474,7 +480,7 @@ class ASFTConfig(SFTConfig):
         elif self.kl_coef_schedule == "by_step":
             raise ValueError(
                 "kl_coef_schedule='by_step' needs kl_coef_milestones: {step: lambda}, e.g. "
-                '--kl_coef_milestones \'{"100": 0.02}\' or a mapping in YAML.'
+                "--kl_coef_milestones '{\"100\": 0.02}' or a mapping in YAML."
             )
         if self.kl_target is not None and self.kl_target <= 0:
             raise ValueError(
@@ -519,9 +525,15 @@ class ASFTConfig(SFTConfig):
                 f"ref_model_quantization={self.ref_model_quantization!r} is not supported. Use '8bit' or '4bit' "
                 "(bitsandbytes), or leave it unset for an unquantised reference."
             )
-        lighter = {k: v for k, v in (("ref_model_dtype", self.ref_model_dtype),
-                                      ("ref_model_quantization", self.ref_model_quantization),
-                                      ("sync_ref_model", self.sync_ref_model or None)) if v is not None}
+        lighter = {
+            k: v
+            for k, v in (
+                ("ref_model_dtype", self.ref_model_dtype),
+                ("ref_model_quantization", self.ref_model_quantization),
+                ("sync_ref_model", self.sync_ref_model or None),
+            )
+            if v is not None
+        }
         if lighter and self.kl_coef == 0:
             name, value = next(iter(lighter.items()))
             raise ValueError(

@@ -90,8 +90,9 @@ def fused_head_problem(causal_lm: torch.nn.Module) -> str | None:
     return None
 
 
-def head_parameters(causal_lm: torch.nn.Module, dtype: torch.dtype | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_parameters(
+    causal_lm: torch.nn.Module, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The head's weight and bias, whole: FSDP2 shards them as DTensors, gathered here (differentiably).
 
     With `dtype` narrower than a sharded head's own, each shard is cast before the gather, as FSDP's mixed precision

@@ -37,8 +37,14 @@ def _in_hub_cache(repo_id: str, filename: str, cache_dir: str | None, revision: 
     return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str)
 
 
-def check_model_source(value: str | None, field: str, *, config_file: str = "config.json",
-                       cache_dir: str | None = None, revision: str | None = None) -> None:
+def check_model_source(
+    value: str | None,
+    field: str,
+    *,
+    config_file: str = "config.json",
+    cache_dir: str | None = None,
+    revision: str | None = None,
+) -> None:
     """Refuse a model (or adapter) source that is neither a local folder nor a Hub id, naming `field` and the fix.
 
     A Hub-shaped id is accepted as it is online (only the Hub can say whether it exists); offline

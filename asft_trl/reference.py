@@ -124,7 +124,9 @@ def adapters_disabled(peft_model, deterministic: bool):
             peft_model.train()
 
 
-def lighter_init_kwargs(init_kwargs: dict, dtype: str | None, quantization: str | None, policy_dtype: torch.dtype) -> dict:
+def lighter_init_kwargs(
+    init_kwargs: dict, dtype: str | None, quantization: str | None, policy_dtype: torch.dtype
+) -> dict:
     """`from_pretrained` keyword arguments for a reference in `dtype` and/or quantised with bitsandbytes.
 
     A 4-bit reference computes in `dtype` (default: the policy's dtype), which is also the dtype of the modules
@@ -278,8 +280,11 @@ def reference_adapter_active(peft_model, deterministic: bool):
     """Run the PeftModel with its frozen `reference` adapter instead of the trained one (and, when asked, in evaluation
     mode). PEFT's `set_adapter` sets the gradients of the adapters it switches; every flag is put back afterwards."""
     previous = peft_model.active_adapter
-    flags = [(p, p.requires_grad) for n, p in peft_model.named_parameters()
-             if previous in n.split(".") or REFERENCE_ADAPTER in n.split(".")]
+    flags = [
+        (p, p.requires_grad)
+        for n, p in peft_model.named_parameters()
+        if previous in n.split(".") or REFERENCE_ADAPTER in n.split(".")
+    ]
     was_training = peft_model.training
     if deterministic and was_training:
         peft_model.eval()

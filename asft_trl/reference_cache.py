@@ -50,8 +50,10 @@ def weights_fingerprint(model: torch.nn.Module, skip_adapters: tuple[str, ...] =
             if skip_adapters and any(part in skip_adapters for part in name.split(".")):
                 continue
             values = param.detach().double()
-            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{values.sum().item():.10e}:"
-                          f"{values.abs().sum().item():.10e};".encode())
+            digest.update(
+                f"{name}:{tuple(param.shape)}:{param.dtype}:{values.sum().item():.10e}:"
+                f"{values.abs().sum().item():.10e};".encode()
+            )
     return digest.hexdigest()[:16]
 
 
@@ -93,8 +95,14 @@ def add_reference_columns(
     # The top-k key is the one earlier versions used (their files stay valid); the token store's differs by `store`
     stored = {"k": k} if store == "topk" else {"store": "token_log_prob"}
     key = json.dumps(
-        {"dataset": dataset._fingerprint, "reference": reference_id, **stored, "head": repr(transform),
-         "version": _FORMAT_VERSION}, sort_keys=True,
+        {
+            "dataset": dataset._fingerprint,
+            "reference": reference_id,
+            **stored,
+            "head": repr(transform),
+            "version": _FORMAT_VERSION,
+        },
+        sort_keys=True,
     )
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:20]
     os.makedirs(cache_dir, exist_ok=True)
@@ -141,15 +149,22 @@ def add_reference_columns(
     if store == "token":
         features = Features({**dataset.features, TOKEN_COLUMN: List(Value("float32"))})
     else:
-        features = Features({
-            **dataset.features,
-            "ref_topk_ids": List(List(Value("int32"))),
-            "ref_topk_log_probs": List(List(Value("float32"))),
-            "ref_tail_log_prob": List(Value("float32")),
-        })
+        features = Features(
+            {
+                **dataset.features,
+                "ref_topk_ids": List(List(Value("int32"))),
+                "ref_topk_log_probs": List(List(Value("float32"))),
+                "ref_tail_log_prob": List(Value("float32")),
+            }
+        )
     return dataset.map(
-        add_columns, batched=True, batch_size=batch_size, features=features, cache_file_name=cache_file,
-        new_fingerprint=fingerprint, desc=desc,
+        add_columns,
+        batched=True,
+        batch_size=batch_size,
+        features=features,
+        cache_file_name=cache_file,
+        new_fingerprint=fingerprint,
+        desc=desc,
     )
 
 
@@ -201,12 +216,16 @@ class ReferenceColumnsCollator:
             stripped.append(example)
         batch = self.collator(stripped)
         if self.store == "token":
-            batch[TOKEN_COLUMN] = torch.cat([torch.as_tensor(rows, dtype=torch.float32).reshape(-1)
-                                             for rows in columns[TOKEN_COLUMN]])
+            batch[TOKEN_COLUMN] = torch.cat(
+                [torch.as_tensor(rows, dtype=torch.float32).reshape(-1) for rows in columns[TOKEN_COLUMN]]
+            )
             return batch
         # k from any example with completion tokens (an example may have none)
         k = next((len(rows[0]) for rows in columns["ref_topk_ids"] if len(rows)), 1)
-        for name, dtype, shape in (("ref_topk_ids", torch.long, (-1, k)), ("ref_topk_log_probs", torch.float32, (-1, k)),
-                                   ("ref_tail_log_prob", torch.float32, (-1,))):
+        for name, dtype, shape in (
+            ("ref_topk_ids", torch.long, (-1, k)),
+            ("ref_topk_log_probs", torch.float32, (-1, k)),
+            ("ref_tail_log_prob", torch.float32, (-1,)),
+        ):
             batch[name] = torch.cat([torch.as_tensor(rows, dtype=dtype).reshape(shape) for rows in columns[name]])
         return batch

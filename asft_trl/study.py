@@ -67,9 +67,21 @@ def plan_runs(kl_coef: float, sweep: list[float]) -> tuple[list[RunSpec], list[R
 
 def _settings(args) -> dict:
     """What makes two runs the same run (used to decide whether a run folder can be reused)."""
-    keys = ("model", "max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "logging_steps",
-            "drift_steps",
-            "n_train", "n_eval", "seed", "lora_r", "max_length", "ood_max_new_tokens")
+    keys = (
+        "model",
+        "max_steps",
+        "per_device_train_batch_size",
+        "learning_rate",
+        "warmup_steps",
+        "logging_steps",
+        "drift_steps",
+        "n_train",
+        "n_eval",
+        "seed",
+        "lora_r",
+        "max_length",
+        "ood_max_new_tokens",
+    )
     return {k: getattr(args, k) for k in keys}
 
 
@@ -157,14 +169,23 @@ def train_one(spec: RunSpec, model_path: str, splits, ood, args, run_dir: Path) 
     )
     peft_config = None
     if args.lora_r > 0:
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        )
     trainer = ASFTTrainer(model_path, args=config, train_dataset=splits["train"], peft_config=peft_config)
-    task_prompts = [(row["prompt"][0]["content"], row["completion"][0]["content"])
-                    for row in splits["test"].select(range(min(TASK_PROBE_SIZE, len(splits["test"]))))]
+    task_prompts = [
+        (row["prompt"][0]["content"], row["completion"][0]["content"])
+        for row in splits["test"].select(range(min(TASK_PROBE_SIZE, len(splits["test"]))))
+    ]
     every = args.drift_steps
-    probes = [add_drift_callback(trainer, every_steps=every),
-              add_drift_callback(trainer, task_prompts, name="task", every_steps=every)]
+    probes = [
+        add_drift_callback(trainer, every_steps=every),
+        add_drift_callback(trainer, task_prompts, name="task", every_steps=every),
+    ]
     print(f"[study] training {spec.label} ({spec.loss_type}, kl_coef={spec.kl_coef:g}) into {run_dir}")
     start = time.perf_counter()
     trainer.train()
@@ -173,10 +194,16 @@ def train_one(spec: RunSpec, model_path: str, splits, ood, args, run_dir: Path) 
     scores = score_model(trainer.model, trainer.processing_class, splits["test"], ood, args.ood_max_new_tokens)
     save_run_info(trainer)  # trainer_state.json (the curves) and asft_run.json (the run's label)
     history = trainer.state.log_history
-    result = {"settings": settings, "label": spec.label, "method_name": spec.method_name, **scores,
-              "train_seconds": train_seconds, "probe_seconds": probe_seconds,
-              "seconds_per_step": (train_seconds - probe_seconds) / max(trainer.state.global_step, 1),
-              "load_average": os.getloadavg()}
+    result = {
+        "settings": settings,
+        "label": spec.label,
+        "method_name": spec.method_name,
+        **scores,
+        "train_seconds": train_seconds,
+        "probe_seconds": probe_seconds,
+        "seconds_per_step": (train_seconds - probe_seconds) / max(trainer.state.global_step, 1),
+        "load_average": os.getloadavg(),
+    }
     for key in ("kl", "task_kl", "drift_kl", "nll", "dft_weight_ess"):
         result[f"final_{key}"], result[f"peak_{key}"] = _final_peak(history, key)
     _atomic_json(results_file, result)
@@ -210,43 +237,45 @@ def results_table(rows: list[tuple[str, dict]], base: dict) -> str:
 def write_doc(doc: Path, report: dict, figures: dict[str, str]) -> None:
     """Replace the generated part of `doc` (between the markers), keeping everything else the file holds."""
     s = report["settings"]
-    generated = "\n".join([
-        BEGIN,
-        "",
-        f"Generated {report['finished']} by `{report['command']}`.",
-        "",
-        f"Settings: model `{s['model']}`, LoRA r={s['lora_r']} on all projections (0 = full fine-tuning), "
-        f"{s['max_steps']} steps x batch {s['per_device_train_batch_size']}, learning rate {s['learning_rate']:g} "
-        f"(cosine, {s['warmup_steps']} warmup steps), max length {s['max_length']}, seed {s['seed']}; "
-        f"{s['n_train']} training prompts, {s['n_eval']} held-out prompts; metrics logged every "
-        f"{s['logging_steps']} steps, drift_kl and task_kl every {s['drift_steps']} steps and at step 0.",
-        "",
-        "### The four methods",
-        "",
-        results_table([(r["label"], r) for r in report["methods"]], report["base"]),
-        "",
-        f"![training curves of the four methods]({figures['methods']})",
-        "",
-        "### ASFT lambda sweep (lambda = 0 is DFT)",
-        "",
-        results_table([(f"λ={r['settings']['kl_coef']:g}", r) for r in report["sweep"]], report["base"]),
-        "",
-        f"![training curves of the lambda sweep]({figures['sweep']})",
-        "",
-        "Columns: in-domain = exact match of greedy answers on the held-out task prompts; OOD = share of the "
-        f"{report['n_ood']} general-knowledge questions of `ood_checks()` whose greedy answer contains the gold "
-        "answer; task KL = mean per-token KL(base || policy) on 16 held-out task prompts with their gold answers; "
-        "drift KL = the same on the 16 hand-written general prompts of `asft_trl.diagnostics.drift`; train KL = the "
-        "trainer's `kl` on its training batches (only logged when there is a KL term); final ESS = effective sample "
-        "size fraction of the DFT weights p(y_t) on the last logged training batches (logged for SFT too); "
-        "s/step = training seconds per step without the drift probes.",
-        "",
-        f"Machine: {report['machine']}. Study wall time {report['wall_seconds'] / 60:.1f} min "
-        f"({report['trained_runs']} runs trained, {report['reused_runs']} reused); load average (1, 5, 15 min) at "
-        f"start {report['load_start']}, at end {report['load_end']}.",
-        "",
-        END,
-    ])
+    generated = "\n".join(
+        [
+            BEGIN,
+            "",
+            f"Generated {report['finished']} by `{report['command']}`.",
+            "",
+            f"Settings: model `{s['model']}`, LoRA r={s['lora_r']} on all projections (0 = full fine-tuning), "
+            f"{s['max_steps']} steps x batch {s['per_device_train_batch_size']}, learning rate {s['learning_rate']:g} "
+            f"(cosine, {s['warmup_steps']} warmup steps), max length {s['max_length']}, seed {s['seed']}; "
+            f"{s['n_train']} training prompts, {s['n_eval']} held-out prompts; metrics logged every "
+            f"{s['logging_steps']} steps, drift_kl and task_kl every {s['drift_steps']} steps and at step 0.",
+            "",
+            "### The four methods",
+            "",
+            results_table([(r["label"], r) for r in report["methods"]], report["base"]),
+            "",
+            f"![training curves of the four methods]({figures['methods']})",
+            "",
+            "### ASFT lambda sweep (lambda = 0 is DFT)",
+            "",
+            results_table([(f"λ={r['settings']['kl_coef']:g}", r) for r in report["sweep"]], report["base"]),
+            "",
+            f"![training curves of the lambda sweep]({figures['sweep']})",
+            "",
+            "Columns: in-domain = exact match of greedy answers on the held-out task prompts; OOD = share of the "
+            f"{report['n_ood']} general-knowledge questions of `ood_checks()` whose greedy answer contains the gold "
+            "answer; task KL = mean per-token KL(base || policy) on 16 held-out task prompts with their gold answers; "
+            "drift KL = the same on the 16 hand-written general prompts of `asft_trl.diagnostics.drift`; train KL = the "
+            "trainer's `kl` on its training batches (only logged when there is a KL term); final ESS = effective sample "
+            "size fraction of the DFT weights p(y_t) on the last logged training batches (logged for SFT too); "
+            "s/step = training seconds per step without the drift probes.",
+            "",
+            f"Machine: {report['machine']}. Study wall time {report['wall_seconds'] / 60:.1f} min "
+            f"({report['trained_runs']} runs trained, {report['reused_runs']} reused); load average (1, 5, 15 min) at "
+            f"start {report['load_start']}, at end {report['load_end']}.",
+            "",
+            END,
+        ]
+    )
     replace_generated(doc, generated, BEGIN, END, "# Drift study: SFT vs DFT vs SFT+KL vs ASFT\n\n")
 
 
@@ -289,15 +318,19 @@ def run_study(args) -> dict:
         finished_before = (run_dir / "results.json").is_file()
         results[spec] = train_one(spec, model_path, splits, ood, args, run_dir)
         trained += not finished_before
-        print(f"[study] {spec.label}: in-domain {results[spec]['in_domain_accuracy']:.2f}, "
-              f"OOD {results[spec]['ood_accuracy']:.2f}, drift KL {_fmt(results[spec]['final_drift_kl'])}, "
-              f"{(time.perf_counter() - start) / 60:.1f} min so far")
+        print(
+            f"[study] {spec.label}: in-domain {results[spec]['in_domain_accuracy']:.2f}, "
+            f"OOD {results[spec]['ood_accuracy']:.2f}, drift KL {_fmt(results[spec]['final_drift_kl'])}, "
+            f"{(time.perf_counter() - start) / 60:.1f} min so far"
+        )
 
     doc = Path(args.doc)
     stem = doc.with_suffix("").name
     figures = {}
-    for name, specs, title in (("methods", methods, "SFT vs DFT vs SFT+KL vs ASFT"),
-                               ("sweep", sweep, "ASFT lambda sweep (λ=0 is DFT)")):
+    for name, specs, title in (
+        ("methods", methods, "SFT vs DFT vs SFT+KL vs ASFT"),
+        ("sweep", sweep, "ASFT lambda sweep (λ=0 is DFT)"),
+    ):
         png = doc.with_name(f"{stem}_{name}.png")
         plot_run_dirs([out_dir / s.dirname for s in specs], PLOT_METRICS, png, title)
         figures[name] = png.name
@@ -306,7 +339,7 @@ def run_study(args) -> dict:
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "settings": {**_settings(args), "model_path": model_path, "kl_coef": args.kl_coef, "sweep": args.sweep},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
-                   f"{__import__('torch').get_num_threads()}",
+        f"{__import__('torch').get_num_threads()}",
         "base": base,
         "n_ood": len(ood),
         "methods": [results[s] for s in methods],
@@ -319,8 +352,10 @@ def run_study(args) -> dict:
     }
     _atomic_json(doc.with_name(f"{stem}_results.json"), report)
     write_doc(doc, report, figures)
-    print(f"[study] wrote {doc}, {', '.join(figures.values())} and {stem}_results.json in "
-          f"{report['wall_seconds'] / 60:.1f} min")
+    print(
+        f"[study] wrote {doc}, {', '.join(figures.values())} and {stem}_results.json in "
+        f"{report['wall_seconds'] / 60:.1f} min"
+    )
     return report
 
 
@@ -337,23 +372,40 @@ def _floats(text: str) -> list[float]:
 def make_parser() -> argparse.ArgumentParser:
     from .quickstart.model import HUB_ID
 
-    p = argparse.ArgumentParser(prog="asft-trl study", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                epilog="`asft-trl study knowledge --help`: the second study (generated knowledge, "
-                                "several seeds, verdicts by fixed rules).")
-    p.add_argument("--model", default=HUB_ID, help="Model path or Hub id (default: the quickstart model; offline, "
-                   "its GGUF copy materialised under --model_cache_dir).")
-    p.add_argument("--model_cache_dir", default=os.path.join("outputs", "models"),
-                   help="Where the offline quickstart model is (or is materialised).")
+    p = argparse.ArgumentParser(
+        prog="asft-trl study",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        epilog="`asft-trl study knowledge --help`: the second study (generated knowledge, "
+        "several seeds, verdicts by fixed rules).",
+    )
+    p.add_argument(
+        "--model",
+        default=HUB_ID,
+        help="Model path or Hub id (default: the quickstart model; offline, "
+        "its GGUF copy materialised under --model_cache_dir).",
+    )
+    p.add_argument(
+        "--model_cache_dir",
+        default=os.path.join("outputs", "models"),
+        help="Where the offline quickstart model is (or is materialised).",
+    )
     p.add_argument("--output_dir", default=os.path.join("outputs", "study"), help="One sub-folder per run.")
-    p.add_argument("--doc", default=os.path.join("docs", "study.md"),
-                   help="Report to write; the figures and <doc>_results.json go next to it.")
+    p.add_argument(
+        "--doc",
+        default=os.path.join("docs", "study.md"),
+        help="Report to write; the figures and <doc>_results.json go next to it.",
+    )
     p.add_argument("--max_steps", type=int, default=40)
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
     p.add_argument("--learning_rate", type=float, default=1.5e-3)
     p.add_argument("--warmup_steps", type=int, default=4)
     p.add_argument("--logging_steps", type=int, default=5)
-    p.add_argument("--drift_steps", type=int, default=10,
-                   help="Measure drift_kl/task_kl at log steps that are a multiple of this (and at step 0).")
+    p.add_argument(
+        "--drift_steps",
+        type=int,
+        default=10,
+        help="Measure drift_kl/task_kl at log steps that are a multiple of this (and at step 0).",
+    )
     p.add_argument("--kl_coef", type=float, default=0.05, help="lambda of SFT+KL and ASFT in the method comparison.")
     p.add_argument("--sweep", type=_floats, default=[0.0, 0.01, 0.05, 0.1, 0.5], help="ASFT lambdas, comma-separated.")
     p.add_argument("--n_train", type=int, default=800)
@@ -362,9 +414,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_length", type=int, default=64)
     p.add_argument("--ood_max_new_tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs, 1 avoids the "
-                   "threads of one process waiting on each other and can be several times faster.")
+    p.add_argument(
+        "--num_threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs, 1 avoids the "
+        "threads of one process waiting on each other and can be several times faster.",
+    )
     return p
 
 
@@ -378,8 +434,15 @@ def main(argv: list[str] | None = None) -> int:
         return study_knowledge.main(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
-    for name in ("max_steps", "per_device_train_batch_size", "logging_steps", "drift_steps", "n_train", "n_eval",
-                 "max_length"):
+    for name in (
+        "max_steps",
+        "per_device_train_batch_size",
+        "logging_steps",
+        "drift_steps",
+        "n_train",
+        "n_eval",
+        "max_length",
+    ):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0 (got {getattr(args, name)})")
     if args.kl_coef <= 0:

@@ -33,10 +33,10 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from .study import LORA_TARGETS, RunSpec, _atomic_json, replace_generated
 
@@ -45,26 +45,56 @@ END = "<!-- study-knowledge:end -->"
 LOW_P = 0.1  # a token with probability below this is "not learned"
 TASK_PROBE_SIZE = 16  # held-out-phrasing questions in the task_kl probe
 TRAINSET_PROBE_SIZE = 32  # training examples in the trainset_* probe
-CURVE_METRICS = ["trainset_kl", "drift_kl", "task_kl", "kl", "trainset_ess", "dft_weight_ess", "trainset_low_p", "nll",
-                 "task_nll"]
+CURVE_METRICS = [
+    "trainset_kl",
+    "drift_kl",
+    "task_kl",
+    "kl",
+    "trainset_ess",
+    "dft_weight_ess",
+    "trainset_low_p",
+    "nll",
+    "task_nll",
+]
 METHOD_KEYS = ("sft", "dft", "sft_kl", "asft")
 RESULTS_FILE, SETTINGS_FILE = "results.json", "run_settings.json"
 
 
 # ---------------------------------------------------------------------------------------------------- plan and data
 
+
 def method_specs(kl_coef: float) -> dict[str, RunSpec]:
     """The paper's four methods: two switches, `loss_type` and `kl_coef`."""
-    return {"sft": RunSpec("nll", 0.0), "dft": RunSpec("dft", 0.0), "sft_kl": RunSpec("nll", kl_coef),
-            "asft": RunSpec("dft", kl_coef)}
+    return {
+        "sft": RunSpec("nll", 0.0),
+        "dft": RunSpec("dft", 0.0),
+        "sft_kl": RunSpec("nll", kl_coef),
+        "asft": RunSpec("dft", kl_coef),
+    }
 
 
 def study_settings(args) -> dict:
     """What makes two runs of the same method and seed the same run (a finished run is reused only when these match).
     The seed list, threads, checkpoint interval and output places are not here: they do not change a run's result."""
-    keys = ("model", "n_people", "n_heldout_people", "task_seed", "max_steps", "per_device_train_batch_size",
-            "learning_rate", "lr_scheduler_type", "warmup_steps", "lora_r", "lora_alpha", "max_length",
-            "logging_steps", "probe_steps", "n_recall_seen", "recall_max_new_tokens", "ood_max_new_tokens")
+    keys = (
+        "model",
+        "n_people",
+        "n_heldout_people",
+        "task_seed",
+        "max_steps",
+        "per_device_train_batch_size",
+        "learning_rate",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "lora_r",
+        "lora_alpha",
+        "max_length",
+        "logging_steps",
+        "probe_steps",
+        "n_recall_seen",
+        "recall_max_new_tokens",
+        "ood_max_new_tokens",
+    )
     return {k: getattr(args, k) for k in keys}
 
 
@@ -96,9 +126,11 @@ def build_data(args) -> StudyData:
     train = splits["train"]
     return StudyData(
         train=train.select_columns(["prompt", "completion"]),
-        recall={"heldout_phrasings": as_recall_rows(splits["test_phrasings"]),
-                "seen_phrasings": as_recall_rows(spread_subset(train, args.n_recall_seen)),
-                "heldout_facts": as_recall_rows(splits["test_facts"])},
+        recall={
+            "heldout_phrasings": as_recall_rows(splits["test_phrasings"]),
+            "seen_phrasings": as_recall_rows(spread_subset(train, args.n_recall_seen)),
+            "heldout_facts": as_recall_rows(splits["test_facts"]),
+        },
         task_pairs=_pairs(spread_subset(splits["test_phrasings"], TASK_PROBE_SIZE)),
         trainset_pairs=_pairs(train.select(range(min(TRAINSET_PROBE_SIZE, len(train))))),
         all_train_pairs=_pairs(train),
@@ -107,6 +139,7 @@ def build_data(args) -> StudyData:
 
 
 # ---------------------------------------------------------------------------------------------------- measures
+
 
 def score_recall_and_ood(model, tokenizer, data: StudyData, args) -> dict:
     from .quickstart.task import score
@@ -131,8 +164,9 @@ def answer_token_probs(model, tokenizer, pairs, batch_size: int = 16):
     return probe.token_probs(model), [ids[start:] for ids, start in probe.rows]
 
 
-def unlearned_tokens(base_probs, final_probs, token_ids=None, end_id: int | None = None,
-                     threshold: float = LOW_P) -> dict:
+def unlearned_tokens(
+    base_probs, final_probs, token_ids=None, end_id: int | None = None, threshold: float = LOW_P
+) -> dict:
     """The tokens a run did not learn, from per-example probabilities of the same answer tokens before (`base_probs`)
     and after (`final_probs`) training:
 
@@ -151,9 +185,13 @@ def unlearned_tokens(base_probs, final_probs, token_ids=None, end_id: int | None
         raise ValueError("No answer tokens to measure.")
     low_base, low_final = base < threshold, final < threshold
     never = low_base & low_final
-    out = {"low_p_base": low_base.double().mean().item(), "low_p_final": low_final.double().mean().item(),
-           "never_learned": never.double().mean().item(),
-           "still_low": (never.sum() / low_base.sum()).item() if low_base.any() else None, "end_p_final": None}
+    out = {
+        "low_p_base": low_base.double().mean().item(),
+        "low_p_final": low_final.double().mean().item(),
+        "never_learned": never.double().mean().item(),
+        "still_low": (never.sum() / low_base.sum()).item() if low_base.any() else None,
+        "end_p_final": None,
+    }
     if token_ids is not None and end_id is not None:
         ids = torch.cat([torch.as_tensor(list(t)) for t in token_ids])
         if len(ids) != len(final):
@@ -164,6 +202,7 @@ def unlearned_tokens(base_probs, final_probs, token_ids=None, end_id: int | None
 
 
 # ---------------------------------------------------------------------------------------------------- runs
+
 
 def _series(history: list[dict], key: str) -> list[list[float]]:
     return [[e["step"], e[key]] for e in history if key in e and "step" in e and isinstance(e[key], (int, float))]
@@ -204,23 +243,40 @@ def make_trainer(spec: RunSpec, seed: int, model_path: str, data: StudyData, arg
     from .trainer import ASFTTrainer
 
     config = ASFTConfig(
-        output_dir=str(run_dir), loss_type=spec.loss_type, kl_coef=spec.kl_coef, max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=1,
-        learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
-        weight_decay=0.0, max_length=args.max_length, logging_steps=args.logging_steps, eval_strategy="no",
+        output_dir=str(run_dir),
+        loss_type=spec.loss_type,
+        kl_coef=spec.kl_coef,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_steps,
+        weight_decay=0.0,
+        max_length=args.max_length,
+        logging_steps=args.logging_steps,
+        eval_strategy="no",
         # Checkpoints only so an interrupted run resumes; the last one stays (the trained adapter)
-        save_strategy="steps", save_steps=args.save_steps, save_total_limit=1,
-        report_to="none", gradient_checkpointing=False, dataset_num_proc=None, seed=seed, data_seed=seed,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        gradient_checkpointing=False,
+        dataset_num_proc=None,
+        seed=seed,
+        data_seed=seed,
     )
     set_seed(seed)  # the LoRA initialisation happens while the trainer is built, before the Trainer seeds anything
-    peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
+    )
     trainer = ASFTTrainer(model_path, args=config, train_dataset=data.train, peft_config=peft_config)
     every = args.probe_steps
-    probes = [add_drift_callback(trainer, every_steps=every),
-              add_drift_callback(trainer, data.task_pairs, name="task", every_steps=every),
-              add_drift_callback(trainer, data.trainset_pairs, name="trainset", every_steps=every,
-                                 low_p_threshold=LOW_P)]
+    probes = [
+        add_drift_callback(trainer, every_steps=every),
+        add_drift_callback(trainer, data.task_pairs, name="task", every_steps=every),
+        add_drift_callback(trainer, data.trainset_pairs, name="trainset", every_steps=every, low_p_threshold=LOW_P),
+    ]
     return trainer, probes
 
 
@@ -241,8 +297,10 @@ def train_one(spec: RunSpec, seed: int, model_path: str, data: StudyData, base: 
     checkpoint = _last_checkpoint(run_dir)
     load_start = os.getloadavg()
     trainer, probes = make_trainer(spec, seed, model_path, data, args, run_dir)
-    print(f"[study knowledge] training {label} ({spec.loss_type}, kl_coef={spec.kl_coef:g}) into {run_dir}"
-          + (f", resuming from {checkpoint}" if checkpoint else ""))
+    print(
+        f"[study knowledge] training {label} ({spec.loss_type}, kl_coef={spec.kl_coef:g}) into {run_dir}"
+        + (f", resuming from {checkpoint}" if checkpoint else "")
+    )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
@@ -258,10 +316,18 @@ def train_one(spec: RunSpec, seed: int, model_path: str, data: StudyData, base: 
     save_run_info(trainer)  # trainer_state.json (the curves) and asft_run.json (the run's label)
     history = trainer.state.log_history
     result = {
-        "settings": settings, "label": spec.label, "method_name": spec.method_name, "seed": seed, **scores,
-        **unlearned, "curves": {key: _series(history, key) for key in CURVE_METRICS},
-        "train_seconds": train_seconds, "probe_seconds": probe_seconds, "score_seconds": score_seconds,
-        "steps_run": steps_run, "resumed_from": checkpoint and Path(checkpoint).name,
+        "settings": settings,
+        "label": spec.label,
+        "method_name": spec.method_name,
+        "seed": seed,
+        **scores,
+        **unlearned,
+        "curves": {key: _series(history, key) for key in CURVE_METRICS},
+        "train_seconds": train_seconds,
+        "probe_seconds": probe_seconds,
+        "score_seconds": score_seconds,
+        "steps_run": steps_run,
+        "resumed_from": checkpoint and Path(checkpoint).name,
         "seconds_per_step": (train_seconds - probe_seconds) / steps_run if steps_run else None,
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
@@ -277,15 +343,29 @@ def score_base(model_path: str, data: StudyData, args, out_dir: Path) -> dict:
     """The base model's recall, OOD accuracy and answer-token probabilities, computed once per output folder."""
     import torch
 
-    settings = {k: v for k, v in study_settings(args).items()
-                if k in ("model", "n_people", "n_heldout_people", "task_seed", "max_length", "n_recall_seen",
-                         "recall_max_new_tokens", "ood_max_new_tokens")}
+    settings = {
+        k: v
+        for k, v in study_settings(args).items()
+        if k
+        in (
+            "model",
+            "n_people",
+            "n_heldout_people",
+            "task_seed",
+            "max_length",
+            "n_recall_seen",
+            "recall_max_new_tokens",
+            "ood_max_new_tokens",
+        )
+    }
     cached, probs_file = out_dir / "base.json", out_dir / "base_token_probs.pt"
     if cached.is_file():
         result = json.loads(cached.read_text())
         if result.get("settings") != settings:
-            raise FileExistsError(f"{cached} was measured with other settings ({result.get('settings')}). Fix: pass "
-                                  "another --output_dir, or move that folder away.")
+            raise FileExistsError(
+                f"{cached} was measured with other settings ({result.get('settings')}). Fix: pass "
+                "another --output_dir, or move that folder away."
+            )
         if probs_file.is_file():
             return {**result, "token_probs": torch.load(probs_file)}
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -293,8 +373,11 @@ def score_base(model_path: str, data: StudyData, args, out_dir: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     probs, token_ids = answer_token_probs(model, tokenizer, data.all_train_pairs)
-    result = {"settings": settings, **score_recall_and_ood(model, tokenizer, data, args),
-              **{k: v for k, v in unlearned_tokens(probs, probs).items() if k in ("low_p_base",)}}
+    result = {
+        "settings": settings,
+        **score_recall_and_ood(model, tokenizer, data, args),
+        **{k: v for k, v in unlearned_tokens(probs, probs).items() if k in ("low_p_base",)},
+    }
     ids = torch.cat([torch.as_tensor(list(t)) for t in token_ids])
     result["end_p"] = torch.cat(probs)[ids == tokenizer.eos_token_id].double().mean().item()
     tmp = probs_file.with_name(f".{probs_file.name}.tmp-{os.getpid()}")
@@ -305,6 +388,7 @@ def score_base(model_path: str, data: StudyData, args, out_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- verdicts
+
 
 def _value_at(curve: list[list[float]], step: float) -> float | None:
     """The curve's value at the logged step nearest `step` (the earlier one on a tie)."""
@@ -344,38 +428,92 @@ class Hypothesis:
 
 
 HYPOTHESES = (
-    Hypothesis("H1", "DFT's KL to the base model on the training data keeps rising (the paper's Figure 1)",
-               "DFT trainset_kl: (end - half-way) / half-way", 0.10,
-               lambda r: _relative(_end(r["dft"], "trainset_kl"), _mid(r["dft"], "trainset_kl")), percent=True),
-    Hypothesis("H2", "The anchor holds ASFT's KL on the training data well below DFT's",
-               "trainset_kl at the end: (DFT - ASFT) / DFT", 0.25,
-               lambda r: None if _relative(_end(r["asft"], "trainset_kl"), _end(r["dft"], "trainset_kl")) is None
-               else -_relative(_end(r["asft"], "trainset_kl"), _end(r["dft"], "trainset_kl")), percent=True),
-    Hypothesis("H3", "DFT's weights concentrate: the ESS of p(y_t) on fixed training tokens falls",
-               "DFT trainset_ess: step 0 - end", 0.05,
-               lambda r: None if _end(r["dft"], "trainset_ess") is None or _start(r["dft"], "trainset_ess") is None
-               else _start(r["dft"], "trainset_ess") - _end(r["dft"], "trainset_ess")),
-    Hypothesis("H4", "DFT leaves more answer tokens unlearned (p < 0.1 at the end) than SFT",
-               "share of training answer tokens with p < 0.1 at the end: DFT - SFT", 0.05,
-               lambda r: r["dft"]["low_p_final"] - r["sft"]["low_p_final"]),
-    Hypothesis("H5", "DFT drifts further from the base model on general text than SFT (implied, not stated)",
-               "drift_kl at the end: (DFT - SFT) / SFT", 0.25,
-               lambda r: _relative(_end(r["dft"], "drift_kl"), _end(r["sft"], "drift_kl")), percent=True),
-    Hypothesis("H6", "The anchor keeps ASFT closer to the base model on general text than DFT",
-               "drift_kl at the end: (DFT - ASFT) / DFT", 0.25,
-               lambda r: None if _relative(_end(r["asft"], "drift_kl"), _end(r["dft"], "drift_kl")) is None
-               else -_relative(_end(r["asft"], "drift_kl"), _end(r["dft"], "drift_kl")), percent=True),
-    Hypothesis("H7", "ASFT keeps more of what the base model knew than DFT",
-               "OOD accuracy: ASFT - DFT", 0.10, lambda r: r["asft"]["ood_accuracy"] - r["dft"]["ood_accuracy"]),
-    Hypothesis("H8", "On knowledge, DFT learns less than SFT",
-               "recall on held-out phrasings: SFT - DFT", 0.05,
-               lambda r: r["sft"]["recall_heldout_phrasings"] - r["dft"]["recall_heldout_phrasings"]),
-    Hypothesis("H9", "ASFT learns more knowledge than DFT",
-               "recall on held-out phrasings: ASFT - DFT", 0.05,
-               lambda r: r["asft"]["recall_heldout_phrasings"] - r["dft"]["recall_heldout_phrasings"]),
-    Hypothesis("H10", "ASFT learns more knowledge than SFT",
-               "recall on held-out phrasings: ASFT - SFT", 0.05,
-               lambda r: r["asft"]["recall_heldout_phrasings"] - r["sft"]["recall_heldout_phrasings"]),
+    Hypothesis(
+        "H1",
+        "DFT's KL to the base model on the training data keeps rising (the paper's Figure 1)",
+        "DFT trainset_kl: (end - half-way) / half-way",
+        0.10,
+        lambda r: _relative(_end(r["dft"], "trainset_kl"), _mid(r["dft"], "trainset_kl")),
+        percent=True,
+    ),
+    Hypothesis(
+        "H2",
+        "The anchor holds ASFT's KL on the training data well below DFT's",
+        "trainset_kl at the end: (DFT - ASFT) / DFT",
+        0.25,
+        lambda r: (
+            None
+            if _relative(_end(r["asft"], "trainset_kl"), _end(r["dft"], "trainset_kl")) is None
+            else -_relative(_end(r["asft"], "trainset_kl"), _end(r["dft"], "trainset_kl"))
+        ),
+        percent=True,
+    ),
+    Hypothesis(
+        "H3",
+        "DFT's weights concentrate: the ESS of p(y_t) on fixed training tokens falls",
+        "DFT trainset_ess: step 0 - end",
+        0.05,
+        lambda r: (
+            None
+            if _end(r["dft"], "trainset_ess") is None or _start(r["dft"], "trainset_ess") is None
+            else _start(r["dft"], "trainset_ess") - _end(r["dft"], "trainset_ess")
+        ),
+    ),
+    Hypothesis(
+        "H4",
+        "DFT leaves more answer tokens unlearned (p < 0.1 at the end) than SFT",
+        "share of training answer tokens with p < 0.1 at the end: DFT - SFT",
+        0.05,
+        lambda r: r["dft"]["low_p_final"] - r["sft"]["low_p_final"],
+    ),
+    Hypothesis(
+        "H5",
+        "DFT drifts further from the base model on general text than SFT (implied, not stated)",
+        "drift_kl at the end: (DFT - SFT) / SFT",
+        0.25,
+        lambda r: _relative(_end(r["dft"], "drift_kl"), _end(r["sft"], "drift_kl")),
+        percent=True,
+    ),
+    Hypothesis(
+        "H6",
+        "The anchor keeps ASFT closer to the base model on general text than DFT",
+        "drift_kl at the end: (DFT - ASFT) / DFT",
+        0.25,
+        lambda r: (
+            None
+            if _relative(_end(r["asft"], "drift_kl"), _end(r["dft"], "drift_kl")) is None
+            else -_relative(_end(r["asft"], "drift_kl"), _end(r["dft"], "drift_kl"))
+        ),
+        percent=True,
+    ),
+    Hypothesis(
+        "H7",
+        "ASFT keeps more of what the base model knew than DFT",
+        "OOD accuracy: ASFT - DFT",
+        0.10,
+        lambda r: r["asft"]["ood_accuracy"] - r["dft"]["ood_accuracy"],
+    ),
+    Hypothesis(
+        "H8",
+        "On knowledge, DFT learns less than SFT",
+        "recall on held-out phrasings: SFT - DFT",
+        0.05,
+        lambda r: r["sft"]["recall_heldout_phrasings"] - r["dft"]["recall_heldout_phrasings"],
+    ),
+    Hypothesis(
+        "H9",
+        "ASFT learns more knowledge than DFT",
+        "recall on held-out phrasings: ASFT - DFT",
+        0.05,
+        lambda r: r["asft"]["recall_heldout_phrasings"] - r["dft"]["recall_heldout_phrasings"],
+    ),
+    Hypothesis(
+        "H10",
+        "ASFT learns more knowledge than SFT",
+        "recall on held-out phrasings: ASFT - SFT",
+        0.05,
+        lambda r: r["asft"]["recall_heldout_phrasings"] - r["sft"]["recall_heldout_phrasings"],
+    ),
 )
 
 
@@ -400,13 +538,24 @@ def judge(by_seed: dict[int, dict[str, dict]], hypotheses=HYPOTHESES) -> list[di
     for h in hypotheses:
         effects = [h.effect(by_seed[s]) for s in seeds]
         known = [e for e in effects if e is not None]
-        out.append({"key": h.key, "claim": h.claim, "effect": h.effect_text, "threshold": h.threshold,
-                    "percent": h.percent, "seeds": seeds, "effects": effects,
-                    "mean": sum(known) / len(known) if known else None, "verdict": verdict(effects, h.threshold)})
+        out.append(
+            {
+                "key": h.key,
+                "claim": h.claim,
+                "effect": h.effect_text,
+                "threshold": h.threshold,
+                "percent": h.percent,
+                "seeds": seeds,
+                "effects": effects,
+                "mean": sum(known) / len(known) if known else None,
+                "verdict": verdict(effects, h.threshold),
+            }
+        )
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- report
+
 
 def _mean_sd(values: list[float | None], digits: int = 2, percent: bool = False) -> str:
     values = [v for v in values if v is not None]
@@ -462,77 +611,90 @@ def drift_table(by_method: dict[str, list[dict]], specs: dict[str, RunSpec]) -> 
 
 
 def verdict_table(verdicts: list[dict]) -> str:
-    lines = ["| # | claim | effect (paper's direction positive) | per seed | mean | needed | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| # | claim | effect (paper's direction positive) | per seed | mean | needed | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in verdicts:
         per_seed = ", ".join(f"{s}: {_fmt_effect(e, v['percent'])}" for s, e in zip(v["seeds"], v["effects"]))
         needed = f"{v['threshold'] * 100:.0f}%" if v["percent"] else f"{v['threshold']:g}"
-        lines.append(f"| {v['key']} | {v['claim']} | {v['effect']} | {per_seed or '-'} | "
-                     f"{_fmt_effect(v['mean'], v['percent'])} | ≥ {needed} | **{v['verdict']}** |")
+        lines.append(
+            f"| {v['key']} | {v['claim']} | {v['effect']} | {per_seed or '-'} | "
+            f"{_fmt_effect(v['mean'], v['percent'])} | ≥ {needed} | **{v['verdict']}** |"
+        )
     return "\n".join(lines)
 
 
 def write_doc(doc: Path, report: dict, figure: str, specs: dict[str, RunSpec]) -> None:
     s = report["settings"]
-    by_method = {k: [report["runs"][k][seed] for seed in sorted(report["runs"][k], key=int)]
-                 for k in METHOD_KEYS if report["runs"].get(k)}
+    by_method = {
+        k: [report["runs"][k][seed] for seed in sorted(report["runs"][k], key=int)]
+        for k in METHOD_KEYS
+        if report["runs"].get(k)
+    }
     seeds = sorted({int(seed) for runs in report["runs"].values() for seed in runs})
-    generated = "\n".join([
-        BEGIN,
-        "",
-        f"Generated {report['finished']} by `{report['command']}`.",
-        "",
-        f"Settings: model `{s['model']}`"
-        + (f" (from `{s['model_path']}`)" if s["model_path"] != s["model"] else "")
-        + f", LoRA r={s['lora_r']} alpha {s['lora_alpha']} on all projections, "
-        f"{s['max_steps']} steps x batch {s['per_device_train_batch_size']}, learning rate {s['learning_rate']:g} "
-        f"({s['lr_scheduler_type']}, {s['warmup_steps']} warmup steps), lambda {report['kl_coef']:g} for SFT+KL and "
-        f"ASFT, max length {s['max_length']}; task: {s['n_people']} people x 4 facts x 3 trained phrasings "
-        f"({report['n_train']} training examples), {s['n_heldout_people']} held-out people, task seed "
-        f"{s['task_seed']}; seeds {', '.join(map(str, seeds))}; probes every {s['probe_steps']} steps and at step 0.",
-        "",
-        "### Outcomes (mean ± sd over seeds)",
-        "",
-        outcome_table(by_method, report["base"], specs),
-        "",
-        "### Drift and DFT weights (mean ± sd over seeds)",
-        "",
-        drift_table(by_method, specs),
-        "",
-        f"![training curves of the four methods, mean and band over seeds]({figure})",
-        "",
-        "### Verdicts (rules fixed in the design above)",
-        "",
-        verdict_table(report["verdicts"]),
-        "",
-        "Recall: share of questions whose greedy reply contains the fact's value "
-        f"({report['n_recall']['heldout_phrasings']} "
-        f"held-out-phrasing questions of trained facts, {report['n_recall']['seen_phrasings']} trained questions, "
-        f"{report['n_recall']['heldout_facts']} questions about {s['n_heldout_people']} people never trained on). OOD: "
-        f"the {report['n_ood']} questions of `ood_checks()`. trainset = {TRAINSET_PROBE_SIZE} fixed training examples, "
-        f"task = {TASK_PROBE_SIZE} held-out-phrasing questions with their answers, drift = the 16 general prompts; "
-        "KL is KL(base ‖ policy) per answer token. \"p < 0.1 at the end\" is measured on every training answer; "
-        "s/step is training time without the probes.",
-        "",
-        f"Machine: {report['machine']}. Study wall time {report['wall_seconds'] / 60:.1f} min "
-        f"({report['trained_runs']} runs trained, {report['reused_runs']} reused); load average (1, 5, 15 min) at "
-        f"start {report['load_start']}, at end {report['load_end']}.",
-        "",
-        END,
-    ])
+    generated = "\n".join(
+        [
+            BEGIN,
+            "",
+            f"Generated {report['finished']} by `{report['command']}`.",
+            "",
+            f"Settings: model `{s['model']}`"
+            + (f" (from `{s['model_path']}`)" if s["model_path"] != s["model"] else "")
+            + f", LoRA r={s['lora_r']} alpha {s['lora_alpha']} on all projections, "
+            f"{s['max_steps']} steps x batch {s['per_device_train_batch_size']}, learning rate {s['learning_rate']:g} "
+            f"({s['lr_scheduler_type']}, {s['warmup_steps']} warmup steps), lambda {report['kl_coef']:g} for SFT+KL and "
+            f"ASFT, max length {s['max_length']}; task: {s['n_people']} people x 4 facts x 3 trained phrasings "
+            f"({report['n_train']} training examples), {s['n_heldout_people']} held-out people, task seed "
+            f"{s['task_seed']}; seeds {', '.join(map(str, seeds))}; probes every {s['probe_steps']} steps and at step 0.",
+            "",
+            "### Outcomes (mean ± sd over seeds)",
+            "",
+            outcome_table(by_method, report["base"], specs),
+            "",
+            "### Drift and DFT weights (mean ± sd over seeds)",
+            "",
+            drift_table(by_method, specs),
+            "",
+            f"![training curves of the four methods, mean and band over seeds]({figure})",
+            "",
+            "### Verdicts (rules fixed in the design above)",
+            "",
+            verdict_table(report["verdicts"]),
+            "",
+            "Recall: share of questions whose greedy reply contains the fact's value "
+            f"({report['n_recall']['heldout_phrasings']} "
+            f"held-out-phrasing questions of trained facts, {report['n_recall']['seen_phrasings']} trained questions, "
+            f"{report['n_recall']['heldout_facts']} questions about {s['n_heldout_people']} people never trained on). OOD: "
+            f"the {report['n_ood']} questions of `ood_checks()`. trainset = {TRAINSET_PROBE_SIZE} fixed training examples, "
+            f"task = {TASK_PROBE_SIZE} held-out-phrasing questions with their answers, drift = the 16 general prompts; "
+            'KL is KL(base ‖ policy) per answer token. "p < 0.1 at the end" is measured on every training answer; '
+            "s/step is training time without the probes.",
+            "",
+            f"Machine: {report['machine']}. Study wall time {report['wall_seconds'] / 60:.1f} min "
+            f"({report['trained_runs']} runs trained, {report['reused_runs']} reused); load average (1, 5, 15 min) at "
+            f"start {report['load_start']}, at end {report['load_end']}.",
+            "",
+            END,
+        ]
+    )
     replace_generated(doc, generated, BEGIN, END, "# Drift study: SFT vs DFT vs SFT+KL vs ASFT\n\n")
 
 
 def plot_study(out_dir: Path, seeds_by_method: dict[str, list[int]], specs: dict[str, RunSpec], png: Path) -> None:
     from .diagnostics.plot import load_run, plot_run_groups, save_figure
 
-    groups = {specs[k].label: [load_run(out_dir / k / f"seed{seed}") for seed in seeds]
-              for k, seeds in seeds_by_method.items() if seeds}
+    groups = {
+        specs[k].label: [load_run(out_dir / k / f"seed{seed}") for seed in seeds]
+        for k, seeds in seeds_by_method.items()
+        if seeds
+    }
     fig = plot_run_groups(groups, CURVE_METRICS, "Knowledge study: SFT vs DFT vs SFT+KL vs ASFT")
     save_figure(fig, png)
 
 
 # ---------------------------------------------------------------------------------------------------- driver
+
 
 def run_study(args) -> dict:
     from .quickstart.model import HUB_ID, resolve_quickstart_model
@@ -549,12 +711,15 @@ def run_study(args) -> dict:
 
     plan = [(seed, key) for seed in args.seeds for key in methods]  # seed by seed: an interruption leaves whole seeds
     for seed, key in plan:  # a folder holding other settings is refused now, before any compute
-        check_run_dir(out_dir / key / f"seed{seed}", run_settings(args, specs[key], seed),
-                      f"{specs[key].label} seed {seed}")
+        check_run_dir(
+            out_dir / key / f"seed{seed}", run_settings(args, specs[key], seed), f"{specs[key].label} seed {seed}"
+        )
     print(f"[study knowledge] scoring the base model {model_path}")
     base = score_base(model_path, data, args, out_dir)
-    print(f"[study knowledge] base: recall on held-out phrasings {base['recall_heldout_phrasings']:.2f}, OOD "
-          f"{base['ood_accuracy']:.2f}, answer tokens with p < {LOW_P}: {base['low_p_base']:.2f}")
+    print(
+        f"[study knowledge] base: recall on held-out phrasings {base['recall_heldout_phrasings']:.2f}, OOD "
+        f"{base['ood_accuracy']:.2f}, answer tokens with p < {LOW_P}: {base['low_p_base']:.2f}"
+    )
     runs: dict[str, dict[int, dict]] = {k: {} for k in methods}
     trained, trained_seconds = 0, 0.0
     for i, (seed, key) in enumerate(plan, 1):
@@ -567,9 +732,11 @@ def run_study(args) -> dict:
             trained_seconds += time.perf_counter() - run_start
         left = sum(1 for s, k in plan[i:] if not (out_dir / k / f"seed{s}" / RESULTS_FILE).is_file())
         eta = f", about {left * trained_seconds / trained / 60:.0f} min to go" if trained and left else ""
-        print(f"[study knowledge] run {i}/{len(plan)} {specs[key].label} seed {seed}: recall (held-out phrasings) "
-              f"{result['recall_heldout_phrasings']:.2f}, OOD {result['ood_accuracy']:.2f}, p<{LOW_P} "
-              f"{result['low_p_final']:.3f}, {(time.perf_counter() - start) / 60:.1f} min so far{eta}")
+        print(
+            f"[study knowledge] run {i}/{len(plan)} {specs[key].label} seed {seed}: recall (held-out phrasings) "
+            f"{result['recall_heldout_phrasings']:.2f}, OOD {result['ood_accuracy']:.2f}, p<{LOW_P} "
+            f"{result['low_p_final']:.3f}, {(time.perf_counter() - start) / 60:.1f} min so far{eta}"
+        )
 
     doc = Path(args.doc)
     stem = f"{doc.with_suffix('').name}_knowledge"
@@ -581,27 +748,37 @@ def run_study(args) -> dict:
         "command": "asft-trl study knowledge " + " ".join(args.argv),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "settings": {**study_settings(args), "model_path": model_path},
-        "kl_coef": args.kl_coef, "seeds": args.seeds, "methods": methods,
+        "kl_coef": args.kl_coef,
+        "seeds": args.seeds,
+        "methods": methods,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
-                   f"{__import__('torch').get_num_threads()}",
-        "n_train": len(data.train), "n_ood": len(data.ood),
+        f"{__import__('torch').get_num_threads()}",
+        "n_train": len(data.train),
+        "n_ood": len(data.ood),
         "n_recall": {name: len(dataset) for name, dataset in data.recall.items()},
         "base": {k: v for k, v in base.items() if k != "token_probs"},
         "runs": {k: {str(seed): r for seed, r in v.items()} for k, v in runs.items()},
         "verdicts": verdicts,
-        "wall_seconds": time.perf_counter() - start, "trained_runs": trained, "reused_runs": len(plan) - trained,
-        "load_start": [round(x, 2) for x in load_start], "load_end": [round(x, 2) for x in os.getloadavg()],
+        "wall_seconds": time.perf_counter() - start,
+        "trained_runs": trained,
+        "reused_runs": len(plan) - trained,
+        "load_start": [round(x, 2) for x in load_start],
+        "load_end": [round(x, 2) for x in os.getloadavg()],
     }
     _atomic_json(doc.with_name(f"{stem}_results.json"), report)
     if verdicts:
         write_doc(doc, report, png.name, specs)
         for v in verdicts:
-            print(f"[study knowledge] {v['key']} {v['verdict']}: {v['claim']} (mean effect "
-                  f"{_fmt_effect(v['mean'], v['percent'])})")
+            print(
+                f"[study knowledge] {v['key']} {v['verdict']}: {v['claim']} (mean effect "
+                f"{_fmt_effect(v['mean'], v['percent'])})"
+            )
     else:
         print(f"[study knowledge] only {methods} ran: no verdicts, {doc} left as it is")
-    print(f"[study knowledge] wrote {png.name} and {stem}_results.json next to {doc} in "
-          f"{report['wall_seconds'] / 60:.1f} min")
+    print(
+        f"[study knowledge] wrote {png.name} and {stem}_results.json next to {doc} in "
+        f"{report['wall_seconds'] / 60:.1f} min"
+    )
     return report
 
 
@@ -627,20 +804,39 @@ def make_parser() -> argparse.ArgumentParser:
     from .quickstart.model import HUB_ID
 
     p = argparse.ArgumentParser(
-        prog="asft-trl study knowledge", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        epilog="The defaults are the study's design (docs/study.md, 'Knowledge study'); change them only for a pilot.")
-    p.add_argument("--model", default=HUB_ID, help="Model path or Hub id (default: the quickstart model; offline, "
-                   "its GGUF copy materialised under --model_cache_dir).")
-    p.add_argument("--model_cache_dir", default=os.path.join("outputs", "models"),
-                   help="Where the offline quickstart model is (or is materialised).")
-    p.add_argument("--output_dir", default=os.path.join("outputs", "study_knowledge"),
-                   help="One sub-folder per method and seed; finished runs there are reused.")
-    p.add_argument("--doc", default=os.path.join("docs", "study.md"),
-                   help="Report whose knowledge-study part is (re)written; <doc>_knowledge.png and "
-                   "<doc>_knowledge_results.json go next to it.")
+        prog="asft-trl study knowledge",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        epilog="The defaults are the study's design (docs/study.md, 'Knowledge study'); change them only for a pilot.",
+    )
+    p.add_argument(
+        "--model",
+        default=HUB_ID,
+        help="Model path or Hub id (default: the quickstart model; offline, "
+        "its GGUF copy materialised under --model_cache_dir).",
+    )
+    p.add_argument(
+        "--model_cache_dir",
+        default=os.path.join("outputs", "models"),
+        help="Where the offline quickstart model is (or is materialised).",
+    )
+    p.add_argument(
+        "--output_dir",
+        default=os.path.join("outputs", "study_knowledge"),
+        help="One sub-folder per method and seed; finished runs there are reused.",
+    )
+    p.add_argument(
+        "--doc",
+        default=os.path.join("docs", "study.md"),
+        help="Report whose knowledge-study part is (re)written; <doc>_knowledge.png and "
+        "<doc>_knowledge_results.json go next to it.",
+    )
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="Training seeds (LoRA initialisation, data order).")
-    p.add_argument("--methods", type=_methods, default=list(METHOD_KEYS),
-                   help="Subset of sft,dft,sft_kl,asft (verdicts and the report need all four).")
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default=list(METHOD_KEYS),
+        help="Subset of sft,dft,sft_kl,asft (verdicts and the report need all four).",
+    )
     p.add_argument("--kl_coef", type=float, default=0.05, help="lambda of SFT+KL and ASFT.")
     p.add_argument("--max_steps", type=int, default=200)
     p.add_argument("--per_device_train_batch_size", type=int, default=2)
@@ -651,21 +847,33 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_alpha", type=int, default=16)
     p.add_argument("--max_length", type=int, default=96)
     p.add_argument("--logging_steps", type=int, default=5)
-    p.add_argument("--probe_steps", type=int, default=50,
-                   help="Measure drift_kl, task_kl and trainset_* at log steps that are a multiple of this "
-                   "(and at step 0).")
+    p.add_argument(
+        "--probe_steps",
+        type=int,
+        default=50,
+        help="Measure drift_kl, task_kl and trainset_* at log steps that are a multiple of this (and at step 0).",
+    )
     p.add_argument("--save_steps", type=int, default=50, help="Checkpoint interval, for resuming an interrupted run.")
-    p.add_argument("--n_people", type=int, default=16,
-                   help="People whose facts are trained on (x4 facts x3 phrasings).")
+    p.add_argument(
+        "--n_people", type=int, default=16, help="People whose facts are trained on (x4 facts x3 phrasings)."
+    )
     p.add_argument("--n_heldout_people", type=int, default=4, help="People never trained on (the guessing control).")
     p.add_argument("--task_seed", type=int, default=0, help="Seed of the generated people and facts.")
     p.add_argument("--n_recall_seen", type=int, default=32, help="Trained questions scored for recall.")
-    p.add_argument("--recall_max_new_tokens", type=int, default=24,
-                   help="The longest answer is 21 tokens; the value ends the sentence.")
+    p.add_argument(
+        "--recall_max_new_tokens",
+        type=int,
+        default=24,
+        help="The longest answer is 21 tokens; the value ends the sentence.",
+    )
     p.add_argument("--ood_max_new_tokens", type=int, default=24)
-    p.add_argument("--num_threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs, 1 avoids the "
-                   "threads of one process waiting on each other.")
+    p.add_argument(
+        "--num_threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs, 1 avoids the "
+        "threads of one process waiting on each other.",
+    )
     return p
 
 
@@ -675,8 +883,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     args = parser.parse_args(argv)
-    for name in ("max_steps", "per_device_train_batch_size", "logging_steps", "probe_steps", "save_steps", "n_people",
-                 "max_length", "lora_r", "lora_alpha", "recall_max_new_tokens", "ood_max_new_tokens"):
+    for name in (
+        "max_steps",
+        "per_device_train_batch_size",
+        "logging_steps",
+        "probe_steps",
+        "save_steps",
+        "n_people",
+        "max_length",
+        "lora_r",
+        "lora_alpha",
+        "recall_max_new_tokens",
+        "ood_max_new_tokens",
+    ):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0 (got {getattr(args, name)})")
     if args.kl_coef <= 0:
@@ -684,11 +903,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_heldout_people <= 0:
         parser.error(f"--n_heldout_people must be > 0 (got {args.n_heldout_people}): the guessing control needs them")
     if args.max_steps % args.probe_steps:
-        parser.error(f"--max_steps {args.max_steps} must be a multiple of --probe_steps {args.probe_steps}, so that "
-                     "the last probe is at the end of training")
+        parser.error(
+            f"--max_steps {args.max_steps} must be a multiple of --probe_steps {args.probe_steps}, so that "
+            "the last probe is at the end of training"
+        )
     if args.probe_steps % args.logging_steps:
-        parser.error(f"--probe_steps {args.probe_steps} must be a multiple of --logging_steps {args.logging_steps}: "
-                     "the probes measure at log steps")
+        parser.error(
+            f"--probe_steps {args.probe_steps} must be a multiple of --logging_steps {args.logging_steps}: "
+            "the probes measure at log steps"
+        )
     args.argv = argv
     if args.num_threads:
         import torch

@@ -26,8 +26,10 @@ def held_out_report(trainer, eval_dataset, script_args) -> dict:
 
 def held_out_missing_note(test_split: str, splits) -> str:
     """Why a run has no held-out numbers before and after training: the split it names is not in the data."""
-    return (f"No held-out evaluation: the dataset has no {test_split!r} split (its splits: {sorted(splits)}), so "
-            "nothing was evaluated before and after training. Fix: set dataset_test_split to one of its splits.")
+    return (
+        f"No held-out evaluation: the dataset has no {test_split!r} split (its splits: {sorted(splits)}), so "
+        "nothing was evaluated before and after training. Fix: set dataset_test_split to one of its splits."
+    )
 
 
 def _last(history: list[dict], key: str):
@@ -50,8 +52,11 @@ def print_summary(trainer, before: dict, after: dict, note: str | None = None) -
     ]
     unlearnable = [e for e in getattr(trainer, "special_token_report", None) or [] if e["warned"]]
     if unlearnable:
-        lines.append("  special tokens DFT may not learn (starting model's mean probability): " + ", ".join(
-            f"{e['token']!r} {e['mean_probability']:.2g}" for e in unlearnable) + " -- see the warning at the start")
+        lines.append(
+            "  special tokens DFT may not learn (starting model's mean probability): "
+            + ", ".join(f"{e['token']!r} {e['mean_probability']:.2g}" for e in unlearnable)
+            + " -- see the warning at the start"
+        )
     dropped = {k: v for k, v in getattr(trainer, "dropped_examples", {}).items() if v}
     if dropped:
         lines.append(f"  examples dropped (completion truncated to nothing): {dropped}")

@@ -87,7 +87,6 @@ class ASFTScriptArguments(ScriptArguments):
         },
     )
 
-
     def __post_init__(self):
         if isinstance(self.dataset_format, str) and self.dataset_format.lower() in ("", "none", "null"):
             self.dataset_format = None
@@ -119,8 +118,13 @@ def check_output_dir(output_dir: str, resume_from_checkpoint, overwrite: bool) -
     path = Path(output_dir)
     if resume_from_checkpoint or overwrite or not path.is_dir():
         return
-    previous = sorted(p.name for p in path.iterdir() if p.name.startswith("checkpoint-") or p.suffix in (
-        ".safetensors", ".bin") or p.name in ("trainer_state.json", "adapter_config.json", "config.json"))
+    previous = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.name.startswith("checkpoint-")
+        or p.suffix in (".safetensors", ".bin")
+        or p.name in ("trainer_state.json", "adapter_config.json", "config.json")
+    )
     if previous:
         raise FileExistsError(
             f"output_dir={output_dir!r} already holds a run ({', '.join(previous[:4])}). Fix: resume it with "
@@ -154,12 +158,15 @@ def prepare_training_data(splits, script_args: ASFTScriptArguments, training_arg
         print("Data: " + "\n      ".join(report.summary() for report in reports))
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "data_preparation.json"), "w") as f:
-            json.dump({"dataset_name": script_args.dataset_name, "splits": [r.to_dict() for r in reports]}, f, indent=2)
+            json.dump(
+                {"dataset_name": script_args.dataset_name, "splits": [r.to_dict() for r in reports]}, f, indent=2
+            )
     return splits
 
 
-def check_run(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig,
-              dataset_args=None) -> None:
+def check_run(
+    script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig, dataset_args=None
+) -> None:
     """What can be checked about a run without loading anything: an earlier run in `output_dir`, a dataset named and
     where it comes from, the model's and the reference's paths. The config fields themselves were checked when they
     were parsed. `asft-trl train` calls this before it launches anything, so a bad recipe fails in seconds."""
@@ -167,21 +174,31 @@ def check_run(script_args: ASFTScriptArguments, training_args: ASFTConfig, model
     from .paths import check_dataset_source, check_model_source
     from .quickstart.model import HUB_ID
 
-    check_output_dir(training_args.output_dir, _resume_value(training_args.resume_from_checkpoint),
-                     script_args.overwrite_output_dir)
+    check_output_dir(
+        training_args.output_dir, _resume_value(training_args.resume_from_checkpoint), script_args.overwrite_output_dir
+    )
     check_dataset_given(script_args, dataset_args)
     if not (dataset_args is not None and getattr(dataset_args, "datasets", None)):
         check_dataset_source(script_args.dataset_name, "dataset_name")
     if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path is not set. Fix: name the model to fine-tune in the recipe "
-                         "(`model_name_or_path: Qwen/Qwen2.5-0.5B`, or a local folder) or with --model_name_or_path.")
+        raise ValueError(
+            "model_name_or_path is not set. Fix: name the model to fine-tune in the recipe "
+            "(`model_name_or_path: Qwen/Qwen2.5-0.5B`, or a local folder) or with --model_name_or_path."
+        )
     if model_args.model_name_or_path != HUB_ID:  # the quickstart model falls back to its offline copy
-        check_model_source(model_args.model_name_or_path, "model_name_or_path",
-                           cache_dir=(training_args.model_init_kwargs or {}).get("cache_dir"),
-                           revision=model_args.model_revision)
+        check_model_source(
+            model_args.model_name_or_path,
+            "model_name_or_path",
+            cache_dir=(training_args.model_init_kwargs or {}).get("cache_dir"),
+            revision=model_args.model_revision,
+        )
     ref_kwargs = training_args.ref_model_init_kwargs or training_args.model_init_kwargs or {}
-    check_model_source(training_args.ref_model_name_or_path, "ref_model_name_or_path",
-                       cache_dir=ref_kwargs.get("cache_dir"), revision=ref_kwargs.get("revision"))
+    check_model_source(
+        training_args.ref_model_name_or_path,
+        "ref_model_name_or_path",
+        cache_dir=ref_kwargs.get("cache_dir"),
+        revision=ref_kwargs.get("revision"),
+    )
 
 
 def check_launch(training_args: ASFTConfig) -> None:
@@ -258,7 +275,9 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
-    logger.info(f"Method: {training_args.method_name} (loss_type={training_args.loss_type}, kl_coef={training_args.kl_coef})")
+    logger.info(
+        f"Method: {training_args.method_name} (loss_type={training_args.loss_type}, kl_coef={training_args.kl_coef})"
+    )
     if script_args.log_drift:
         from .diagnostics.drift import add_drift_callback
 
@@ -271,8 +290,13 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=script_args.dataset_name)
     if trainer.accelerator.is_main_process:
-        report = {"method": training_args.method_name, "before": before, "after": after,
-                  "dropped_examples": trainer.dropped_examples, "empty_completions": trainer.empty_completions}
+        report = {
+            "method": training_args.method_name,
+            "before": before,
+            "after": after,
+            "dropped_examples": trainer.dropped_examples,
+            "empty_completions": trainer.empty_completions,
+        }
         if eval_split is None:
             report["note"] = held_out_missing_note(script_args.dataset_test_split, splits)
         with open(os.path.join(training_args.output_dir, "held_out.json"), "w") as f:

@@ -36,9 +36,8 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model, maybe_gather_lm_head_ctx
 
-from . import lm_head
+from . import lm_head, reference_cache
 from . import reference as ref_utils
-from . import reference_cache
 from .config import ASFTConfig
 from .data.checks import check_dataset_format, report_dropped, report_empty_completions
 from .diagnostics.special_tokens import SpecialTokenCheck
@@ -102,13 +101,15 @@ class ASFTTrainer(SFTTrainer):
         # A path that is neither a folder nor a Hub id fails here, by name, not inside a loader half a minute later
         if isinstance(model, str):
             init_kwargs = args.model_init_kwargs or {}
-            check_model_source(model, "model", cache_dir=init_kwargs.get("cache_dir"),
-                               revision=init_kwargs.get("revision"))
+            check_model_source(
+                model, "model", cache_dir=init_kwargs.get("cache_dir"), revision=init_kwargs.get("revision")
+            )
         if isinstance(ref_model, str):
             field = "ref_model_name_or_path" if ref_model == args.ref_model_name_or_path else "ref_model"
             ref_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs or {}
-            check_model_source(ref_model, field, cache_dir=ref_kwargs.get("cache_dir"),
-                               revision=ref_kwargs.get("revision"))
+            check_model_source(
+                ref_model, field, cache_dir=ref_kwargs.get("cache_dir"), revision=ref_kwargs.get("revision")
+            )
         # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
         self.dropped_examples: dict[str, int] = {}
         self.empty_completions: dict[str, int] = {}
@@ -144,7 +145,10 @@ class ASFTTrainer(SFTTrainer):
         self._kl_coef_schedule = None
         if args.kl_coef > 0 and args.kl_coef_schedule != "constant":
             self._kl_coef_schedule = KLCoefSchedule(
-                args.kl_coef_schedule, args.kl_coef, args.kl_coef_warmup_steps, args.kl_coef_final,
+                args.kl_coef_schedule,
+                args.kl_coef,
+                args.kl_coef_warmup_steps,
+                args.kl_coef_final,
                 args.kl_coef_milestones or {},
             )
         if args.kl_coef > 0 and args.kl_target is not None:
@@ -169,8 +173,9 @@ class ASFTTrainer(SFTTrainer):
             ref_vocab = ref_utils.reference_vocab_size_from_path(ref_model, args.trust_remote_code)
         else:
             ref_vocab = ref_utils.output_vocab_size(ref_model)
-        ref_utils.check_same_vocabulary(policy_vocab, ref_vocab, repr(ref_model if isinstance(ref_model, str) else
-                                                                   type(ref_model).__name__))
+        ref_utils.check_same_vocabulary(
+            policy_vocab, ref_vocab, repr(ref_model if isinstance(ref_model, str) else type(ref_model).__name__)
+        )
 
     def _build_reference(self, ref_model, args: ASFTConfig):
         """Return the reference model to keep, or None when the adapters-off policy (or nothing) is the reference."""
@@ -238,7 +243,9 @@ class ASFTTrainer(SFTTrainer):
                     "or `ref_model_name_or_path`), or load it yourself with a `BitsAndBytesConfig`."
                 )
             ref_model = ref_utils.cast_reference(ref_model, args.ref_model_dtype)
-        ref_utils.check_same_vocabulary(ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), name)
+        ref_utils.check_same_vocabulary(
+            ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), name
+        )
         ref_utils.freeze(ref_model, disable_dropout=True)
         lm_head.patch_forward(ref_model)
         return ref_model, name
@@ -280,9 +287,15 @@ class ASFTTrainer(SFTTrainer):
         # A per-token KL estimator needs only the anchor's log-probability of each target: one float per token
         store = "topk" if args.kl_estimator == "full" else "token"
         options = dict(
-            run_backbone=run_backbone, head=head, collator=self.data_collator, k=args.precompute_ref_topk,
-            batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size, cache_dir=cache_dir,
-            reference_id=reference_id, device=self.args.device, store=store,
+            run_backbone=run_backbone,
+            head=head,
+            collator=self.data_collator,
+            k=args.precompute_ref_topk,
+            batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size,
+            cache_dir=cache_dir,
+            reference_id=reference_id,
+            device=self.args.device,
+            store=store,
         )
         was_training = runner.training
         runner.eval()
@@ -300,8 +313,10 @@ class ASFTTrainer(SFTTrainer):
             runner.train(was_training)
         self.data_collator = reference_cache.ReferenceColumnsCollator(self.data_collator, store=store)
         if store == "token":
-            logger.info(f"Precomputed the reference ({name}) into {cache_dir}: its log-probability of each completion "
-                        f"token, for kl_estimator={args.kl_estimator!r}.")
+            logger.info(
+                f"Precomputed the reference ({name}) into {cache_dir}: its log-probability of each completion "
+                f"token, for kl_estimator={args.kl_estimator!r}."
+            )
             return
         self.precomputed_top_k_mass = reference_cache.mean_top_k_mass(self.train_dataset)
         message = (
@@ -335,7 +350,11 @@ class ASFTTrainer(SFTTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self.args.precompute_ref_log_probs and reference_cache.COLUMNS[0] not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, *reference_cache.COLUMNS, reference_cache.TOKEN_COLUMN]
+            self._signature_columns = [
+                *self._signature_columns,
+                *reference_cache.COLUMNS,
+                reference_cache.TOKEN_COLUMN,
+            ]
 
     @staticmethod
     def _uses_own_loss(args: ASFTConfig) -> bool:
@@ -363,7 +382,11 @@ class ASFTTrainer(SFTTrainer):
             problem = lm_head.fused_head_problem(self._ref_lm)
         if problem is None and self.aux_loss_enabled:
             problem = "the MoE router's auxiliary loss is enabled"
-        if problem is None and self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+        if (
+            problem is None
+            and self.is_fsdp_enabled
+            and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1
+        ):
             problem = "FSDP1 keeps the head's parameters flattened outside the forward (FSDP2 is supported)"
         if problem is not None:
             logger.warning(f"The fused ASFT loss is not used because {problem}; the plain loss builds full logits.")
@@ -389,8 +412,9 @@ class ASFTTrainer(SFTTrainer):
         if self._reference_adapter is None or not is_peft_model(self.model):
             return super()._save(output_dir, state_dict)
         trained = [name for name in self.model.peft_config if name != self._reference_adapter]
-        self.model.save_pretrained = functools.partial(type(self.model).save_pretrained, self.model,
-                                                       selected_adapters=trained)
+        self.model.save_pretrained = functools.partial(
+            type(self.model).save_pretrained, self.model, selected_adapters=trained
+        )
         try:
             super()._save(output_dir, state_dict)
         finally:
@@ -411,10 +435,20 @@ class ASFTTrainer(SFTTrainer):
             lines = f.read().split("\n")
         base = ref_utils.get_config_model_id(self.model.config)
         hub_base = bool(base) and not os.path.isdir(base)
-        base_text = f"[{base}](https://huggingface.co/{base})" if hub_base else (
-            f"the local model `{base}`" if base else "a model built in memory")
-        data_text = f" on the local data `{dataset_name}`" if local_data else (
-            f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset" if dataset_name else "")
+        base_text = (
+            f"[{base}](https://huggingface.co/{base})"
+            if hub_base
+            else (f"the local model `{base}`" if base else "a model built in memory")
+        )
+        data_text = (
+            f" on the local data `{dataset_name}`"
+            if local_data
+            else (
+                f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset"
+                if dataset_name
+                else ""
+            )
+        )
         for i, line in enumerate(lines):
             if line.startswith("This model is a fine-tuned version of "):
                 lines[i] = f"This model is a fine-tuned version of {base_text}{data_text}."
@@ -499,7 +533,8 @@ class ASFTTrainer(SFTTrainer):
                     # A sharded reference head is gathered in the dtype the policy's head has here (FSDP2 mixed
                     # precision), so that at step 0 both are the same matrix
                     ref_weight, ref_bias = (
-                        (weight, bias) if self._ref_lm is None
+                        (weight, bias)
+                        if self._ref_lm is None
                         else lm_head.head_parameters(self._ref_lm, dtype=weight.dtype)
                     )
                 heads = {id(t): t for t in (weight, bias, ref_weight, ref_bias) if t is not None}
@@ -520,12 +555,15 @@ class ASFTTrainer(SFTTrainer):
                     result["loss"], result["terms"] = chunked_asft_loss(
                         **fused_inputs,
                         ref_topk=None if ref_topk is None else ref_topk.to(weight.device),
-                        ref_token_log_probs=None if ref_token_log_probs is None else ref_token_log_probs.to(weight.device),
+                        ref_token_log_probs=None
+                        if ref_token_log_probs is None
+                        else ref_token_log_probs.to(weight.device),
                         **loss_kwargs,
                     )
                     if measure_full_kl:
                         result["full_kl"] = chunked_asft_loss(
-                            **fused_inputs, **{**loss_kwargs, "kl_estimator": "full", "kl_coef": 0.0})[1].kl
+                            **fused_inputs, **{**loss_kwargs, "kl_estimator": "full", "kl_coef": 0.0}
+                        )[1].kl
                 return CausalLMOutputWithPast(loss=result["loss"])
 
             outputs = model(**model_inputs, asft_loss_fn=fused_loss)
@@ -540,12 +578,19 @@ class ASFTTrainer(SFTTrainer):
             if anchored and stored is None:
                 ref_logits = self._run_reference(model, model_inputs).logits
                 ref_logits = (ref_logits if shifted else ref_logits[:, :-1])[mask]
-            loss, terms = asft_loss(policy_logits[mask], labels[mask], ref_logits, ref_topk=ref_topk,
-                                    ref_token_log_probs=ref_token_log_probs, **loss_kwargs)
+            loss, terms = asft_loss(
+                policy_logits[mask],
+                labels[mask],
+                ref_logits,
+                ref_topk=ref_topk,
+                ref_token_log_probs=ref_token_log_probs,
+                **loss_kwargs,
+            )
             if measure_full_kl:
                 with torch.no_grad():
-                    full_kl = asft_token_terms(policy_logits[mask], labels[mask], ref_logits,
-                                               kl_direction=self.args.kl_direction).kl
+                    full_kl = asft_token_terms(
+                        policy_logits[mask], labels[mask], ref_logits, kl_direction=self.args.kl_direction
+                    ).kl
         # Like TRL: `num_items_in_batch` counts the tokens of every process, and DDP averages gradients across them
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -667,7 +712,9 @@ class ASFTTrainer(SFTTrainer):
                 local = inputs["attention_mask"].sum()
             else:  # padding-free: one row of packed tokens
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-            self._total_train_tokens += self.accelerator.gather_for_metrics(local.reshape(1)).sum().item() // self._tp_size
+            self._total_train_tokens += (
+                self.accelerator.gather_for_metrics(local.reshape(1)).sum().item() // self._tp_size
+            )
         metrics["num_tokens"] = [self._total_train_tokens]
 
     # ------------------------------------------------------------------ lambda schedules and adaptive anchoring
@@ -743,8 +790,9 @@ class AdaptiveKLCallback(TrainerCallback, ExportableState):
     The controller's settings are the current run's; only lambda (and the counters) come from the checkpoint.
     """
 
-    def __init__(self, kl_coef: float, target: float, horizon: float, error_clip: float,
-                 controller_state: dict | None = None):
+    def __init__(
+        self, kl_coef: float, target: float, horizon: float, error_clip: float, controller_state: dict | None = None
+    ):
         self.controller = AdaptiveKLController(kl_coef, target, horizon, error_clip)
         if controller_state is not None:
             self.controller.load_state_dict(controller_state)
@@ -781,7 +829,12 @@ class AdaptiveKLCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         controller = self.controller
         return {
-            "args": {"kl_coef": controller.kl_coef, "target": controller.target, "horizon": controller.horizon,
-                     "error_clip": controller.error_clip, "controller_state": controller.state_dict()},
+            "args": {
+                "kl_coef": controller.kl_coef,
+                "target": controller.target,
+                "horizon": controller.horizon,
+                "error_clip": controller.error_clip,
+                "controller_state": controller.state_dict(),
+            },
             "attributes": {},
         }

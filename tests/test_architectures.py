@@ -21,8 +21,18 @@ ATOL = 2e-5
 
 
 def _train(model_path, dataset, out, fused: bool, learning_rate: float, **overrides):
-    args = make_args(out, max_steps=STEPS, learning_rate=learning_rate, optim="sgd", max_grad_norm=0.0,
-                     lr_scheduler_type="constant", use_fused_loss=fused, kl_coef=0.5, loss_chunk_size=7, **overrides)
+    args = make_args(
+        out,
+        max_steps=STEPS,
+        learning_rate=learning_rate,
+        optim="sgd",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        use_fused_loss=fused,
+        kl_coef=0.5,
+        loss_chunk_size=7,
+        **overrides,
+    )
     trainer = ASFTTrainer(model_path, args=args, train_dataset=dataset)
     assert trainer.use_fused_loss is fused
     start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -65,8 +75,15 @@ def test_moe_with_its_router_loss_trains_on_the_plain_loss(pc_dataset, tmp_path,
     """With TRL's default router auxiliary loss the fused loss steps aside (it has no router term): the plain loss
     trains, with KL 0 at step 0 and the auxiliary loss in the objective."""
     path = tiny.build_arch_model(tmp_path / "model", "qwen3_moe")
-    args = make_args(tmp_path / "out", max_steps=STEPS, learning_rate=50.0, optim="sgd", max_grad_norm=0.0,
-                     lr_scheduler_type="constant", kl_coef=0.5)
+    args = make_args(
+        tmp_path / "out",
+        max_steps=STEPS,
+        learning_rate=50.0,
+        optim="sgd",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        kl_coef=0.5,
+    )
     with caplog.at_level("WARNING"):
         trainer = ASFTTrainer(path, args=args, train_dataset=pc_dataset)
     assert trainer.aux_loss_enabled and not trainer.use_fused_loss

@@ -112,30 +112,43 @@ def test_help_lists_every_field(capsys):
     assert exit.value.code == 0
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--kl_coef", "-1"], "kl_coef=-1.0 is invalid"),
-    (["--kl_direction", "sideways"], "invalid choice: 'sideways'"),
-    (["--loss_type", "ce"], "invalid choice: 'ce'"),
-    (["--kl_coef_schedule", "cosine", "--kl_coef", "0"], "needs an anchor"),
-    (["--use_liger_kernel", "true"], "use_liger_kernel=True does not go with the ASFT loss"),
-    (["--ref_model_name_or_path", "/nonexistent"], "ref_model_name_or_path='/nonexistent' is neither a local folder"),
-    (["--model_name_or_path", "./no/such-model"], "model_name_or_path='./no/such-model' is neither a local folder"),
-    (["--model_name_or_path", "no-such-org/no-such-model"], "not in the local Hub cache while the Hub is offline"),
-    (["--dataset_name", "missing.jsonl"], "dataset_name='missing.jsonl' is neither an existing local file"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--kl_coef", "-1"], "kl_coef=-1.0 is invalid"),
+        (["--kl_direction", "sideways"], "invalid choice: 'sideways'"),
+        (["--loss_type", "ce"], "invalid choice: 'ce'"),
+        (["--kl_coef_schedule", "cosine", "--kl_coef", "0"], "needs an anchor"),
+        (["--use_liger_kernel", "true"], "use_liger_kernel=True does not go with the ASFT loss"),
+        (
+            ["--ref_model_name_or_path", "/nonexistent"],
+            "ref_model_name_or_path='/nonexistent' is neither a local folder",
+        ),
+        (
+            ["--model_name_or_path", "./no/such-model"],
+            "model_name_or_path='./no/such-model' is neither a local folder",
+        ),
+        (["--model_name_or_path", "no-such-org/no-such-model"], "not in the local Hub cache while the Hub is offline"),
+        (["--dataset_name", "missing.jsonl"], "dataset_name='missing.jsonl' is neither an existing local file"),
+    ],
+)
 def test_bad_recipe_value_fails_before_launch(overrides, message, tiny_model_path, tmp_path, capsys, no_launch):
     recipe = write_recipe(tmp_path, tiny_model_path)
     assert message in train_error(capsys, "--config", recipe, *overrides)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("kl_direction", "sideways", "kl_direction='sideways' is not supported"),
-    ("loss_type", "ce", "loss_type='ce' is not supported"),
-    ("kl_coef", -0.5, "kl_coef=-0.5 is invalid"),
-])
-def test_bad_value_in_the_recipe_file_fails_before_launch(field, value, message, tiny_model_path, tmp_path, capsys,
-                                                           no_launch):
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("kl_direction", "sideways", "kl_direction='sideways' is not supported"),
+        ("loss_type", "ce", "loss_type='ce' is not supported"),
+        ("kl_coef", -0.5, "kl_coef=-0.5 is invalid"),
+    ],
+)
+def test_bad_value_in_the_recipe_file_fails_before_launch(
+    field, value, message, tiny_model_path, tmp_path, capsys, no_launch
+):
     """argparse checks choices on the command line only: a recipe's own values reach the config's validation."""
     recipe = write_recipe(tmp_path, tiny_model_path, **{field: value})
     assert message in train_error(capsys, "--config", recipe)
@@ -168,6 +181,7 @@ def test_cpu_launch_passes_accelerates_defaults(monkeypatch, tiny_model_path, tm
 
     import accelerate.commands.config as accelerate_config
     import accelerate.commands.launch as launch
+
     from asft_trl import cli
 
     monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "none.yaml"))
@@ -188,6 +202,7 @@ def test_cpu_launch_passes_accelerates_defaults(monkeypatch, tiny_model_path, tm
 def test_accelerate_config_is_resolved(monkeypatch, tiny_model_path, tmp_path):
     """`accelerate_config` (a TRL name or a path) becomes `accelerate launch --config_file ...`."""
     import accelerate.commands.launch as launch
+
     from asft_trl import cli
 
     seen = {}
@@ -203,8 +218,12 @@ def test_accelerate_config_is_resolved(monkeypatch, tiny_model_path, tmp_path):
 def _launch_args(world_size: int, distributed_type: str = "NO", use_cpu: bool = False, fsdp=()):
     from types import SimpleNamespace
 
-    return SimpleNamespace(world_size=world_size, use_cpu=use_cpu, fsdp=list(fsdp),
-                           distributed_state=SimpleNamespace(distributed_type=distributed_type))
+    return SimpleNamespace(
+        world_size=world_size,
+        use_cpu=use_cpu,
+        fsdp=list(fsdp),
+        distributed_state=SimpleNamespace(distributed_type=distributed_type),
+    )
 
 
 def test_multi_process_launch_that_is_not_distributed_is_refused(monkeypatch, tmp_path):
@@ -262,8 +281,9 @@ def test_run_without_held_out_split_says_why_in_held_out_json(tiny_model_path, t
     assert trainer.state.global_step == 1
 
 
-def test_offline_hub_id_is_looked_up_at_its_revision_and_cache_dir(monkeypatch, tiny_model_path, tmp_path, capsys,
-                                                                    no_launch):
+def test_offline_hub_id_is_looked_up_at_its_revision_and_cache_dir(
+    monkeypatch, tiny_model_path, tmp_path, capsys, no_launch
+):
     """Offline, a Hub id passes when the local cache holds it at the recipe's revision (no false refusal)."""
     import huggingface_hub
 

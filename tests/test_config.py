@@ -9,7 +9,14 @@ from trl import SFTConfig
 
 from asft_trl import ASFTConfig
 
-NEW_FIELDS = ["kl_coef", "kl_direction", "loss_type", "ref_model_name_or_path", "ref_model_init_kwargs", "disable_dropout"]
+NEW_FIELDS = [
+    "kl_coef",
+    "kl_direction",
+    "loss_type",
+    "ref_model_name_or_path",
+    "ref_model_init_kwargs",
+    "disable_dropout",
+]
 
 
 def test_defaults_are_the_papers_asft(tmp_path):
@@ -20,7 +27,8 @@ def test_defaults_are_the_papers_asft(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "loss_type, kl_coef, name", [("nll", 0.0, "SFT"), ("dft", 0.0, "DFT"), ("nll", 0.1, "SFT+KL"), ("dft", 0.1, "ASFT")]
+    "loss_type, kl_coef, name",
+    [("nll", 0.0, "SFT"), ("dft", 0.0, "DFT"), ("nll", 0.1, "SFT+KL"), ("dft", 0.1, "ASFT")],
 )
 def test_four_methods_are_two_switches(tmp_path, loss_type, kl_coef, name):
     assert ASFTConfig(output_dir=str(tmp_path), loss_type=loss_type, kl_coef=kl_coef).method_name == name

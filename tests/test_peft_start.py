@@ -58,8 +58,9 @@ def count_llamas() -> int:
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_new_adapter_is_anchored_to_the_base_model(path, tiny_model_path, pc_dataset, tmp_path):
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, **PATHS[path]), train_dataset=pc_dataset,
-                          peft_config=lora_config())
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path, **PATHS[path]), train_dataset=pc_dataset, peft_config=lora_config()
+    )
     assert trainer.ref_model is None and REFERENCE_ADAPTER not in trainer.model.peft_config
     assert_zero(first_kl(trainer, path), path)
 
@@ -68,8 +69,9 @@ def test_new_adapter_is_anchored_to_the_base_model(path, tiny_model_path, pc_dat
 def test_given_adapter_is_part_of_the_anchor(path, tiny_model_path, pc_dataset, tmp_path):
     model = trained_peft_model(tiny_model_path)
     baseline = count_llamas()
-    trainer = ASFTTrainer(model, args=make_args(tmp_path, save_strategy="steps", save_steps=2, **PATHS[path]),
-                          train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        model, args=make_args(tmp_path, save_strategy="steps", save_steps=2, **PATHS[path]), train_dataset=pc_dataset
+    )
     assert trainer.ref_model is None and count_llamas() == baseline  # no second model
     assert_zero(first_kl(trainer, path), path)
     if path == "precomputed":
@@ -97,8 +99,9 @@ def test_fresh_peft_model_and_a_second_trainer_on_the_same_model(tiny_model_path
     object (a notebook cell run again) anchors to the model as it is then, replacing the first one's copy."""
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), lora_config())
     for run in range(2):
-        trainer = ASFTTrainer(model, args=make_args(tmp_path / str(run), max_steps=2, learning_rate=5e-2),
-                              train_dataset=pc_dataset)
+        trainer = ASFTTrainer(
+            model, args=make_args(tmp_path / str(run), max_steps=2, learning_rate=5e-2), train_dataset=pc_dataset
+        )
         assert first_kl(trainer, "fused") == 0.0
         assert [h["kl"] for h in trainer.state.log_history if "kl" in h][-1] > 0
         assert list(model.peft_config) == ["default", REFERENCE_ADAPTER]

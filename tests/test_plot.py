@@ -21,15 +21,22 @@ def write_run(path, method_name, loss_type, kl_coef, metrics, steps=(5, 10, 15),
             history.append({"step": step, **{m: 0.5 + 0.1 * i for m in eval_metrics}})
     history.append({"step": steps[-1], "train_runtime": 12.0, "train_loss": 1.0})
     (path / "trainer_state.json").write_text(json.dumps({"global_step": steps[-1], "log_history": history}))
-    (path / "asft_run.json").write_text(json.dumps({"method_name": method_name, "loss_type": loss_type,
-                                                    "kl_coef": kl_coef, "kl_direction": "forward"}))
+    (path / "asft_run.json").write_text(
+        json.dumps({"method_name": method_name, "loss_type": loss_type, "kl_coef": kl_coef, "kl_direction": "forward"})
+    )
     return path
 
 
 @pytest.fixture
 def two_runs(tmp_path):
-    asft = write_run(tmp_path / "asft", "ASFT", "dft", 0.05, ["loss", "nll", "kl", "dft_weight_ess", "drift_kl"],
-                     eval_metrics=["eval_loss", "eval_kl"])
+    asft = write_run(
+        tmp_path / "asft",
+        "ASFT",
+        "dft",
+        0.05,
+        ["loss", "nll", "kl", "dft_weight_ess", "drift_kl"],
+        eval_metrics=["eval_loss", "eval_kl"],
+    )
     sft = write_run(tmp_path / "sft", "SFT", "nll", 0.0, ["loss", "nll", "dft_weight_ess", "drift_kl"])
     return asft, sft
 
@@ -109,8 +116,9 @@ def test_end_of_run_curves(tiny_model_path, pc_dataset, tmp_path):
     from asft_trl import ASFTTrainer
     from conftest import make_args
 
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path / "run", kl_coef=0.1, max_steps=2),
-                          train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path / "run", kl_coef=0.1, max_steps=2), train_dataset=pc_dataset
+    )
     trainer.train()
     out = write_run_curves(trainer)
     assert out == tmp_path / "run" / "curves.png" and out.is_file()
@@ -125,12 +133,36 @@ def test_training_script_writes_its_curves_with_drift(tiny_model_path, tmp_path,
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(8)))
     out = tmp_path / "out"
-    train.main(*train.parse([
-        "--model_name_or_path", tiny_model_path, "--dataset_name", str(data), "--output_dir", str(out),
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
-        "--save_strategy", "no", "--gradient_checkpointing", "false", "--kl_coef", "0", "--loss_type", "dft",
-        "--log_drift", "true",
-    ]))
+    train.main(
+        *train.parse(
+            [
+                "--model_name_or_path",
+                tiny_model_path,
+                "--dataset_name",
+                str(data),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "2",
+                "--logging_steps",
+                "1",
+                "--report_to",
+                "none",
+                "--save_strategy",
+                "no",
+                "--gradient_checkpointing",
+                "false",
+                "--kl_coef",
+                "0",
+                "--loss_type",
+                "dft",
+                "--log_drift",
+                "true",
+            ]
+        )
+    )
     assert (out / "curves.png").is_file()
     assert "was not logged" not in caplog.text  # the end-of-run figure draws what the run logged (no `kl` here)
     run = load_run(out)

@@ -23,10 +23,37 @@ def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
     doc = tmp_path / "docs" / "study.md"
     doc.parent.mkdir()
     doc.write_text("# My study\n\nHand-written reading of the results.\n")
-    argv = ["study", "--model", tiny_model_path, "--output_dir", str(tmp_path / "runs"), "--doc", str(doc),
-            "--max_steps", "2", "--logging_steps", "1", "--drift_steps", "2", "--per_device_train_batch_size", "2",
-            "--n_train", "8", "--n_eval", "4", "--sweep", "0,0.5", "--learning_rate", "1e-2",
-            "--ood_max_new_tokens", "4", "--max_length", "200", "--lora_r", "4"]
+    argv = [
+        "study",
+        "--model",
+        tiny_model_path,
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--doc",
+        str(doc),
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--drift_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--n_train",
+        "8",
+        "--n_eval",
+        "4",
+        "--sweep",
+        "0,0.5",
+        "--learning_rate",
+        "1e-2",
+        "--ood_max_new_tokens",
+        "4",
+        "--max_length",
+        "200",
+        "--lora_r",
+        "4",
+    ]
     assert cli.main(argv) == 0
     report = json.loads((tmp_path / "docs" / "study_results.json").read_text())
     assert [r["label"] for r in report["methods"]] == ["SFT", "DFT", "SFT+KL λ=0.05", "ASFT λ=0.05"]
@@ -54,9 +81,15 @@ def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
         cli.main([*argv[:-2], "--lora_r", "2"])
 
 
-@pytest.mark.parametrize("bad, message", [(["--sweep", "0,x"], "comma-separated"), (["--sweep", "-1"], ">= 0"),
-                                          (["--max_steps", "0"], "max_steps must be > 0"),
-                                          (["--kl_coef", "0"], "kl_coef must be > 0")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--sweep", "0,x"], "comma-separated"),
+        (["--sweep", "-1"], ">= 0"),
+        (["--max_steps", "0"], "max_steps must be > 0"),
+        (["--kl_coef", "0"], "kl_coef must be > 0"),
+    ],
+)
 def test_bad_arguments_are_refused(bad, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(["study", *bad])

@@ -84,8 +84,9 @@ def test_gradient_is_that_of_the_coarsened_kl(kl_direction):
     hidden, weight, ref_hidden, labels = _case(seed=2)
     ref = _reference(ref_hidden, weight, 4)
     logits = (hidden @ weight.t()).requires_grad_()
-    asft_loss(logits, labels, ref_topk=ref, kl_coef=1.0, loss_type="nll", kl_direction=kl_direction,
-              num_items_in_batch=1)[0].backward()
+    asft_loss(
+        logits, labels, ref_topk=ref, kl_coef=1.0, loss_type="nll", kl_direction=kl_direction, num_items_in_batch=1
+    )[0].backward()
 
     direct = (hidden @ weight.t()).requires_grad_()
     log_p = torch.log_softmax(direct, -1)

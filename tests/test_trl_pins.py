@@ -19,8 +19,15 @@ def test_sft_trainer_private_hooks():
     assert params == ["self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"]
     source = inspect.getsource(SFTTrainer.__init__)
     # Metrics mechanism, token counting, MoE aux loss and model tags that compute_loss reuses
-    for name in ("self._metrics", "self._total_train_tokens", "self._tp_size", "self.aux_loss_enabled",
-                 "self.router_aux_loss_coef", "self._tag_names", "add_fused_lm_head"):
+    for name in (
+        "self._metrics",
+        "self._total_train_tokens",
+        "self._tp_size",
+        "self.aux_loss_enabled",
+        "self.router_aux_loss_coef",
+        "self._tag_names",
+        "add_fused_lm_head",
+    ):
         assert name in source, name
     assert "_name" in vars(SFTTrainer) and "_tag_names" in vars(SFTTrainer)
     assert hasattr(SFTTrainer, "_paper") and hasattr(SFTTrainer, "get_tp_size")
@@ -57,8 +64,9 @@ def test_transformers_counts_items_for_models_that_accept_loss_kwargs():
     """ASFTTrainer sets `model_accepts_loss_kwargs = True` so `num_items_in_batch` is always counted."""
     from transformers import Trainer
 
-    assert "self.model_accepts_loss_kwargs" in inspect.getsource(Trainer._get_num_items_in_batch) or \
-        "model_accepts_loss_kwargs" in inspect.getsource(Trainer)
+    assert "self.model_accepts_loss_kwargs" in inspect.getsource(
+        Trainer._get_num_items_in_batch
+    ) or "model_accepts_loss_kwargs" in inspect.getsource(Trainer)
     assert hasattr(Trainer, "loss_is_scaled_for_ga")
 
 
@@ -78,6 +86,13 @@ def test_the_last_micro_batch_is_marked_before_its_training_step_and_clipped_aft
     from transformers import Trainer
 
     source = inspect.getsource(Trainer._run_epoch)
-    order = [source.index(s) for s in ("_set_sync_gradients(do_sync_step)", "self.training_step(",
-                                       "self._clip_grad_norm(", "self.optimizer.step()")]
+    order = [
+        source.index(s)
+        for s in (
+            "_set_sync_gradients(do_sync_step)",
+            "self.training_step(",
+            "self._clip_grad_norm(",
+            "self.optimizer.step()",
+        )
+    ]
     assert order == sorted(order), order

@@ -40,23 +40,31 @@ logger = logging.getLogger(__name__)
 # facts, short explanations, advice and a little code. Answers are short so the measure stays cheap on a CPU.
 GENERAL_PROMPTS: tuple[tuple[str, str], ...] = (
     ("What is the capital of Italy?", "The capital of Italy is Rome."),
-    ("Why is the sky blue?",
-     "Sunlight is scattered by the air, and blue light is scattered the most, so the sky looks blue."),
-    ("Give me a tip for sleeping better.",
-     "Go to bed at the same time every night and keep your bedroom dark and cool."),
+    (
+        "Why is the sky blue?",
+        "Sunlight is scattered by the air, and blue light is scattered the most, so the sky looks blue.",
+    ),
+    (
+        "Give me a tip for sleeping better.",
+        "Go to bed at the same time every night and keep your bedroom dark and cool.",
+    ),
     ("How many days are there in a week?", "There are seven days in a week."),
     ("What do bees make?", "Bees make honey and wax."),
     ("Write a Python function that adds two numbers.", "def add(a, b):\n    return a + b"),
     ("What is the freezing point of water?", "Water freezes at 0 degrees Celsius, or 32 degrees Fahrenheit."),
     ("Translate 'thank you' into Spanish.", "'Thank you' in Spanish is 'gracias'."),
     ("Name three primary colors.", "Red, blue and yellow are the three primary colors."),
-    ("What is photosynthesis?",
-     "Photosynthesis is how plants use sunlight, water and carbon dioxide to make sugar and oxygen."),
+    (
+        "What is photosynthesis?",
+        "Photosynthesis is how plants use sunlight, water and carbon dioxide to make sugar and oxygen.",
+    ),
     ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
     ("How do I boil an egg?", "Put the egg in boiling water for about nine minutes, then cool it in cold water."),
     ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system."),
-    ("Explain what a noun is.",
-     "A noun is a word that names a person, place, thing or idea, like 'teacher' or 'city'."),
+    (
+        "Explain what a noun is.",
+        "A noun is a word that names a person, place, thing or idea, like 'teacher' or 'city'.",
+    ),
     ("What should I pack for a day at the beach?", "Pack sunscreen, water, a towel, a hat and some snacks."),
     ("How many minutes are in an hour?", "There are sixty minutes in an hour."),
 )
@@ -65,8 +73,14 @@ GENERAL_PROMPTS: tuple[tuple[str, str], ...] = (
 class DriftProbe:
     """The general prompts, tokenised once with the policy's chat template, and the drift measured on them."""
 
-    def __init__(self, tokenizer, prompts=GENERAL_PROMPTS, batch_size: int = 8, name: str = "drift",
-                 low_p_threshold: float | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        prompts=GENERAL_PROMPTS,
+        batch_size: int = 8,
+        name: str = "drift",
+        low_p_threshold: float | None = None,
+    ):
         if low_p_threshold is not None and not 0 < low_p_threshold < 1:
             raise ValueError(f"low_p_threshold={low_p_threshold} must be a probability in (0, 1), or None (off).")
         self.name = name
@@ -84,12 +98,15 @@ class DriftProbe:
         for prompt, answer in prompts:
             user = [{"role": "user", "content": prompt}]
             head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
-            full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=True,
-                                                 return_dict=True)
+            full = tokenizer.apply_chat_template(
+                user + [{"role": "assistant", "content": answer}], tokenize=True, return_dict=True
+            )
             head_ids, full_ids = list(head["input_ids"]), list(full["input_ids"])
             if full_ids[: len(head_ids)] != head_ids or len(full_ids) <= len(head_ids):
-                raise ValueError(f"The chat template does not extend the prompt {prompt!r} with its answer; cannot "
-                                 "tell the answer tokens apart.")
+                raise ValueError(
+                    f"The chat template does not extend the prompt {prompt!r} with its answer; cannot "
+                    "tell the answer tokens apart."
+                )
             self.rows.append((full_ids, len(head_ids)))
 
     def _batches(self, device):
@@ -113,6 +130,7 @@ class DriftProbe:
         `reference=None` means "the policy with its adapters switched off" (PEFT). The base never changes during
         training, so callers compute this once and pass it to `measure`.
         """
+
         def forward(model, inputs):
             was_training = model.training
             model.eval()
@@ -198,10 +216,20 @@ class DriftCallback(TrainerCallback):
         low_p_threshold: also log `{name}_low_p` and `{name}_ess` (see the module docstring); default None, off.
     """
 
-    def __init__(self, tokenizer, ref_model=None, prompts=GENERAL_PROMPTS, batch_size: int = 8, name: str = "drift",
-                 every_steps: int | None = None, low_p_threshold: float | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        ref_model=None,
+        prompts=GENERAL_PROMPTS,
+        batch_size: int = 8,
+        name: str = "drift",
+        every_steps: int | None = None,
+        low_p_threshold: float | None = None,
+    ):
         if every_steps is not None and every_steps <= 0:
-            raise ValueError(f"every_steps={every_steps} must be a positive number of steps (or None: every log step).")
+            raise ValueError(
+                f"every_steps={every_steps} must be a positive number of steps (or None: every log step)."
+            )
         self.probe = DriftProbe(tokenizer, prompts, batch_size, name, low_p_threshold)
         self.every_steps = every_steps
         self.ref_model = ref_model
@@ -214,8 +242,11 @@ class DriftCallback(TrainerCallback):
         start = time.perf_counter()
         if self.ref_model is None and not is_peft_model(model):
             if state.global_step > 0:
-                logger.warning("Resumed at step %d with no reference model: drift_kl is measured from the resumed "
-                               "weights, not from the model before fine-tuning.", state.global_step)
+                logger.warning(
+                    "Resumed at step %d with no reference model: drift_kl is measured from the resumed "
+                    "weights, not from the model before fine-tuning.",
+                    state.global_step,
+                )
             # Only the copy's outputs on the fixed prompts are needed, and they are kept: the copy is dropped at once
             self._base = self.probe.base_log_probs(model, freeze(frozen_copy(model)))
         else:
@@ -242,13 +273,24 @@ class DriftCallback(TrainerCallback):
         return values
 
 
-def add_drift_callback(trainer, prompts=GENERAL_PROMPTS, name: str = "drift", every_steps: int | None = None,
-                       low_p_threshold: float | None = None) -> DriftCallback:
+def add_drift_callback(
+    trainer,
+    prompts=GENERAL_PROMPTS,
+    name: str = "drift",
+    every_steps: int | None = None,
+    low_p_threshold: float | None = None,
+) -> DriftCallback:
     """Attach a `DriftCallback` that uses the trainer's reference model when it has one. Returns the callback.
 
     It is put before the reporting callbacks (TensorBoard, W&B, ...) so that they receive the drift values too.
     """
-    callback = DriftCallback(trainer.processing_class, getattr(trainer, "ref_model", None), prompts, name=name,
-                             every_steps=every_steps, low_p_threshold=low_p_threshold)
+    callback = DriftCallback(
+        trainer.processing_class,
+        getattr(trainer, "ref_model", None),
+        prompts,
+        name=name,
+        every_steps=every_steps,
+        low_p_threshold=low_p_threshold,
+    )
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

@@ -63,16 +63,20 @@ class EvalArguments:
     limit: int | None = field(default=None, metadata={"help": "Score only the first N items of each benchmark."})
     quickstart_seed: int = field(
         default=42,
-        metadata={"help": "quickstart suite: the training run's `seed` (42 unless the recipe set one); the generated "
-                  "train/held-out split depends on it, so this must match to score truly held-out prompts."},
+        metadata={
+            "help": "quickstart suite: the training run's `seed` (42 unless the recipe set one); the generated "
+            "train/held-out split depends on it, so this must match to score truly held-out prompts."
+        },
     )
     predictions: str | None = field(
         default=None, metadata={"help": "Score this JSONL of generations/predictions; no model is loaded."}
     )
     template: str | None = field(
         default=None,
-        metadata={"help": "Prompt format: chat (model's chat template + instruction), alpaca (the authors' "
-                  "prompt_no_input), raw (text as is). Default: chat; medical always uses the paper's raw prompt."},
+        metadata={
+            "help": "Prompt format: chat (model's chat template + instruction), alpaca (the authors' "
+            "prompt_no_input), raw (text as is). Default: chat; medical always uses the paper's raw prompt."
+        },
     )
     num_samples: int = field(default=16, metadata={"help": "Samples per prompt (math: avg@n; paper: 16)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 = greedy (paper: 1.0)."})
@@ -84,7 +88,9 @@ class EvalArguments:
     timeout: float = field(default=10.0, metadata={"help": "Code suite: seconds of wall time per problem."})
     memory_mb: int = field(default=2048, metadata={"help": "Code suite: address-space limit per problem (MiB)."})
     workers: int = field(default=2, metadata={"help": "Code suite: problems executed at once."})
-    output_dir: str = field(default="outputs/eval", metadata={"help": "Folder for generations, results.json, results.md."})
+    output_dir: str = field(
+        default="outputs/eval", metadata={"help": "Folder for generations, results.json, results.md."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace results already in output_dir."})
 
     def __post_init__(self):
@@ -95,8 +101,10 @@ class EvalArguments:
         if self.template not in TEMPLATES:
             raise ValueError(f"template={self.template!r} is not supported; use one of {', '.join(TEMPLATES)}.")
         if self.suite == "medical" and self.template != "raw":
-            raise ValueError(f"template={self.template!r}: the medical suite scores the paper's zero-shot raw prompt "
-                             "(Question/Options/Answer:); drop --template or pass --template raw.")
+            raise ValueError(
+                f"template={self.template!r}: the medical suite scores the paper's zero-shot raw prompt "
+                "(Question/Options/Answer:); drop --template or pass --template raw."
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not supported; use one of {', '.join(BACKENDS)}.")
         if self.model is None and self.predictions is None:
@@ -109,8 +117,10 @@ class EvalArguments:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1].")
         if self.temperature == 0 and self.num_samples > 1:
-            raise ValueError(f"num_samples={self.num_samples} with temperature=0 gives {self.num_samples} identical "
-                             "greedy samples; set --num_samples 1 or a temperature > 0.")
+            raise ValueError(
+                f"num_samples={self.num_samples} with temperature=0 gives {self.num_samples} identical "
+                "greedy samples; set --num_samples 1 or a temperature > 0."
+            )
         if self.timeout <= 0:
             raise ValueError(f"timeout={self.timeout} must be positive.")
         if self.limit is not None and self.limit < 1:

@@ -20,8 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MMLU_MEDICAL_SUBJECTS = (
-    "anatomy", "clinical_knowledge", "college_biology", "college_medicine", "college_chemistry", "medical_genetics",
-    "professional_medicine", "nutrition", "virology", "human_aging", "high_school_biology", "high_school_psychology",
+    "anatomy",
+    "clinical_knowledge",
+    "college_biology",
+    "college_medicine",
+    "college_chemistry",
+    "medical_genetics",
+    "professional_medicine",
+    "nutrition",
+    "virology",
+    "human_aging",
+    "high_school_biology",
+    "high_school_psychology",
 )
 
 
@@ -194,8 +204,9 @@ def _hub_rows(bench: Benchmark, quickstart_seed: int) -> list[dict]:
     return list(load_dataset(bench.hub_id, bench.config, split=bench.split))
 
 
-def load_benchmark(name: str, suite: str, path: str | None = None, limit: int | None = None,
-                   quickstart_seed: int = 42) -> list[dict]:
+def load_benchmark(
+    name: str, suite: str, path: str | None = None, limit: int | None = None, quickstart_seed: int = 42
+) -> list[dict]:
     """Normalised items of one benchmark, from `path` when given, else from the Hub (or the bundled copy).
 
     `quickstart_seed` is the training run's seed: the quickstart's generated splits depend on it."""

@@ -37,8 +37,10 @@ def _check_output_dir(args: EvalArguments) -> Path:
     writes = OUTPUT_FILES[1:] if args.predictions else OUTPUT_FILES
     existing = [name for name in writes if (out / name).exists()]
     if existing and not args.overwrite:
-        raise FileExistsError(f"{out} already holds {', '.join(existing)}. Choose another --output_dir or pass "
-                              "--overwrite true to replace them.")
+        raise FileExistsError(
+            f"{out} already holds {', '.join(existing)}. Choose another --output_dir or pass "
+            "--overwrite true to replace them."
+        )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -75,8 +77,13 @@ def _generate_rows(args: EvalArguments, name: str, items: list[dict], model, tok
         chats = [prompts.code_prompt(item, args.template) for item in items]
     else:
         chats = [prompts.quickstart_prompt(item["prompt"], args.template) for item in items]
-    sampling = dict(num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    sampling = dict(
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
     if generation.use_vllm(args.backend):
         samples = generation.generate_vllm(args.model, args.adapter, tokenizer, chats, **sampling)
     else:
@@ -85,8 +92,11 @@ def _generate_rows(args: EvalArguments, name: str, items: list[dict], model, tok
     for item, chat, outs in zip(items, chats, samples):
         row = {"benchmark": name, "id": item["id"], "prompt": chat, "prediction": outs, "answer": item.get("answer")}
         if args.suite == "code":  # what --predictions needs to rerun the tests without the Hub
-            row.update({k: item[k] for k in ("test", "entry_point", "test_imports", "mode")}, prompt=item["prompt"],
-                       model_prompt=chat)
+            row.update(
+                {k: item[k] for k in ("test", "entry_point", "test_imports", "mode")},
+                prompt=item["prompt"],
+                model_prompt=chat,
+            )
         rows.append(row)
     return rows
 
@@ -106,8 +116,9 @@ def run(args: EvalArguments) -> dict:
         files = args.local_files()
         names = args.benchmarks or list(files) or suite_benchmarks(args.suite)
         # Every benchmark is loaded and checked before the model: a bad file fails in seconds, not after an hour.
-        items = {name: load_benchmark(name, args.suite, files.get(name), args.limit, args.quickstart_seed)
-                 for name in names}
+        items = {
+            name: load_benchmark(name, args.suite, files.get(name), args.limit, args.quickstart_seed) for name in names
+        }
         from ..quickstart.model import HUB_ID, resolve_quickstart_model
         from .generation import load_model_and_tokenizer
 

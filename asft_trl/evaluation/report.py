@@ -52,7 +52,9 @@ def markdown_table(results: dict) -> str:
     suite = results["suite"]
     settings = results.get("settings", {})
     label = {"math": f"avg@{settings.get('num_samples', 1)}", "code": "pass@1"}.get(suite, "accuracy")
-    extras = sorted({k for m in results["benchmarks"].values() for k in m} - {"accuracy", "num_problems", "num_samples"})
+    extras = sorted(
+        {k for m in results["benchmarks"].values() for k in m} - {"accuracy", "num_problems", "num_samples"}
+    )
     header = f"| benchmark | {label} (%) | problems | " + " | ".join(extras) + (" |" if extras else "")
     lines = [header.replace("|  |", "|"), "|" + "---|" * (3 + len(extras))]
     for name, m in results["benchmarks"].items():

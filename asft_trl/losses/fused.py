@@ -98,8 +98,12 @@ def _products_work(device: torch.device, dtype: torch.dtype) -> bool:
             out = torch.ones(2, 2, dtype=torch.float32, device=device)
             added = _products_in_float32(a, a, out)
             product = _products_in_float32(a, a)
-        return (added is out and product.dtype == out.dtype == torch.float32
-                and bool((out == 3).all()) and bool((product == 2).all()))
+        return (
+            added is out
+            and product.dtype == out.dtype == torch.float32
+            and bool((out == 3).all())
+            and bool((product == 2).all())
+        )
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 
@@ -129,8 +133,9 @@ def _transform(y: torch.Tensor, head: HeadTransform) -> tuple[torch.Tensor, torc
     return t * head.softcap, t
 
 
-def head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   head: HeadTransform = HeadTransform()) -> torch.Tensor:
+def head_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, head: HeadTransform = HeadTransform()
+) -> torch.Tensor:
     """float32 log-probabilities [n, V] of a head over rows of hidden states (for a chunk: callers bound n)."""
     z, _ = _transform(_project(hidden, weight, bias, _compute_dtype(hidden, weight)), head)
     return torch.log_softmax(z, dim=-1)
@@ -141,8 +146,9 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
 
 
-def _kl_estimate_with_slope(token_log_p: torch.Tensor, ref_token_log_p: torch.Tensor, estimator: str,
-                            kl_direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _kl_estimate_with_slope(
+    token_log_p: torch.Tensor, ref_token_log_p: torch.Tensor, estimator: str, kl_direction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`plain.kl_estimate` (the same operations, so the same values) and its derivative with respect to
     `token_log_p`, which is zero past either clamp, as autograd gives it for the clamped function."""
     log_ratio = token_log_p - ref_token_log_p
@@ -166,10 +172,34 @@ class _ChunkedASFT(torch.autograd.Function):
     """sum_t (task_t + kl_coef * kl_t) for the scored tokens, with the gradients computed during the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, topk_ids, topk_log_probs, topk_tail,
-                ref_token_log_probs, labels, options):
-        (kl_coef, loss_type, floor, kl_direction, head, ref_head, chunk_size, grad_enabled, dtype, ref_dtype,
-         kl_estimator) = options
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        topk_ids,
+        topk_log_probs,
+        topk_tail,
+        ref_token_log_probs,
+        labels,
+        options,
+    ):
+        (
+            kl_coef,
+            loss_type,
+            floor,
+            kl_direction,
+            head,
+            ref_head,
+            chunk_size,
+            grad_enabled,
+            dtype,
+            ref_dtype,
+            kl_estimator,
+        ) = options
         n = hidden.shape[0]
         device = hidden.device
         # `needs_input_grad` is set under no_grad too (evaluation): no gradients are formed there
@@ -215,7 +245,9 @@ class _ChunkedASFT(torch.autograd.Function):
                 if ref_token_log_probs is not None:
                     ref_token_log_p = ref_token_log_probs[start:end].float()
                 else:
-                    z_ref, _ = _transform(_project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head)
+                    z_ref, _ = _transform(
+                        _project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head
+                    )
                     ref_token_log_p = torch.log_softmax(z_ref, dim=-1)[rows, y]
                     del z_ref
                 kl, slope = _kl_estimate_with_slope(token_log_p, ref_token_log_p, kl_estimator, kl_direction)
@@ -226,7 +258,9 @@ class _ChunkedASFT(torch.autograd.Function):
                 grad = p.mul_(onehot_coef.unsqueeze(-1))
             elif use_ref:
                 if topk is None:
-                    z_ref, _ = _transform(_project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head)
+                    z_ref, _ = _transform(
+                        _project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head
+                    )
                     log_q = torch.log_softmax(z_ref, dim=-1)
                     del z_ref
                 else:  # top-k + tail: the tail filled in the policy's shape (see `asft_trl.losses.topk`)
@@ -341,8 +375,9 @@ def chunked_asft_loss(
             raise ValueError(f"`ref_topk` holds {len(ref_topk)} tokens but there are {hidden.shape[0]} to score.")
     elif kl_coef > 0 and (ref_hidden is None or ref_weight is None):
         raise ValueError("kl_coef > 0 needs `ref_hidden` and `ref_weight` (or `ref_topk` / `ref_token_log_probs`).")
-    _check_reference_arguments(ref_hidden, ref_topk, ref_token_log_probs, kl_estimator, hidden.shape[0],
-                               live_name="ref_hidden")
+    _check_reference_arguments(
+        ref_hidden, ref_topk, ref_token_log_probs, kl_estimator, hidden.shape[0], live_name="ref_hidden"
+    )
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("`ref_hidden` and `ref_weight` go together: give both or neither.")
     if ref_hidden is not None:
@@ -359,16 +394,32 @@ def chunked_asft_loss(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
     options = (
-        float(kl_coef), loss_type, float(dft_weight_floor), kl_direction, head, ref_head or head, int(chunk_size),
-        torch.is_grad_enabled(), _compute_dtype(hidden, weight),
-        None if ref_weight is None else _compute_dtype(hidden, ref_weight), kl_estimator,
+        float(kl_coef),
+        loss_type,
+        float(dft_weight_floor),
+        kl_direction,
+        head,
+        ref_head or head,
+        int(chunk_size),
+        torch.is_grad_enabled(),
+        _compute_dtype(hidden, weight),
+        None if ref_weight is None else _compute_dtype(hidden, ref_weight),
+        kl_estimator,
     )
     # The float32 math must not be recast by an enclosing autocast; the matmul dtype was chosen above
     with torch.autocast(hidden.device.type, enabled=False):
         topk = (None, None, None) if ref_topk is None else (ref_topk.ids, ref_topk.log_probs, ref_topk.tail_log_prob)
         loss_sum, nll, kl, entropy, is_top1 = _ChunkedASFT.apply(
-            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *topk,
-            None if ref_token_log_probs is None else ref_token_log_probs.detach(), labels.long(), options
+            hidden,
+            weight,
+            bias,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            *topk,
+            None if ref_token_log_probs is None else ref_token_log_probs.detach(),
+            labels.long(),
+            options,
         )
     weight_t = dft_weight(-nll, loss_type, dft_weight_floor)
     denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch

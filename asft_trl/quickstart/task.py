@@ -120,8 +120,16 @@ def score(
     tokenizer.padding_side = "left"  # decoder-only models must generate from right-aligned prompts
     rows = dataset[:]  # plain lists of the columns
     try:
-        samples = generate_hf(model, tokenizer, rows["prompt"], num_samples=1, temperature=0.0, top_p=1.0,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+        samples = generate_hf(
+            model,
+            tokenizer,
+            rows["prompt"],
+            num_samples=1,
+            temperature=0.0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
