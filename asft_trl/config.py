@@ -403,7 +403,9 @@ class ASFTConfig(SFTConfig):
             try:
                 self.kl_coef = float(self.kl_coef)
             except ValueError:
-                raise ValueError(f"kl_coef={self.kl_coef!r} is not a number. Set kl_coef to a float >= 0, e.g. 0.05.")
+                raise ValueError(
+                    f"kl_coef={self.kl_coef!r} is not a number. Set kl_coef to a float >= 0, e.g. 0.05."
+                ) from None
         if not math.isfinite(self.kl_coef) or self.kl_coef < 0:
             raise ValueError(
                 f"kl_coef={self.kl_coef} is invalid: it must be a finite number >= 0. Use 0 for no anchor (SFT/DFT), "
@@ -426,7 +428,7 @@ class ASFTConfig(SFTConfig):
             try:
                 setattr(self, name, float(getattr(self, name)))
             except (TypeError, ValueError):
-                raise ValueError(f"{name}={getattr(self, name)!r} is not a number.")
+                raise ValueError(f"{name}={getattr(self, name)!r} is not a number.") from None
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number.")
         scheduled = self.kl_coef_schedule != "constant"

@@ -137,7 +137,9 @@ def parse_milestones(value: Any) -> dict[int, float]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise ValueError(f"kl_coef_milestones={value!r} is not a JSON object ({error}). Give {example}.")
+            raise ValueError(
+                f"kl_coef_milestones={value!r} is not a JSON object ({error}). Give {example}."
+            ) from error
     if not isinstance(value, Mapping) or not value:
         raise ValueError(f"kl_coef_milestones={value!r} must be a non-empty mapping of step to lambda: {example}.")
     milestones = {}
@@ -148,7 +150,7 @@ def parse_milestones(value: Any) -> dict[int, float]:
         except (TypeError, ValueError):
             raise ValueError(
                 f"kl_coef_milestones entry {step!r}: {coef!r} is not (whole step number): (number). Give {example}."
-            )
+            ) from None
         if str(step).strip() != str(step_int) or step_int < 0:
             raise ValueError(f"kl_coef_milestones step {step!r} must be a whole number of optimizer steps >= 0.")
         if not math.isfinite(coef_float) or coef_float < 0:

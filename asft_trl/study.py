@@ -363,7 +363,9 @@ def _floats(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.01,0.05")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.01,0.05"
+        ) from None
     if any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: every lambda must be >= 0")
     return values

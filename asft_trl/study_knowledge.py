@@ -585,7 +585,7 @@ def outcome_table(by_method: dict[str, list[dict]], base: dict, specs: dict[str,
         f"{base['end_p']:.3f} | - |",
     ]
     for key, runs in by_method.items():
-        col = lambda k, d=2: _mean_sd([r.get(k) for r in runs], d)  # noqa: E731
+        col = lambda k, d=2, runs=runs: _mean_sd([r.get(k) for r in runs], d)  # noqa: E731
         lines.append(
             f"| {specs[key].label} | {col('recall_heldout_phrasings')} | {col('recall_seen_phrasings')} | "
             f"{col('recall_heldout_facts')} | {col('ood_accuracy')} | {col('low_p_final', 3)} | "
@@ -601,7 +601,7 @@ def drift_table(by_method: dict[str, list[dict]], specs: dict[str, RunSpec]) -> 
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, runs in by_method.items():
-        col = lambda f, m: _mean_sd([f(r, m) for r in runs], 3)  # noqa: E731
+        col = lambda f, m, runs=runs: _mean_sd([f(r, m) for r in runs], 3)  # noqa: E731
         lines.append(
             f"| {specs[key].label} | {col(_mid, 'trainset_kl')} | {col(_end, 'trainset_kl')} | {col(_end, 'kl')} | "
             f"{col(_end, 'drift_kl')} | {col(_end, 'task_kl')} | {col(_start, 'trainset_ess')} | "
@@ -786,7 +786,7 @@ def _ints(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
     if not values or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"{text!r}: give at least one seed, each once")
     return values
