@@ -5,7 +5,7 @@ bfloat16, float16, bitsandbytes 8-bit and 4-bit (NF4).
     python benchmarks/reference_precision.py --sft-steps 10 --lr 2e-5 --repeats 3
 
 For each reference variant, built the way `ASFTTrainer` builds it (`ref_model_dtype`: the frozen copy cast;
-`ref_model_quantization`: loaded from the model's path with `asft_trl.reference.lighter_init_kwargs`):
+`ref_model_quantization`: loaded from the model's path with `asft_trl.reference.loading.lighter_init_kwargs`):
 - `bytes`: the reference's weight memory (parameters and buffers, `get_memory_footprint`);
 - `forward_ratio`: the reference's backbone forward on one batch (no grad, median of `--repeats`), over float32's
   in the same run;
@@ -109,7 +109,7 @@ def timed_forward(model, batch, repeats: int) -> float:
 
 def build_variant(start_model, path: str, dtype: str | None, quantization: str | None):
     """The reference as ASFTTrainer builds it for these options (full fine-tuning, nothing named)."""
-    from asft_trl import reference as ref_utils
+    from asft_trl.reference import loading as ref_utils
 
     if quantization is None:
         ref = ref_utils.cast_reference(ref_utils.frozen_copy(start_model), dtype)

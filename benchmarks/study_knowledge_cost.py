@@ -4,7 +4,7 @@
     python benchmarks/study_knowledge_cost.py -- --per_device_train_batch_size 4 --n_people 24
 
 Everything after `--` is a study option (`asft-trl study knowledge --help`): the study's own trainers are built
-(`asft_trl.study_knowledge.make_trainer`) with the study's defaults unless overridden there. Each method trains
+(`asft_trl.scripts.study_knowledge.make_trainer`) with the study's defaults unless overridden there. Each method trains
 `--steps` optimizer steps per round, the methods interleaved (SFT, DFT, SFT+KL, ASFT, SFT, ...) for `--rounds` rounds,
 so a change of load on a shared machine hits every method alike. Every step is timed (wall time, and this process's
 CPU time, which a busy machine inflates much less), and each round's first step is dropped (warm-up). Then it times
@@ -42,7 +42,7 @@ def main() -> int:
     from transformers import TrainerCallback
 
     from asft_trl.quickstart.model import HUB_ID, resolve_quickstart_model
-    from asft_trl.study_knowledge import (
+    from asft_trl.scripts.study_knowledge import (
         METHOD_KEYS,
         answer_token_probs,
         build_data,

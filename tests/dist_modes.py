@@ -172,8 +172,8 @@ RECORDED: dict[str, list] = {"loss_heads": [], "reference_loads": []}
 def install_recorders() -> None:
     """Wrap, once, the fused loss (the dtypes and shapes of the heads it is given) and the loading of a reference
     from a path (the `device_map` it is given; "unset" means TRL's default, "auto" on GPUs)."""
-    import asft_trl.reference as reference_module
-    import asft_trl.trainer as trainer_module
+    import asft_trl.reference.loading as reference_module
+    import asft_trl.trainer.trainer as trainer_module
 
     loss, load = trainer_module.chunked_asft_loss, reference_module.create_model_from_path
 

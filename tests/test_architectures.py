@@ -9,7 +9,7 @@ import torch
 
 import tiny
 from asft_trl import ASFTTrainer
-from asft_trl.lm_head import head_transform
+from asft_trl.reference.lm_head import head_transform
 from conftest import make_args
 
 STEPS = 2

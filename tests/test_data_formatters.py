@@ -195,7 +195,7 @@ def test_bad_arguments():
 
 
 def test_script_arguments_validate_the_data_fields():
-    from asft_trl.train import ASFTScriptArguments
+    from asft_trl.scripts.train import ASFTScriptArguments
 
     assert ASFTScriptArguments(dataset_format="none").dataset_format is None
     with pytest.raises(ValueError, match="dataset_format='medqa' is not known"):
@@ -208,7 +208,7 @@ def test_prepare_splits_formats_train_and_test_and_checks_both_first(medmcqa_fix
     from datasets import DatasetDict
 
     from asft_trl.data import prepare_splits
-    from asft_trl.train import ASFTScriptArguments
+    from asft_trl.scripts.train import ASFTScriptArguments
 
     args = ASFTScriptArguments(
         dataset_name="local",

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from asft_trl import ASFTTrainer
 from asft_trl.diagnostics.drift import GENERAL_PROMPTS, DriftProbe, add_drift_callback
 from asft_trl.quickstart.task import OOD_QUESTIONS
-from asft_trl.reference import freeze, frozen_copy
+from asft_trl.reference.loading import freeze, frozen_copy
 from conftest import make_args
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from asft_trl.cli import main as asft_main
+from asft_trl.scripts.cli import main as asft_main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 

@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 
 import tiny
 from asft_trl import ASFTTrainer
-from asft_trl.lm_head import fused_head_problem, head_transform
+from asft_trl.reference.lm_head import fused_head_problem, head_transform
 from conftest import make_args
 
 

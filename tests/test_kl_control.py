@@ -1,4 +1,4 @@
-"""lambda by step: the schedules and the adaptive KL controller (`asft_trl.kl_control`), their config fields (YAML,
+"""lambda by step: the schedules and the adaptive KL controller (`asft_trl.trainer.kl_control`), their config fields (YAML,
 CLI, errors), the trainer that logs and uses them, resume from a checkpoint, and gradient-accumulation invariance."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from test_equivalence import _losses
 from transformers import AutoTokenizer
 
 from asft_trl import ASFTConfig, ASFTTrainer, asft_loss
-from asft_trl.kl_control import AdaptiveKLController, KLCoefSchedule, adaptive_update, parse_milestones
+from asft_trl.trainer.kl_control import AdaptiveKLController, KLCoefSchedule, adaptive_update, parse_milestones
 from conftest import make_args
 
 # ---------------------------------------------------------------------------------------------------- schedules
@@ -130,7 +130,7 @@ def test_defaults_keep_the_papers_constant_lambda(tmp_path, tiny_model_path, pc_
 
 
 def test_yaml_and_cli_parse_the_new_fields(tmp_path):
-    from asft_trl.train import parse
+    from asft_trl.scripts.train import parse
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(

@@ -350,7 +350,7 @@ def test_fused_and_plain_trainers_train_the_same(tiny_model_path, pc_dataset, tm
 def test_one_stored_float_per_token_trains_like_the_live_reference(tiny_model_path, pc_dataset, tmp_path, case):
     from test_fused_trainer import _train
 
-    from asft_trl import reference_cache
+    from asft_trl.reference import cache as reference_cache
 
     fused, peft = case.endswith("fused"), case.startswith("lora")
     live, h_live = _train(tiny_model_path, pc_dataset, tmp_path / "live", fused=fused, peft=peft, kl_estimator="k3")
@@ -373,7 +373,8 @@ def test_one_stored_float_per_token_trains_like_the_live_reference(tiny_model_pa
 def test_the_token_store_is_one_float_per_token_and_its_own_file(tiny_model_path, pc_dataset, tmp_path):
     import os
 
-    from asft_trl import ASFTTrainer, reference_cache
+    from asft_trl import ASFTTrainer
+    from asft_trl.reference import cache as reference_cache
     from conftest import make_args
 
     cache = tmp_path / "cache"

@@ -251,7 +251,7 @@ def test_bf16_anchor_is_exactly_the_policy_at_step_0(launched, shape):
 @pytest.mark.parametrize("distributed_type", ["NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP"])
 def test_a_reference_loaded_from_a_path_is_placed_by_the_distributed_run(monkeypatch, distributed_type):
     """Any distributed run places the reference itself; only a single process keeps the device map it was given."""
-    from asft_trl import reference as ref_utils
+    from asft_trl.reference import loading as ref_utils
 
     seen = {}
     monkeypatch.setattr(ref_utils, "create_model_from_path", lambda path, **kwargs: seen.update(kwargs))

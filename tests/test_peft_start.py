@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from asft_trl import ASFTTrainer
-from asft_trl.reference import REFERENCE_ADAPTER
+from asft_trl.reference.loading import REFERENCE_ADAPTER
 from conftest import make_args
 
 TARGETS = ["q_proj", "v_proj", "o_proj"]
@@ -110,7 +110,7 @@ def test_fresh_peft_model_and_a_second_trainer_on_the_same_model(tiny_model_path
 
 def test_adapter_partitioned_by_zero3_is_refused_with_the_fix(tiny_model_path):
     """Under ZeRO-3's zero.Init each process holds a shard of each weight: copying `.data` would copy no weights."""
-    from asft_trl.reference import add_reference_adapter
+    from asft_trl.reference.loading import add_reference_adapter
 
     model = trained_peft_model(tiny_model_path)
     next(p for n, p in model.named_parameters() if "lora_A" in n).ds_id = 0  # what zero.Init leaves on a weight

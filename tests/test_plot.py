@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from asft_trl import cli
 from asft_trl.diagnostics.plot import load_run, plot_run_dirs, write_run_curves
+from asft_trl.scripts import cli
 
 
 def write_run(path, method_name, loss_type, kl_coef, metrics, steps=(5, 10, 15), eval_metrics=()):
@@ -127,7 +127,7 @@ def test_end_of_run_curves(tiny_model_path, pc_dataset, tmp_path):
 
 
 def test_training_script_writes_its_curves_with_drift(tiny_model_path, tmp_path, caplog):
-    from asft_trl import train
+    from asft_trl.scripts import train
     from conftest import prompt_completion_rows
 
     data = tmp_path / "train.jsonl"

@@ -11,8 +11,9 @@ import torch
 from datasets import Dataset
 from test_fused_trainer import _lora, _train
 
-from asft_trl import ASFTConfig, ASFTTrainer, reference_cache
-from asft_trl import reference as ref_utils
+from asft_trl import ASFTConfig, ASFTTrainer
+from asft_trl.reference import cache as reference_cache
+from asft_trl.reference import loading as ref_utils
 from conftest import make_args, prompt_completion_rows
 
 WHOLE = 10**6  # more than tests/tiny.py's vocabulary: k is capped at V, so the whole distribution is stored

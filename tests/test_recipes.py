@@ -77,7 +77,7 @@ ACCELERATE_CONFIGS = {
 
 
 def parse_recipe(name: str, *overrides: str):
-    from asft_trl.train import parse
+    from asft_trl.scripts.train import parse
 
     return parse(["--config", str(RECIPES / name), *overrides])
 
@@ -228,7 +228,7 @@ def dry_run_overrides(model: str, fixture: Path, output_dir: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_recipe_dry_run(name, tiny_model_path, tmp_path):
-    from asft_trl.train import main
+    from asft_trl.scripts.train import main
 
     paper = PAPER[domain_of(name)]
     trainer = main(*parse_recipe(name, *dry_run_overrides(tiny_model_path, FIXTURES / paper["fixture"], tmp_path)))
@@ -263,7 +263,7 @@ def test_recipe_dry_run(name, tiny_model_path, tmp_path):
 
 def test_recipe_with_chat_template(tiny_model_path, tmp_path):
     """prompt_template: chat gives conversational rows, which the model's chat template renders."""
-    from asft_trl.train import main
+    from asft_trl.scripts.train import main
 
     overrides = dry_run_overrides(tiny_model_path, FIXTURES / "magicoder_evol_instruct.jsonl", tmp_path)
     trainer = main(*parse_recipe("asft_code_lora.yaml", *overrides, "--prompt_template", "chat"))
@@ -275,7 +275,7 @@ def test_recipe_with_chat_template(tiny_model_path, tmp_path):
 
 def test_recipe_dry_run_with_the_dft_and_estimator_options(tiny_model_path, tmp_path):
     """The options beyond the paper's loss (issue 16) reach a paper recipe from the command line."""
-    from asft_trl.train import main
+    from asft_trl.scripts.train import main
 
     overrides = dry_run_overrides(tiny_model_path, FIXTURES / "medmcqa.jsonl", tmp_path)
     trainer = main(
@@ -304,7 +304,7 @@ def test_recipe_dry_run_with_the_dft_and_estimator_options(tiny_model_path, tmp_
 
 def test_recipe_refuses_data_without_the_columns(tiny_model_path, tmp_path):
     """The medical recipe pointed at a file of another schema fails on its columns, before any model is loaded."""
-    from asft_trl.train import main
+    from asft_trl.scripts.train import main
 
     overrides = dry_run_overrides("no/such-model", FIXTURES / "magicoder_evol_instruct.jsonl", tmp_path)
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['question', 'opa', 'opb', 'opc', 'opd', 'cop'\]"):
@@ -355,7 +355,7 @@ def test_recipe_two_processes_log_the_same_losses_as_one(tiny_model_path, tmp_pa
             else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         )
         _launch(
-            [*launcher, "-m", "asft_trl.train", "--config", str(RECIPES / "asft_medical.yaml"), *overrides],
+            [*launcher, "-m", "asft_trl.scripts.train", "--config", str(RECIPES / "asft_medical.yaml"), *overrides],
             f"{nproc}-process recipe run",
         )
         state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())

@@ -17,7 +17,8 @@ import yaml
 from datasets import Dataset
 
 import tiny
-from asft_trl import ASFTConfig, ASFTTrainer, lm_head
+from asft_trl import ASFTConfig, ASFTTrainer
+from asft_trl.reference import lm_head
 from conftest import make_args, prompt_completion_rows
 
 # Relative error of the mean per-token KL(reference variant || policy) against KL(float32 reference || policy)
@@ -329,7 +330,7 @@ def test_sync_refuses_a_reference_of_another_shape(model64_path, dataset, tmp_pa
 def test_reference_options_from_yaml_and_the_command_line(model64_path, tmp_path):
     import json
 
-    from asft_trl.train import main, parse
+    from asft_trl.scripts.train import main, parse
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(8)))

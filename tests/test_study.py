@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from asft_trl import cli
-from asft_trl.study import BEGIN, END, RunSpec, plan_runs
+from asft_trl.scripts import cli
+from asft_trl.scripts.study import BEGIN, END, RunSpec, plan_runs
 
 
 def test_plan_names_the_four_methods_and_shares_coinciding_runs():

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from asft_trl import cli, study_knowledge
 from asft_trl.quickstart.facts import (
     ATTRIBUTES,
     N_TRAIN_PHRASINGS,
@@ -18,8 +17,9 @@ from asft_trl.quickstart.facts import (
     make_fact_splits,
     spread_subset,
 )
-from asft_trl.study import BEGIN as WORD_ORDER_BEGIN
-from asft_trl.study_knowledge import (
+from asft_trl.scripts import cli, study_knowledge
+from asft_trl.scripts.study import BEGIN as WORD_ORDER_BEGIN
+from asft_trl.scripts.study_knowledge import (
     BEGIN,
     END,
     HYPOTHESES,
@@ -389,7 +389,7 @@ def test_banded_plot_draws_the_mean_and_the_min_max_of_each_group(tmp_path):
 def test_the_committed_report_holds_each_generated_part_once():
     from pathlib import Path
 
-    from asft_trl.study import END as WORD_ORDER_END
+    from asft_trl.scripts.study import END as WORD_ORDER_END
 
     text = (Path(__file__).parents[1] / "docs" / "study.md").read_text()
     for marker in (WORD_ORDER_BEGIN, WORD_ORDER_END, BEGIN, END):

@@ -32,7 +32,7 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
 from ..losses import kl_per_token, weight_stats
-from ..reference import adapters_disabled, freeze, frozen_copy
+from ..reference.loading import adapters_disabled, freeze, frozen_copy
 
 logger = logging.getLogger(__name__)
 

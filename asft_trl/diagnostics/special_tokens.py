@@ -23,9 +23,9 @@ import torch
 from transformers import TrainerCallback
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..lm_head import fused_head_problem, head_parameters, head_transform
 from ..losses import head_log_probs
-from ..reference_cache import pop_reference
+from ..reference.cache import pop_reference
+from ..reference.lm_head import fused_head_problem, head_parameters, head_transform
 
 logger = logging.getLogger(__name__)
 

@@ -129,8 +129,8 @@ class EvalArguments:
             if "=" not in pair:
                 raise ValueError(f"data_files entry {pair!r} must be name=path (e.g. math500=problems.jsonl).")
         # A bad path is named before any benchmark is fetched or model loaded (the quickstart model resolves offline)
-        from ..paths import check_model_source
         from ..quickstart.model import HUB_ID
+        from ..utils.paths import check_model_source
 
         if self.model != HUB_ID:
             check_model_source(self.model, "model")

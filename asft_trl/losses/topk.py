@@ -12,7 +12,7 @@ fixed, the gradient p - q~ is exactly the gradient of KL_k (likewise for the rev
 implementations run unchanged on q~. By the data-processing inequality 0 <= KL_k <= KL, the gap closes as k grows
 (the top-k sets are nested), and KL_k = KL when k is the vocabulary size.
 
-Pure tensor functions: no models, no files. `asft_trl.reference_cache` does the pass over a dataset.
+Pure tensor functions: no models, no files. `asft_trl.reference.cache` does the pass over a dataset.
 """
 
 from __future__ import annotations

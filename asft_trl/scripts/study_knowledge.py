@@ -119,8 +119,8 @@ def _pairs(dataset) -> list[tuple[str, str]]:
 
 
 def build_data(args) -> StudyData:
-    from .quickstart.facts import as_recall_rows, make_fact_splits, spread_subset
-    from .quickstart.task import ood_checks
+    from ..quickstart.facts import as_recall_rows, make_fact_splits, spread_subset
+    from ..quickstart.task import ood_checks
 
     splits = make_fact_splits(args.n_people, args.n_heldout_people, args.task_seed)
     train = splits["train"]
@@ -142,7 +142,7 @@ def build_data(args) -> StudyData:
 
 
 def score_recall_and_ood(model, tokenizer, data: StudyData, args) -> dict:
-    from .quickstart.task import score
+    from ..quickstart.task import score
 
     out = {}
     for name, dataset in data.recall.items():
@@ -158,7 +158,7 @@ def score_recall_and_ood(model, tokenizer, data: StudyData, args) -> dict:
 def answer_token_probs(model, tokenizer, pairs, batch_size: int = 16):
     """Probability of every answer token of `pairs` under `model` (teacher forcing), one tensor per pair, and the
     token ids they score (the answer and its end-of-turn tokens, as the trainer scores a completion)."""
-    from .diagnostics.drift import DriftProbe
+    from ..diagnostics.drift import DriftProbe
 
     probe = DriftProbe(tokenizer, pairs, batch_size=batch_size, name="answers")
     return probe.token_probs(model), [ids[start:] for ids, start in probe.rows]
@@ -238,9 +238,9 @@ def make_trainer(spec: RunSpec, seed: int, model_path: str, data: StudyData, arg
     from peft import LoraConfig
     from transformers import set_seed
 
-    from .config import ASFTConfig
-    from .diagnostics.drift import add_drift_callback
-    from .trainer import ASFTTrainer
+    from ..diagnostics.drift import add_drift_callback
+    from ..trainer.config import ASFTConfig
+    from ..trainer.trainer import ASFTTrainer
 
     config = ASFTConfig(
         output_dir=str(run_dir),
@@ -284,7 +284,7 @@ def train_one(spec: RunSpec, seed: int, model_path: str, data: StudyData, base: 
     """Train one run (or resume it), measure it, write `results.json`; a finished run with these settings is reused."""
     import torch
 
-    from .diagnostics.plot import save_run_info
+    from ..diagnostics.plot import save_run_info
 
     settings = run_settings(args, spec, seed)
     label = f"{spec.label} seed {seed}"
@@ -682,7 +682,7 @@ def write_doc(doc: Path, report: dict, figure: str, specs: dict[str, RunSpec]) -
 
 
 def plot_study(out_dir: Path, seeds_by_method: dict[str, list[int]], specs: dict[str, RunSpec], png: Path) -> None:
-    from .diagnostics.plot import load_run, plot_run_groups, save_figure
+    from ..diagnostics.plot import load_run, plot_run_groups, save_figure
 
     groups = {
         specs[k].label: [load_run(out_dir / k / f"seed{seed}") for seed in seeds]
@@ -697,7 +697,7 @@ def plot_study(out_dir: Path, seeds_by_method: dict[str, list[int]], specs: dict
 
 
 def run_study(args) -> dict:
-    from .quickstart.model import HUB_ID, resolve_quickstart_model
+    from ..quickstart.model import HUB_ID, resolve_quickstart_model
 
     start, load_start = time.perf_counter(), os.getloadavg()
     out_dir = Path(args.output_dir)
@@ -801,7 +801,7 @@ def _methods(text: str) -> list[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from .quickstart.model import HUB_ID
+    from ..quickstart.model import HUB_ID
 
     p = argparse.ArgumentParser(
         prog="asft-trl study knowledge",

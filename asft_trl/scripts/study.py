@@ -1,7 +1,7 @@
 """`asft-trl study`: SFT vs DFT vs SFT+KL vs ASFT, and an ASFT lambda sweep, on the quickstart model and task.
 
 `asft-trl study knowledge ...` runs the second study instead (generated knowledge, several seeds, verdicts by fixed
-rules): see `asft_trl.study_knowledge`.
+rules): see `asft_trl.scripts.study_knowledge`.
 
 Every run uses the same data, steps, learning rate, LoRA set-up and seed; only the two switches of the method change
 (`loss_type`, `kl_coef`). The runs are SFT (nll, 0), DFT (dft, 0), SFT+KL (nll, lambda), ASFT (dft, lambda), plus ASFT
@@ -43,13 +43,13 @@ class RunSpec:
 
     @property
     def method_name(self) -> str:
-        from .config import method_name
+        from ..trainer.config import method_name
 
         return method_name(self.loss_type, self.kl_coef)
 
     @property
     def label(self) -> str:
-        from .diagnostics.plot import run_label
+        from ..diagnostics.plot import run_label
 
         return run_label({"method_name": self.method_name, "kl_coef": self.kl_coef})
 
@@ -101,7 +101,7 @@ def _final_peak(history: list[dict], key: str) -> tuple[float | None, float | No
 
 
 def score_model(model, tokenizer, test, ood, ood_max_new_tokens: int) -> dict:
-    from .quickstart.task import score
+    from ..quickstart.task import score
 
     in_domain = score(model, tokenizer, test, max_new_tokens=16)
     out_of_domain = score(model, tokenizer, ood, max_new_tokens=ood_max_new_tokens, match="contains")
@@ -131,10 +131,10 @@ def train_one(spec: RunSpec, model_path: str, splits, ood, args, run_dir: Path) 
     """Train one run into `run_dir`, score it, write its results. A completed run with the same settings is reused."""
     from peft import LoraConfig
 
-    from .config import ASFTConfig
-    from .diagnostics.drift import add_drift_callback
-    from .diagnostics.plot import save_run_info
-    from .trainer import ASFTTrainer
+    from ..diagnostics.drift import add_drift_callback
+    from ..diagnostics.plot import save_run_info
+    from ..trainer.config import ASFTConfig
+    from ..trainer.trainer import ASFTTrainer
 
     settings = {**_settings(args), "loss_type": spec.loss_type, "kl_coef": spec.kl_coef}
     results_file = run_dir / "results.json"
@@ -296,9 +296,9 @@ def replace_generated(doc: Path, generated: str, begin: str, end: str, new_doc_h
 
 
 def run_study(args) -> dict:
-    from .diagnostics.plot import plot_run_dirs
-    from .quickstart.model import HUB_ID, resolve_quickstart_model
-    from .quickstart.task import make_splits, ood_checks
+    from ..diagnostics.plot import plot_run_dirs
+    from ..quickstart.model import HUB_ID, resolve_quickstart_model
+    from ..quickstart.task import make_splits, ood_checks
 
     start, load_start = time.perf_counter(), os.getloadavg()
     out_dir = Path(args.output_dir)
@@ -372,7 +372,7 @@ def _floats(text: str) -> list[float]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from .quickstart.model import HUB_ID
+    from ..quickstart.model import HUB_ID
 
     p = argparse.ArgumentParser(
         prog="asft-trl study",
@@ -430,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["knowledge"]:  # the second study: `asft-trl study knowledge ...` (asft_trl/study_knowledge.py)
+    if argv[:1] == [
+        "knowledge"
+    ]:  # the second study: `asft-trl study knowledge ...` (asft_trl/scripts/study_knowledge.py)
         from . import study_knowledge
 
         return study_knowledge.main(argv[1:])

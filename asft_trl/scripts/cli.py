@@ -3,7 +3,7 @@
 and `asft-trl study` (the drift study) run in this process.
 
 Like `trl sft`: the recipe is parsed and validated here first (every config field, an earlier run in `output_dir`, the
-dataset, the model and reference paths: `asft_trl.train.check_run`), so a bad recipe ends in seconds with one line and
+dataset, the model and reference paths: `asft_trl.scripts.train.check_run`), so a bad recipe ends in seconds with one line and
 exit status 2; then the training script is started through `accelerate launch`, with the recipe's or the command
 line's `accelerate_config` and any flags that are not recipe fields (e.g. `--num_processes 2`) passed on to
 accelerate.
@@ -63,7 +63,9 @@ def _train(argv: list[str]) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"asft-trl train: error: {error}", file=sys.stderr)
         return 2
-    accelerate_args = launch_command_parser().parse_args(launch_args + ["--module", "asft_trl.train"] + script_argv)
+    accelerate_args = launch_command_parser().parse_args(
+        launch_args + ["--module", "asft_trl.scripts.train"] + script_argv
+    )
     _fill_launch_defaults(accelerate_args)
     launch_command(accelerate_args)
     return 0
@@ -89,12 +91,12 @@ def _fill_launch_defaults(accelerate_args) -> None:
 
 # Commands that run in this process: name -> (help, module with `main(argv) -> int`)
 _IN_PROCESS_COMMANDS = {
-    "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", ".evaluation.cli"),
-    "plot": ("Draw the training curves of one or more runs into a PNG.", ".diagnostics.plot"),
+    "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", "asft_trl.evaluation.cli"),
+    "plot": ("Draw the training curves of one or more runs into a PNG.", "asft_trl.diagnostics.plot"),
     "study": (
         "Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep (`study knowledge`: the knowledge study, several "
         "seeds); write docs/study.md.",
-        ".study",
+        "asft_trl.scripts.study",
     ),
 }
 
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return _train(argv[1:])
     if args.command in _IN_PROCESS_COMMANDS:
-        module = importlib.import_module(_IN_PROCESS_COMMANDS[args.command][1], __package__)
+        module = importlib.import_module(_IN_PROCESS_COMMANDS[args.command][1])
         return module.main(argv[1:])
     parser.print_help()
     return 0 if not argv else 2

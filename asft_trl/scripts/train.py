@@ -1,7 +1,7 @@
 """The training script: parse the recipe -> load model and data -> ASFTTrainer -> train -> save -> summary + curves.
 
 Run it as `asft-trl train --config recipes/X.yaml [--field value ...]`, or under accelerate/torchrun as
-`accelerate launch [--config_file ...] -m asft_trl.train --config recipes/X.yaml`.
+`accelerate launch [--config_file ...] -m asft_trl.scripts.train --config recipes/X.yaml`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from .config import ASFTConfig
+from ..trainer.config import ASFTConfig
 
 
 @dataclass
@@ -91,7 +91,7 @@ class ASFTScriptArguments(ScriptArguments):
         if isinstance(self.dataset_format, str) and self.dataset_format.lower() in ("", "none", "null"):
             self.dataset_format = None
         if self.dataset_format is not None:
-            from .data.registry import get_dataset_format
+            from ..data.registry import get_dataset_format
 
             get_dataset_format(self.dataset_format)  # an unknown name fails here, before anything is loaded
         if self.prompt_template not in ("alpaca", "chat"):
@@ -148,7 +148,7 @@ def prepare_training_data(splits, script_args: ASFTScriptArguments, training_arg
     """
     from accelerate import PartialState
 
-    from .data.prepare import prepare_splits
+    from ..data.prepare import prepare_splits
 
     if not (script_args.dataset_format or script_args.dataset_size or script_args.dataset_test_size):
         return splits
@@ -170,9 +170,9 @@ def check_run(
     """What can be checked about a run without loading anything: an earlier run in `output_dir`, a dataset named and
     where it comes from, the model's and the reference's paths. The config fields themselves were checked when they
     were parsed. `asft-trl train` calls this before it launches anything, so a bad recipe fails in seconds."""
-    from .data.loading import check_dataset_given
-    from .paths import check_dataset_source, check_model_source
-    from .quickstart.model import HUB_ID
+    from ..data.loading import check_dataset_given
+    from ..quickstart.model import HUB_ID
+    from ..utils.paths import check_dataset_source, check_model_source
 
     check_output_dir(
         training_args.output_dir, _resume_value(training_args.resume_from_checkpoint), script_args.overwrite_output_dir
@@ -238,10 +238,10 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     from accelerate.logging import get_logger
     from trl import get_peft_config, get_quantization_config
 
-    from .data import load_training_data
-    from .quickstart.model import HUB_ID, resolve_quickstart_model
+    from ..data import load_training_data
+    from ..quickstart.model import HUB_ID, resolve_quickstart_model
+    from ..trainer.trainer import ASFTTrainer
     from .summary import held_out_missing_note, held_out_report, print_summary
-    from .trainer import ASFTTrainer
 
     logger = get_logger(__name__)
     check_launch(training_args)
@@ -279,7 +279,7 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
         f"Method: {training_args.method_name} (loss_type={training_args.loss_type}, kl_coef={training_args.kl_coef})"
     )
     if script_args.log_drift:
-        from .diagnostics.drift import add_drift_callback
+        from ..diagnostics.drift import add_drift_callback
 
         add_drift_callback(trainer)
 
@@ -302,7 +302,7 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
         with open(os.path.join(training_args.output_dir, "held_out.json"), "w") as f:
             json.dump(report, f, indent=2)
         print_summary(trainer, before, after, note=report.get("note"))
-    from .diagnostics.plot import write_run_curves
+    from ..diagnostics.plot import write_run_curves
 
     write_run_curves(trainer)  # trainer_state.json, asft_run.json and curves.png in the output dir (main process)
     trainer.accelerator.wait_for_everyone()
@@ -317,4 +317,4 @@ def parse(argv: list[str] | None = None, prog: str | None = None):
 
 
 if __name__ == "__main__":
-    main(*parse(prog="python -m asft_trl.train"))
+    main(*parse(prog="python -m asft_trl.scripts.train"))

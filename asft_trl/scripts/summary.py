@@ -15,7 +15,7 @@ def held_out_report(trainer, eval_dataset, script_args) -> dict:
     metrics = trainer.evaluate()
     report = {key: metrics[key] for key in HELD_OUT_KEYS if key in metrics}
     if getattr(script_args, "held_out_metric", None) == "quickstart":
-        from .quickstart.task import score
+        from ..quickstart.task import score
 
         subset = eval_dataset.select(range(min(script_args.held_out_size, len(eval_dataset))))
         result = score(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, subset)

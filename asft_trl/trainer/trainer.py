@@ -5,12 +5,12 @@ What this module adds to SFTTrainer, and nothing else:
   a frozen copy of the adapter a given `PeftModel` carries; or, with `precompute_ref_log_probs`, one pass of it before
   training whose top-k log-probs ride in the batches);
 - `compute_loss` for `kl_coef > 0` (or a DFT weight floor): by default the chunked, fused loss from both models'
-  hidden states (`asft_trl.losses.fused`, reached through `asft_trl.lm_head`), else the plain one from full logits;
+  hidden states (`asft_trl.losses.fused`, reached through `asft_trl.reference.lm_head`), else the plain one from full logits;
   with `kl_coef == 0` (and no floor) the loss is TRL's own, untouched;
 - the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
-- lambda by step: a schedule, or the adaptive controller (`asft_trl.kl_control`) held by `AdaptiveKLCallback`,
+- lambda by step: a schedule, or the adaptive controller (`asft_trl.trainer.kl_control`) held by `AdaptiveKLCallback`,
   which updates it once per optimizer step and saves it with every checkpoint;
-- early, explanatory errors for paths and data TRL would fail on later (`asft_trl.paths`, `asft_trl.data.checks`);
+- early, explanatory errors for paths and data TRL would fail on later (`asft_trl.utils.paths`, `asft_trl.data.checks`);
 - a model card that links to the Hub only what is there.
 Nothing it attaches to the model holds the trainer, so a trainer is freed with its last reference (a notebook cell
 run again), however many are built on one model object.
@@ -36,14 +36,15 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model, maybe_gather_lm_head_ctx
 
-from . import lm_head, reference_cache
-from . import reference as ref_utils
+from ..data.checks import check_dataset_format, report_dropped, report_empty_completions
+from ..diagnostics.special_tokens import SpecialTokenCheck
+from ..losses import asft_loss, asft_token_terms, chunked_asft_loss, weight_stats
+from ..reference import cache as reference_cache
+from ..reference import lm_head
+from ..reference import loading as ref_utils
+from ..utils.paths import check_model_source, is_hub_id
 from .config import ASFTConfig
-from .data.checks import check_dataset_format, report_dropped, report_empty_completions
-from .diagnostics.special_tokens import SpecialTokenCheck
 from .kl_control import AdaptiveKLController, KLCoefSchedule
-from .losses import asft_loss, asft_token_terms, chunked_asft_loss, weight_stats
-from .paths import check_model_source, is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class ASFTTrainer(SFTTrainer):
         return ref_model, name
 
     def _precompute_reference(self, ref_model, args: ASFTConfig) -> None:
-        """One pass of the anchor over the datasets (`asft_trl.reference_cache`); afterwards no reference is kept.
+        """One pass of the anchor over the datasets (`asft_trl.reference.cache`); afterwards no reference is kept.
 
         The default anchor is the starting model, which is the policy itself before its first update (adapters off
         under PEFT, or, for a PeftModel given with its adapter, the policy as given), so no second model is loaded at

@@ -2,7 +2,7 @@
 a target.
 
 Pure Python: functions of the step and a small controller object with a state it can export and load. No trainer,
-no tensors; the trainer (`asft_trl.trainer`) decides when to read and update them.
+no tensors; the trainer (`asft_trl.trainer.trainer`) decides when to read and update them.
 
 Steps are counted as the Trainer counts them: `step` is the number of optimizer steps already taken (the Trainer's
 `global_step` while it computes the next one), so the first optimizer step has `step == 0`, as in transformers'

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch.distributed.tensor import DTensor
 
-from .losses import HeadTransform
+from ..losses import HeadTransform
 
 # Keyword arguments of a causal LM's forward that its backbone does not take
 _HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head", "logits_to_keep")

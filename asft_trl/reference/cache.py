@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from datasets import Dataset, Features, List, Value
 
-from .losses import HeadTransform, TopKReference, head_log_probs, top_k_of
+from ..losses import HeadTransform, TopKReference, head_log_probs, top_k_of
 
 COLUMNS = ("ref_topk_ids", "ref_topk_log_probs", "ref_tail_log_prob")
 TOKEN_COLUMN = "ref_token_log_prob"  # store="token": the anchor's log-probability of each target token

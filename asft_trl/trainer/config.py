@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from trl import SFTConfig
 
+from ..losses import KL_DIRECTIONS, KL_ESTIMATORS, LOSS_TYPES
+from ..reference.loading import REF_MODEL_DTYPES, REF_MODEL_QUANTIZATIONS
 from .kl_control import KL_COEF_SCHEDULES, parse_milestones
-from .losses import KL_DIRECTIONS, KL_ESTIMATORS, LOSS_TYPES
-from .reference import REF_MODEL_DTYPES, REF_MODEL_QUANTIZATIONS
 
 
 def _accelerator_available() -> bool:
