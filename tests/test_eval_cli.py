@@ -172,7 +172,7 @@ def test_bad_input_fails_before_a_model_is_loaded(tmp_path):
 
 def test_bad_model_path_is_named_before_any_benchmark_is_fetched(tmp_path, monkeypatch):
     """Offline, `--model /nonexistent` used to report the unreachable benchmark; the path is checked first."""
-    from asft_trl.evaluation import cli as eval_cli_module
+    from asft_trl.scripts import evaluate as eval_cli_module
 
     def no_benchmarks(*args, **kwargs):
         raise AssertionError("a benchmark was loaded before the model path was checked")

@@ -3,21 +3,21 @@ package generates (no download). Only loading: formatting and checks live elsewh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 
-
-def _quickstart_splits(seed: int) -> DatasetDict:
-    from ..quickstart.task import make_splits
-
-    return make_splits(seed=seed)
-
-
 # Generated datasets, by the name a recipe uses as `dataset_name`. Each builder takes the seed and returns splits.
-GENERATED_DATASETS = {
-    "asft/quickstart": _quickstart_splits,
-}
+# Filled by the packages that generate them when they are imported (`asft_trl.quickstart` adds "asft/quickstart"; the
+# command line imports it), so this module names none of them.
+GENERATED_DATASETS: dict[str, Callable[..., DatasetDict]] = {}
+
+
+def register_generated_dataset(name: str, build: Callable[..., DatasetDict]) -> None:
+    """Make `dataset_name: NAME` load `build(seed=training seed)` (a `DatasetDict`) instead of a file or Hub id."""
+    GENERATED_DATASETS[name] = build
+
 
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 

@@ -129,10 +129,9 @@ class EvalArguments:
             if "=" not in pair:
                 raise ValueError(f"data_files entry {pair!r} must be name=path (e.g. math500=problems.jsonl).")
         # A bad path is named before any benchmark is fetched or model loaded (the quickstart model resolves offline)
-        from ..quickstart.model import HUB_ID
-        from ..utils.paths import check_model_source
+        from ..utils.paths import check_model_source, resolves_itself
 
-        if self.model != HUB_ID:
+        if not resolves_itself(self.model):
             check_model_source(self.model, "model")
         check_model_source(self.adapter, "adapter", config_file="adapter_config.json")
 

@@ -1,5 +1,5 @@
 """`asft-trl` command line. `asft-trl train --config recipes/X.yaml [--field value ...] [accelerate launch flags]`;
-`asft-trl eval SUITE --model PATH [...]` (asft_trl/evaluation/cli.py), `asft-trl plot RUN_DIR ...` (training curves)
+`asft-trl eval SUITE --model PATH [...]` (asft_trl/scripts/evaluate.py), `asft-trl plot RUN_DIR ...` (training curves)
 and `asft-trl study` (the drift study) run in this process.
 
 Like `trl sft`: the recipe is parsed and validated here first (every config field, an earlier run in `output_dir`, the
@@ -91,7 +91,7 @@ def _fill_launch_defaults(accelerate_args) -> None:
 
 # Commands that run in this process: name -> (help, module with `main(argv) -> int`)
 _IN_PROCESS_COMMANDS = {
-    "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", "asft_trl.evaluation.cli"),
+    "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", "asft_trl.scripts.evaluate"),
     "plot": ("Draw the training curves of one or more runs into a PNG.", "asft_trl.diagnostics.plot"),
     "study": (
         "Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep (`study knowledge`: the knowledge study, several "

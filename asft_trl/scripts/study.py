@@ -297,15 +297,13 @@ def replace_generated(doc: Path, generated: str, begin: str, end: str, new_doc_h
 
 def run_study(args) -> dict:
     from ..diagnostics.plot import plot_run_dirs
-    from ..quickstart.model import HUB_ID, resolve_quickstart_model
     from ..quickstart.task import make_splits, ood_checks
+    from ..utils.paths import resolve_model
 
     start, load_start = time.perf_counter(), os.getloadavg()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = args.model
-    if model_path == HUB_ID:
-        model_path = resolve_quickstart_model(model_path, cache_dir=args.model_cache_dir)
+    model_path = resolve_model(args.model, cache_dir=args.model_cache_dir)
     splits = make_splits(n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
     ood = ood_checks()
     methods, sweep = plan_runs(args.kl_coef, args.sweep)

@@ -697,14 +697,12 @@ def plot_study(out_dir: Path, seeds_by_method: dict[str, list[int]], specs: dict
 
 
 def run_study(args) -> dict:
-    from ..quickstart.model import HUB_ID, resolve_quickstart_model
+    from ..utils.paths import resolve_model
 
     start, load_start = time.perf_counter(), os.getloadavg()
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = args.model
-    if model_path == HUB_ID:
-        model_path = resolve_quickstart_model(model_path, cache_dir=args.model_cache_dir)
+    model_path = resolve_model(args.model, cache_dir=args.model_cache_dir)
     data = build_data(args)
     specs = method_specs(args.kl_coef)
     methods = [m for m in METHOD_KEYS if m in args.methods]

@@ -5,6 +5,8 @@ Only reads the trainer's state and runs evaluation; it never changes the model o
 
 from __future__ import annotations
 
+from ..evaluation.benchmarks import TASK_METRICS
+
 # eval_kl is the KL term as trained (the exact KL, or a kl_estimator's estimate); eval_kl_full the exact KL beside an
 # estimate
 HELD_OUT_KEYS = ("eval_loss", "eval_nll", "eval_kl", "eval_kl_full", "eval_mean_token_accuracy")
@@ -14,11 +16,10 @@ def held_out_report(trainer, eval_dataset, script_args) -> dict:
     """Evaluate on the held-out split: the trainer's eval metrics, plus the task metric when the recipe names one."""
     metrics = trainer.evaluate()
     report = {key: metrics[key] for key in HELD_OUT_KEYS if key in metrics}
-    if getattr(script_args, "held_out_metric", None) == "quickstart":
-        from ..quickstart.task import score
-
+    metric = TASK_METRICS.get(getattr(script_args, "held_out_metric", None))
+    if metric is not None:
         subset = eval_dataset.select(range(min(script_args.held_out_size, len(eval_dataset))))
-        result = score(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, subset)
+        result = metric(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, subset)
         report["task_accuracy"] = result["accuracy"]
         report["task_examples_wrong"] = [list(f) for f in result["failures"]]
     return report

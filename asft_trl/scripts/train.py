@@ -171,8 +171,7 @@ def check_run(
     where it comes from, the model's and the reference's paths. The config fields themselves were checked when they
     were parsed. `asft-trl train` calls this before it launches anything, so a bad recipe fails in seconds."""
     from ..data.loading import check_dataset_given
-    from ..quickstart.model import HUB_ID
-    from ..utils.paths import check_dataset_source, check_model_source
+    from ..utils.paths import check_dataset_source, check_model_source, resolves_itself
 
     check_output_dir(
         training_args.output_dir, _resume_value(training_args.resume_from_checkpoint), script_args.overwrite_output_dir
@@ -185,7 +184,7 @@ def check_run(
             "model_name_or_path is not set. Fix: name the model to fine-tune in the recipe "
             "(`model_name_or_path: Qwen/Qwen2.5-0.5B`, or a local folder) or with --model_name_or_path."
         )
-    if model_args.model_name_or_path != HUB_ID:  # the quickstart model falls back to its offline copy
+    if not resolves_itself(model_args.model_name_or_path):  # the quickstart model falls back to its offline copy
         check_model_source(
             model_args.model_name_or_path,
             "model_name_or_path",
@@ -239,8 +238,8 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     from trl import get_peft_config, get_quantization_config
 
     from ..data import load_training_data
-    from ..quickstart.model import HUB_ID, resolve_quickstart_model
     from ..trainer.trainer import ASFTTrainer
+    from ..utils.paths import resolve_model, resolves_itself
     from .summary import held_out_missing_note, held_out_report, print_summary
 
     logger = get_logger(__name__)
@@ -257,9 +256,9 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
     model_path = model_args.model_name_or_path
-    if model_path == HUB_ID:  # the quickstart model: the Hub when reachable, else the offline GGUF copy
+    if resolves_itself(model_path):  # the quickstart model: the Hub when reachable, else the offline GGUF copy
         with PartialState().main_process_first():
-            model_path = resolve_quickstart_model(model_path, cache_dir=os.path.join("outputs", "models"))
+            model_path = resolve_model(model_path)
 
     with PartialState().main_process_first():  # the main process fills datasets' cache; the others read it
         splits = load_training_data(script_args, dataset_args, seed=training_args.seed)

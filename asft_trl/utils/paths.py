@@ -2,16 +2,40 @@
 loads: a local folder (or file), or a Hub id. A value that is neither gets an error that says so, instead of
 `huggingface_hub`'s "Repo id must be in the form 'repo_name'..." half a minute into a run.
 
-Only looks at the file system, the id's form and (offline) the local Hub cache; never downloads, never loads.
+Only looks at the file system, the id's form and (offline) the local Hub cache; never downloads, never loads (a
+registered model's `resolve_model` is the provider's own code, run only when asked).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 # Endings of data files `dataset_name` may name (asft_trl.data.loading reads them)
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+
+
+# Models that resolve themselves, by the name a recipe or the command line gives: `resolve(cache_dir)` returns what
+# `from_pretrained` loads (the quickstart's SmolLM2: the Hub id when reachable, else an offline copy it writes under
+# `cache_dir`). Filled by the package that provides the model when it is imported (`asft_trl.quickstart`).
+_MODEL_RESOLVERS: dict[str, Callable[[str | os.PathLike], str]] = {}
+DEFAULT_MODEL_CACHE_DIR = os.path.join("outputs", "models")
+
+
+def register_model_resolver(name: str, resolve: Callable[[str | os.PathLike], str]) -> None:
+    _MODEL_RESOLVERS[name] = resolve
+
+
+def resolves_itself(name: str | None) -> bool:
+    """Whether `name` is a registered model that finds its own files (so `check_model_source` does not apply)."""
+    return name in _MODEL_RESOLVERS
+
+
+def resolve_model(name: str, cache_dir: str | os.PathLike = DEFAULT_MODEL_CACHE_DIR) -> str:
+    """What `from_pretrained` should load for `name`: a registered model's resolution, anything else unchanged."""
+    resolve = _MODEL_RESOLVERS.get(name)
+    return name if resolve is None else resolve(cache_dir)
 
 
 def is_hub_id(value: str) -> bool:

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from .arguments import SUITES, EvalArguments
-from .benchmarks import load_benchmark, suite_benchmarks
-from .report import build_results, compare_table, markdown_table, read_jsonl, write_atomic, write_jsonl
+from ..evaluation.arguments import SUITES, EvalArguments
+from ..evaluation.benchmarks import load_benchmark, suite_benchmarks
+from ..evaluation.report import build_results, compare_table, markdown_table, read_jsonl, write_atomic, write_jsonl
 
 OUTPUT_FILES = ("generations.jsonl", "scored.jsonl", "results.json", "results.md")
 
@@ -47,28 +47,28 @@ def _check_output_dir(args: EvalArguments) -> Path:
 
 def _score(suite: str, rows: list[dict], args: EvalArguments):
     if suite == "math":
-        from .math import score_rows
+        from ..evaluation.math import score_rows
 
         return score_rows(rows)
     if suite == "medical":
-        from .medical import score_rows
+        from ..evaluation.medical import score_rows
 
         return score_rows(rows)
     if suite == "code":
-        from .code import score_rows
+        from ..evaluation.code import score_rows
 
         return score_rows(rows, timeout=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
-    from .exact_match import score_rows
+    from ..evaluation.exact_match import score_rows
 
     return score_rows(rows)
 
 
 def _generate_rows(args: EvalArguments, name: str, items: list[dict], model, tokenizer) -> list[dict]:
     """Generation rows of one benchmark: prompt, samples (`prediction`), gold answer (and a code item's tests)."""
-    from . import generation, prompts
+    from ..evaluation import generation, prompts
 
     if args.suite == "medical":
-        from .medical import predict
+        from ..evaluation.medical import predict
 
         return [{"benchmark": name, **row} for row in predict(model, tokenizer, items, args.batch_size)]
     if args.suite == "math":
@@ -119,11 +119,11 @@ def run(args: EvalArguments) -> dict:
         items = {
             name: load_benchmark(name, args.suite, files.get(name), args.limit, args.quickstart_seed) for name in names
         }
-        from ..quickstart.model import HUB_ID, resolve_quickstart_model
-        from .generation import load_model_and_tokenizer
+        from ..evaluation.generation import load_model_and_tokenizer
+        from ..utils.paths import resolve_model
 
-        if args.model == HUB_ID:  # the quickstart model: the Hub when reachable, else the offline GGUF copy
-            args.model = resolve_quickstart_model(args.model, cache_dir=Path("outputs") / "models")
+        # A registered model (the quickstart's: the Hub when reachable, else the offline GGUF copy) resolves itself
+        args.model = resolve_model(args.model, cache_dir=Path("outputs") / "models")
         model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
         by_benchmark, seconds = {}, {}
         for name, bench_items in items.items():
