@@ -172,10 +172,10 @@ RECORDED: dict[str, list] = {"loss_heads": [], "reference_loads": []}
 def install_recorders() -> None:
     """Wrap, once, the fused loss (the dtypes and shapes of the heads it is given) and the loading of a reference
     from a path (the `device_map` it is given; "unset" means TRL's default, "auto" on GPUs)."""
+    import asft_trl.reference.lm_head as lm_head_module
     import asft_trl.reference.loading as reference_module
-    import asft_trl.trainer.trainer as trainer_module
 
-    loss, load = trainer_module.chunked_asft_loss, reference_module.create_model_from_path
+    loss, load = lm_head_module.chunked_asft_loss, reference_module.create_model_from_path
 
     def recording_loss(hidden, weight, labels, ref_hidden=None, ref_weight=None, **kwargs):
         RECORDED["loss_heads"].append(
@@ -195,7 +195,7 @@ def install_recorders() -> None:
         RECORDED["reference_loads"].append(str(kwargs.get("device_map", "unset")))
         return load(name_or_path, **kwargs)
 
-    trainer_module.chunked_asft_loss = recording_loss
+    lm_head_module.chunked_asft_loss = recording_loss
     reference_module.create_model_from_path = recording_load
 
 

@@ -27,24 +27,23 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import disable_dropout_in_model, maybe_gather_lm_head_ctx
+from trl.trainer.utils import disable_dropout_in_model
 
 from ..data.checks import check_dataset_format, report_dropped, report_empty_completions
 from ..diagnostics.special_tokens import SpecialTokenCheck
-from ..losses import asft_loss, asft_token_terms, chunked_asft_loss, weight_stats
+from ..losses import asft_loss, asft_token_terms, weight_stats
 from ..reference import cache as reference_cache
-from ..reference import lm_head
+from ..reference import lm_head, precompute
 from ..reference import loading as ref_utils
 from ..utils.paths import check_model_source, is_hub_id
+from .callbacks import AdaptiveKLCallback
 from .config import ASFTConfig
-from .kl_control import AdaptiveKLController, KLCoefSchedule
+from .kl_control import KLCoefSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -270,83 +269,24 @@ class ASFTTrainer(SFTTrainer):
         else:
             ref_model, name = self._separate_reference(ref_model, args, policy)
             anchor_lm = runner = ref_model.to(self.args.device)
-        weight, bias = lm_head.head_parameters(anchor_lm)
-        head = (weight, bias, lm_head.head_transform(anchor_lm.config))
-        # Adapters switched off for the pass are left out of the fingerprint; a given PeftModel runs as is, adapter on
+        # A PeftModel given as is runs with its adapter on; otherwise the policy's adapters are off for the pass
         adapters_off = runner is policy and is_peft_model(policy) and not self._given_peft_model
-        adapters = tuple(policy.peft_config) if adapters_off else ()
-        reference_id = f"{name}:{reference_cache.weights_fingerprint(anchor_lm, skip_adapters=adapters)}"
-
-        def run_backbone(inputs):
-            with self.accelerator.autocast():
-                if adapters_off:
-                    with ref_utils.adapters_disabled(policy, deterministic=True):
-                        return policy(**inputs, asft_hidden_states=True).last_hidden_state
-                return runner(**inputs, asft_hidden_states=True).last_hidden_state
-
-        cache_dir = args.precompute_ref_cache_dir or f"{args.output_dir}/reference_cache"
-        # A per-token KL estimator needs only the anchor's log-probability of each target: one float per token
-        store = "topk" if args.kl_estimator == "full" else "token"
-        options = dict(
-            run_backbone=run_backbone,
-            head=head,
+        result = precompute.precompute_reference(
+            anchor_lm,
+            runner,
+            name,
+            adapters_off=adapters_off,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
             collator=self.data_collator,
-            k=args.precompute_ref_topk,
-            batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size,
-            cache_dir=cache_dir,
-            reference_id=reference_id,
+            args=args,
             device=self.args.device,
-            store=store,
+            autocast=self.accelerator.autocast,
+            main_process_first=self.accelerator.main_process_first,
         )
-        was_training = runner.training
-        runner.eval()
-        try:
-            with self.accelerator.main_process_first():
-                self.train_dataset = self._with_reference_columns(self.train_dataset, "train", options)
-                if isinstance(self.eval_dataset, dict):
-                    self.eval_dataset = {
-                        key: self._with_reference_columns(dataset, f"eval {key}", options)
-                        for key, dataset in self.eval_dataset.items()
-                    }
-                else:
-                    self.eval_dataset = self._with_reference_columns(self.eval_dataset, "eval", options)
-        finally:
-            runner.train(was_training)
-        self.data_collator = reference_cache.ReferenceColumnsCollator(self.data_collator, store=store)
-        if store == "token":
-            logger.info(
-                f"Precomputed the reference ({name}) into {cache_dir}: its log-probability of each completion "
-                f"token, for kl_estimator={args.kl_estimator!r}."
-            )
-            return
-        self.precomputed_top_k_mass = reference_cache.mean_top_k_mass(self.train_dataset)
-        message = (
-            f"Precomputed the reference ({name}) into {cache_dir}: its top-{args.precompute_ref_topk} tokens hold "
-            f"{100 * self.precomputed_top_k_mass:.1f}% of its probability mass on average over the training tokens."
-        )
-        if self.precomputed_top_k_mass < 0.9:
-            # Measured on SmolLM2 (docs/benchmarks.md): the KL's relative gap is of the order of the mass left out
-            logger.warning(
-                f"{message} The top-k KL then falls well short of the exact KL (by roughly the mass left out), so "
-                "the anchor is weaker than the paper's: raise precompute_ref_topk, or use the live reference."
-            )
-        else:
-            logger.info(message)
-
-    @staticmethod
-    def _with_reference_columns(dataset, split: str, options: dict):
-        if dataset is None:
-            return None
-        if not isinstance(dataset, Dataset):
-            raise ValueError(
-                f"precompute_ref_log_probs=True needs a map-style `datasets.Dataset` for {split} (got "
-                f"{type(dataset).__name__}): the stored reference is added to it as columns. Load the data without "
-                "streaming, or set precompute_ref_log_probs to False."
-            )
-        what = "top-k log-probs" if options["store"] == "topk" else "log-probs of the targets"
-        return reference_cache.add_reference_columns(
-            dataset, desc=f"Precomputing the reference's {what} ({split})", **options
-        )
+        self.train_dataset, self.eval_dataset, self.data_collator = result.datasets()
+        if result.top_k_mass is not None:
+            self.precomputed_top_k_mass = result.top_k_mass
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -520,55 +460,20 @@ class ASFTTrainer(SFTTrainer):
             if anchored and stored is None:
                 ref_hidden = self._run_reference(model, model_inputs, asft_hidden_states=True).last_hidden_state
                 ref_hidden = ref_hidden if shifted else ref_hidden[:, :-1]
-            result = {}
-
-            def fused_loss(policy_lm, backbone_outputs):
-                hidden = backbone_outputs.last_hidden_state
-                hidden = hidden if shifted else hidden[:, :-1]
-                weight, bias = lm_head.head_parameters(policy_lm)
-                # With the model split across devices (`device_map`) the backbone can end where the head is not
-                on_head = mask.to(weight.device)
-                ref_weight = ref_bias = None
-                if ref_hidden is not None:
-                    # Under PEFT the anchor is the same network with adapters off, so its head is the policy's own.
-                    # A sharded reference head is gathered in the dtype the policy's head has here (FSDP2 mixed
-                    # precision), so that at step 0 both are the same matrix
-                    ref_weight, ref_bias = (
-                        (weight, bias)
-                        if self._ref_lm is None
-                        else lm_head.head_parameters(self._ref_lm, dtype=weight.dtype)
-                    )
-                heads = {id(t): t for t in (weight, bias, ref_weight, ref_bias) if t is not None}
-                fused_inputs = dict(
-                    hidden=hidden.to(weight.device)[on_head],
-                    weight=weight,
-                    labels=labels.to(weight.device)[on_head],
-                    ref_hidden=None if ref_hidden is None else ref_hidden.to(weight.device)[on_head],
-                    ref_weight=ref_weight,
-                    bias=bias,
-                    ref_bias=ref_bias,
-                    head=lm_head.head_transform(policy_lm.config),
-                    # None: the same head (and transform) as the policy's
-                    ref_head=None if self._ref_lm is None else lm_head.head_transform(self._ref_lm.config),
-                    chunk_size=self.args.loss_chunk_size,
-                )
-                with maybe_gather_lm_head_ctx(*heads.values()):
-                    result["loss"], result["terms"] = chunked_asft_loss(
-                        **fused_inputs,
-                        ref_topk=None if ref_topk is None else ref_topk.to(weight.device),
-                        ref_token_log_probs=None
-                        if ref_token_log_probs is None
-                        else ref_token_log_probs.to(weight.device),
-                        **loss_kwargs,
-                    )
-                    if measure_full_kl:
-                        result["full_kl"] = chunked_asft_loss(
-                            **fused_inputs, **{**loss_kwargs, "kl_estimator": "full", "kl_coef": 0.0}
-                        )[1].kl
-                return CausalLMOutputWithPast(loss=result["loss"])
-
+            fused_loss = lm_head.FusedHeadLoss(
+                labels=labels,
+                mask=mask,
+                shifted=shifted,
+                ref_hidden=ref_hidden,
+                ref_lm=self._ref_lm,
+                ref_topk=ref_topk,
+                ref_token_log_probs=ref_token_log_probs,
+                chunk_size=self.args.loss_chunk_size,
+                loss_kwargs=loss_kwargs,
+                measure_full_kl=measure_full_kl,
+            )
             outputs = model(**model_inputs, asft_loss_fn=fused_loss)
-            loss, terms, full_kl = outputs.loss, result["terms"], result.get("full_kl")
+            loss, terms, full_kl = outputs.loss, fused_loss.terms, fused_loss.full_kl
             if return_outputs:  # the logits were never built; only `compute_metrics` users ask for them
                 with torch.no_grad():
                     outputs = model(**model_inputs)
@@ -779,63 +684,3 @@ class _FusedOutputsRecorder:
 
     def __getattr__(self, name):
         return getattr(self.model, name)
-
-
-class AdaptiveKLCallback(TrainerCallback, ExportableState):
-    """Holds the adaptive KL controller of `ASFTTrainer`: updates lambda once per optimizer step from the mean KL of
-    all the step's micro-batches, and carries its state through checkpoints.
-
-    As an `ExportableState` callback, its state is written into every checkpoint's `trainer_state.json`
-    (`stateful_callbacks`). On resume it restores that state itself in `on_train_begin`, so no flag is needed; with
-    `restore_callback_states_from_checkpoint=True` transformers rebuilds it from the same state, to the same effect.
-    The controller's settings are the current run's; only lambda (and the counters) come from the checkpoint.
-    """
-
-    def __init__(
-        self, kl_coef: float, target: float, horizon: float, error_clip: float, controller_state: dict | None = None
-    ):
-        self.controller = AdaptiveKLController(kl_coef, target, horizon, error_clip)
-        if controller_state is not None:
-            self.controller.load_state_dict(controller_state)
-        self._kl_sum = 0.0
-        self._count = 0.0
-
-    def add_kl(self, kl_sum: float, count: float) -> None:
-        self._kl_sum += kl_sum
-        self._count += count
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # Runs before the step's logging and checkpoint, so a checkpoint holds lambda for the next step
-        if self._count > 0:
-            self.controller.update(self._kl_sum / self._count)
-        self._kl_sum = self._count = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        name = type(self).__name__
-        saved = state.stateful_callbacks.get(name)
-        if isinstance(saved, dict) and "controller_state" in saved.get("args", {}):
-            self.controller.load_state_dict(saved["args"]["controller_state"])
-        elif state.global_step > 0:
-            logger.warning(
-                f"The checkpoint resumed from has no adaptive KL controller state: lambda starts again from "
-                f"kl_coef={self.controller.kl_coef} at step {state.global_step}."
-            )
-        # The settings are this run's (a resume may change the target); lambda is the checkpoint's
-        self.controller.target, self.controller.horizon = args.kl_target, args.kl_horizon
-        self.controller.error_clip = args.kl_error_clip
-        self._kl_sum = self._count = 0.0
-        # A checkpoint written by a run without the controller has no entry, and transformers' save expects one
-        state.stateful_callbacks[name] = self.state()
-
-    def state(self) -> dict:
-        controller = self.controller
-        return {
-            "args": {
-                "kl_coef": controller.kl_coef,
-                "target": controller.target,
-                "horizon": controller.horizon,
-                "error_clip": controller.error_clip,
-                "controller_state": controller.state_dict(),
-            },
-            "attributes": {},
-        }
