@@ -96,7 +96,7 @@ def train(name: str, args) -> Path:
 
 
 def final_kls(out: Path) -> dict:
-    """The trained adapter's exact forward KL(base || policy) and reverse KL(policy || base) per token, and its NLL, on
+    """The trained adapter's exact forward KL(reference || policy) and reverse KL(policy || reference) per token, and its NLL, on
     the 64 held-out completions (the same measure for every run, whatever direction it trained with). Cached in the
     run folder."""
     cached = out / "kl_estimators_final.json"
@@ -117,11 +117,11 @@ def final_kls(out: Path) -> dict:
     base = AutoModelForCausalLM.from_pretrained(resolve_quickstart_model(HUB_ID, "outputs/models"))
     policy = PeftModel.from_pretrained(base, out).eval()
     probe = DriftProbe(tokenizer, pairs, batch_size=16, name="task")
-    base_log_probs = probe.base_log_probs(policy)  # adapters off
+    reference_log_probs = probe.reference_log_probs(policy)  # adapters off
     sums = {"forward": 0.0, "reverse": 0.0, "nll": 0.0}
     count = 0
     with torch.no_grad():
-        for (inputs, targets), log_q in zip(probe._batches("cpu"), base_log_probs):
+        for (inputs, targets), log_q in zip(probe._batches("cpu"), reference_log_probs):
             mask = targets != -100
             log_p = torch.log_softmax(policy(**inputs).logits[:, :-1][mask].float(), -1)
             sums["forward"] += kl_per_token(log_q, log_p).sum().item()
@@ -190,7 +190,7 @@ def plot(results: list[dict], path: Path) -> None:
             "the reverse runs' reverse KL, x: their forward KL at the end)",
         ),
         ("trained_kl", "the KL term as trained (`kl`: estimate or exact), training batches"),
-        ("drift_kl", "drift: exact KL(base || policy), 16 general prompts"),
+        ("drift_kl", "drift: exact KL(reference || policy), 16 general prompts"),
         ("eval_nll", "NLL per completion token, held-out task prompts"),
     ]
     fig = Figure(figsize=(13, 10), layout="constrained")

@@ -84,7 +84,7 @@ def _log_probs(trainer):
 
 
 def measure(log_p: torch.Tensor, log_q: torch.Tensor, ks) -> list[dict]:
-    from asft_trl.losses import complete_log_probs, kl_per_token, top_k_of
+    from asft_trl.losses import complete_log_probs, kl_per_token, topk_of
 
     p, q = log_p.exp(), log_q.exp()
     exact = {"forward": kl_per_token(log_q, log_p), "reverse": kl_per_token(log_p, log_q)}
@@ -92,7 +92,7 @@ def measure(log_p: torch.Tensor, log_q: torch.Tensor, ks) -> list[dict]:
     rows = []
     vocab = log_q.shape[-1]
     for k in [*ks, vocab]:
-        ref = top_k_of(log_q, k)
+        ref = topk_of(log_q, k)
         log_q_k = complete_log_probs(log_p, ref)
         row = {
             "k": min(k, vocab),

@@ -121,9 +121,9 @@ def main() -> int:
     probe_s = 0.0
     for pairs in (GENERAL_PROMPTS, data.task_pairs, data.trainset_pairs):
         probe = DriftProbe(tokenizer, pairs, low_p_threshold=0.1)
-        base = probe.base_log_probs(model)
+        reference_log_probs = probe.reference_log_probs(model)
         t0 = time.perf_counter()
-        probe.measure(model, base=base)
+        probe.measure(model, reference_log_probs=reference_log_probs)
         probe_s += time.perf_counter() - t0
     out["probe_measurement_s"] = probe_s  # all three probes, once
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from asft_trl.losses import (
     asft_token_terms,
     chunked_asft_loss,
     kl_estimate,
-    top_k_of,
+    topk_of,
 )
 
 ESTIMATORS = ["k1", "k2", "k3"]
@@ -313,7 +313,7 @@ def test_the_fused_clamps_match_the_plain_ones():
 def test_references_an_estimator_cannot_use_are_refused():
     policy, ref, labels = random_case()
     token = torch.log_softmax(ref, -1).gather(-1, labels[:, None]).squeeze(-1)
-    topk = top_k_of(torch.log_softmax(ref, -1), 4)
+    topk = topk_of(torch.log_softmax(ref, -1), 4)
     with pytest.raises(ValueError, match="whole distribution"):
         asft_loss(policy, labels, ref_token_log_probs=token)
     with pytest.raises(ValueError, match="top-k"):

@@ -11,7 +11,9 @@ from asft_trl.diagnostics.plot import load_run, plot_run_dirs, write_run_curves
 from asft_trl.scripts import cli
 
 
-def write_run(path, method_name, loss_type, kl_coef, metrics, steps=(5, 10, 15), eval_metrics=()):
+def write_run(
+    path, method_name, loss_type, kl_coef, metrics, steps=(5, 10, 15), eval_metrics=(), kl_direction="forward"
+):
     """A run folder as `asft-trl train` leaves it: trainer_state.json (log_history) + asft_run.json."""
     path.mkdir(parents=True)
     history = []
@@ -22,7 +24,9 @@ def write_run(path, method_name, loss_type, kl_coef, metrics, steps=(5, 10, 15),
     history.append({"step": steps[-1], "train_runtime": 12.0, "train_loss": 1.0})
     (path / "trainer_state.json").write_text(json.dumps({"global_step": steps[-1], "log_history": history}))
     (path / "asft_run.json").write_text(
-        json.dumps({"method_name": method_name, "loss_type": loss_type, "kl_coef": kl_coef, "kl_direction": "forward"})
+        json.dumps(
+            {"method_name": method_name, "loss_type": loss_type, "kl_coef": kl_coef, "kl_direction": kl_direction}
+        )
     )
     return path
 
@@ -54,6 +58,26 @@ def test_one_panel_per_metric_one_line_per_run(two_runs, tmp_path):
     assert missing == []
     xs = fig.axes[0].get_lines()[0].get_xdata()
     assert list(xs) == [5, 10, 15]  # the final summary entry (no metrics) adds no point
+
+
+def test_kl_panel_names_the_direction_the_runs_trained(tmp_path):
+    """The training `kl` is KL(policy || reference) in a reverse-KL run: the panel says so (read from asft_run.json);
+    the drift probe measures KL(reference || policy) whatever the run's direction."""
+
+    def subtitles(runs):
+        _, fig, _ = plot_run_dirs(runs, ["kl", "drift_kl"], tmp_path / f"{len(runs)}-{runs[0].name}.png")
+        return {ax.get_title().split("\n")[0]: ax.get_title().split("\n")[1] for ax in fig.axes}
+
+    forward = write_run(tmp_path / "fwd", "ASFT", "dft", 0.05, ["kl", "drift_kl"])
+    reverse = write_run(tmp_path / "rev", "ASFT", "dft", 0.05, ["kl", "drift_kl"], kl_direction="reverse")
+    assert subtitles([forward])["kl"].startswith("KL(reference || policy)")
+    assert subtitles([reverse])["kl"].startswith("KL(policy || reference)")
+    both = subtitles([forward, reverse])["kl"]
+    assert "forward: reference || policy" in both and "reverse: policy || reference" in both
+    assert all(
+        subtitles(runs)["drift_kl"] == "held-out drift: KL(reference || policy), general prompts"
+        for runs in ([forward], [reverse])
+    )
 
 
 def test_missing_metrics_are_reported_not_fatal(two_runs, tmp_path, caplog):

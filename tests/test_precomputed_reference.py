@@ -49,7 +49,7 @@ def test_no_reference_model_is_kept_or_copied(tiny_model_path, pc_dataset, tmp_p
     assert trainer.ref_model is None and trainer._ref_lm is None
     assert set(reference_cache.COLUMNS) <= set(trainer.train_dataset.column_names)
     # An untrained tiny model is nearly uniform over its vocabulary: 8 tokens hold a few percent of its mass
-    assert 0.01 < trainer.precomputed_top_k_mass < 0.2
+    assert 0.01 < trainer.precomputed_topk_mass < 0.2
     trainer.train()
     first = next(h for h in trainer.state.log_history if "kl" in h)
     assert 0 <= first["kl"] < 1e-6  # the anchor is the starting model: no divergence before the first update

@@ -1,10 +1,10 @@
-"""Held-out drift: how far the policy has moved from the base model on general text that training never touches.
+"""Held-out drift: how far the policy has moved from the reference model on general text that training never touches.
 
 The training `kl` metric measures KL(reference || policy) on the fine-tuning data itself. This module measures the
 same per-token KL, with the same function (`asft_trl.losses.kl_per_token`), on a fixed set of general chat prompts
-with hand-written reference answers (`GENERAL_PROMPTS`), so forgetting outside the fine-tuning set shows as a number:
+with hand-written answers (`GENERAL_PROMPTS`), so forgetting outside the fine-tuning set shows as a number:
 
-    drift_kl  = mean over the answer tokens of KL(base || policy)     (0 before any update)
+    drift_kl  = mean over the answer tokens of KL(reference || policy)     (0 before any update)
     drift_nll = mean NLL of the hand-written answers under the policy
 
 With `low_p_threshold` set (off by default) a probe also logs `{name}_low_p`, the share of answer tokens whose
@@ -14,8 +14,8 @@ probabilities (the DFT weights p(y_t) on fixed tokens); `token_probs` returns th
 `DriftCallback` logs both at step 0 and at training log steps (every `every_steps`) into the trainer's
 `log_history`, so they land in `trainer_state.json` beside `kl`, `loss` and the rest, and `asft-trl plot` draws them.
 
-The base model is, in this order: the trainer's reference model when it has one; under PEFT, the policy network with
-its adapters switched off; otherwise a frozen copy of the policy taken when training begins. The base model's
+The reference is, in this order: the trainer's reference model when it has one; under PEFT, the policy network with
+its adapters switched off; otherwise a frozen copy of the policy taken when training begins. The reference's
 log-probabilities on the prompts are computed once, when training begins, and kept (a few [answer tokens x vocabulary]
 tensors), so each measurement costs one forward pass of the policy; the frozen copy is dropped right after. This
 module only measures; it never changes the policy or the training data.
@@ -124,10 +124,10 @@ class DriftProbe:
             yield inputs, labels[:, 1:].to(device)  # targets: the next token at each position, -100 off the answer
 
     @torch.no_grad()
-    def base_log_probs(self, policy, reference=None) -> list[torch.Tensor]:
-        """Log-probabilities of the base model at the answer positions, one [tokens, vocab] tensor per batch.
+    def reference_log_probs(self, policy, reference=None) -> list[torch.Tensor]:
+        """Log-probabilities of the reference at the answer positions, one [tokens, vocab] tensor per batch.
 
-        `reference=None` means "the policy with its adapters switched off" (PEFT). The base never changes during
+        `reference=None` means "the policy with its adapters switched off" (PEFT). The reference never changes during
         training, so callers compute this once and pass it to `measure`.
         """
 
@@ -150,23 +150,26 @@ class DriftProbe:
         return out
 
     @torch.no_grad()
-    def measure(self, policy, reference=None, base: list[torch.Tensor] | None = None) -> dict[str, float]:
-        """Mean per-token KL(base || policy) and mean NLL of the answers under the policy, as `{name}_kl` and
+    def measure(
+        self, policy, reference=None, reference_log_probs: list[torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """Mean per-token KL(reference || policy) and mean NLL of the answers under the policy, as `{name}_kl` and
         `{name}_nll`.
 
-        The base is `base` (from `base_log_probs`) when given, else `reference`, else the policy with its adapters
+        The reference is `reference_log_probs` (from `reference_log_probs()`) when given, else `reference`, else the policy with its adapters
         switched off (PEFT). Models run in evaluation mode (no dropout), so an untouched policy gives exactly 0.
         """
-        if base is None:
-            base = self.base_log_probs(policy, reference)
+        if reference_log_probs is None:
+            reference_log_probs = self.reference_log_probs(policy, reference)
         was_training = policy.training
         policy.eval()
         kl_sum, nll_sum, count, gold = 0.0, 0.0, 0, []
         try:
-            for (inputs, targets), base_logp in zip(self._batches(next(policy.parameters()).device), base):
+            batches = self._batches(next(policy.parameters()).device)
+            for (inputs, targets), reference_logp in zip(batches, reference_log_probs):
                 mask = targets != -100
                 policy_logp = F.log_softmax(policy(**inputs).logits[:, :-1][mask].float(), dim=-1)
-                kl_sum += kl_per_token(base_logp, policy_logp).sum().item()
+                kl_sum += kl_per_token(reference_logp, policy_logp).sum().item()
                 gold_logp = policy_logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
                 nll_sum += -gold_logp.sum().item()
                 gold.append(gold_logp.exp())
@@ -207,7 +210,7 @@ class DriftCallback(TrainerCallback):
 
     Args:
         tokenizer: the trainer's tokenizer (its chat template formats the prompts).
-        ref_model: the base model to compare against. Default: none under PEFT (adapters off), else a frozen copy of
+        ref_model: the reference model to compare against. Default: none under PEFT (adapters off), else a frozen copy of
             the policy taken at the start of training. `add_drift_callback` passes the trainer's own reference.
         prompts: (prompt, answer) pairs; default `GENERAL_PROMPTS`.
         name: prefix of the logged metrics (`drift` -> `drift_kl`, `drift_nll`); a second callback on other prompts
@@ -234,7 +237,9 @@ class DriftCallback(TrainerCallback):
         self.every_steps = every_steps
         self.ref_model = ref_model
         self._policy = None
-        self._base = None  # the base model's log-probabilities on the prompts, computed once at train begin
+        self._reference_log_probs = (
+            None  # the reference's log-probabilities on the prompts, computed once at train begin
+        )
         self.seconds = 0.0  # time spent measuring, so a study can report the overhead
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -248,9 +253,9 @@ class DriftCallback(TrainerCallback):
                     state.global_step,
                 )
             # Only the copy's outputs on the fixed prompts are needed, and they are kept: the copy is dropped at once
-            self._base = self.probe.base_log_probs(model, freeze(frozen_copy(model)))
+            self._reference_log_probs = self.probe.reference_log_probs(model, freeze(frozen_copy(model)))
         else:
-            self._base = self.probe.base_log_probs(model, self.ref_model)
+            self._reference_log_probs = self.probe.reference_log_probs(model, self.ref_model)
         self.seconds += time.perf_counter() - start
         if state.global_step == 0:
             state.log_history.append({**self._measure(), "step": 0})
@@ -268,7 +273,7 @@ class DriftCallback(TrainerCallback):
 
     def _measure(self) -> dict[str, float]:
         start = time.perf_counter()
-        values = self.probe.measure(self._policy, base=self._base)
+        values = self.probe.measure(self._policy, reference_log_probs=self._reference_log_probs)
         self.seconds += time.perf_counter() - start
         return values
 

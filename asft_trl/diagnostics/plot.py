@@ -33,12 +33,12 @@ DESCRIPTIONS = {
     "dft_weight_ess": "ESS fraction of the DFT weights",
     "entropy": "policy entropy per token",
     "mean_token_accuracy": "token accuracy (training batches)",
-    "drift_kl": "held-out drift: KL(base || policy), general prompts",
+    "drift_kl": "held-out drift: KL(reference || policy), general prompts",
     "kl_coef": "lambda (kl_coef) used at each step",
     "drift_nll": "NLL of general-prompt answers",
-    "task_kl": "KL(base || policy), held-out task prompts",
+    "task_kl": "KL(reference || policy), held-out task prompts",
     "task_nll": "NLL, held-out task prompts",
-    "trainset_kl": "KL(base || policy), fixed training sample",
+    "trainset_kl": "KL(reference || policy), fixed training sample",
     "trainset_nll": "NLL, fixed training sample",
     "trainset_ess": "ESS fraction of p(y_t), fixed training sample",
     "trainset_low_p": "share of training answer tokens with p < 0.1",
@@ -47,11 +47,28 @@ DESCRIPTIONS = {
 }
 
 
+def describe(metric: str, runs) -> str:
+    """A panel's subtitle. The training `kl` follows each run's `kl_direction` (read from its asft_run.json): a panel
+    of reverse-KL runs says KL(policy || reference), one of both directions says which is which. The drift probes
+    always measure KL(reference || policy)."""
+    text = DESCRIPTIONS.get(metric, "")
+    if metric == "kl":
+        directions = {(run.info or {}).get("kl_direction", "forward") for run in runs}
+        if directions == {"reverse"}:
+            text = text.replace("KL(reference || policy)", "KL(policy || reference)")
+        elif "reverse" in directions:
+            text = text.replace(
+                "KL(reference || policy)", "KL (forward: reference || policy; reverse: policy || reference)"
+            )
+    return text
+
+
 @dataclass
 class Run:
     path: Path
     label: str
     history: list[dict]
+    info: dict | None = None  # the run's asft_run.json (its settings), when it has one
 
     def series(self, metric: str) -> tuple[list[int], list[float]]:
         points = [(e["step"], e[metric]) for e in self.history if metric in e and "step" in e]
@@ -106,13 +123,15 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     with open(state_file) as f:
         history = json.load(f).get("log_history", [])
     info_file = Path(run_dir) / RUN_INFO_FILE
+    info = None
     if info_file.is_file():
         with open(info_file) as f:
-            label = run_label(json.load(f))
+            info = json.load(f)
+        label = run_label(info)
     else:
         label = Path(run_dir).resolve().name
         logger.warning("%s has no %s: labelled by its folder name %r.", run_dir, RUN_INFO_FILE, label)
-    return Run(Path(run_dir), label, history)
+    return Run(Path(run_dir), label, history, info)
 
 
 def unique_labels(runs: list[Run]) -> None:
@@ -156,7 +175,7 @@ def plot_runs(runs: list[Run], metrics: list[str], title: str | None = None, war
                     color=colors[run.label],
                     label=run.label,
                 )
-        ax.set_title(f"{metric}\n{DESCRIPTIONS.get(metric, '')}".strip(), fontsize=9)
+        ax.set_title(f"{metric}\n{describe(metric, runs)}".strip(), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in axes[len(drawn) :]:
@@ -210,7 +229,9 @@ def plot_run_groups(groups: dict[str, list[Run]], metrics: list[str], title: str
                     markersize=3,
                 )
                 ax.fill_between(steps, low, high, color=f"C{i % 10}", alpha=0.2, linewidth=0)
-        ax.set_title(f"{metric}\n{DESCRIPTIONS.get(metric, '')}".strip(), fontsize=9)
+        ax.set_title(
+            f"{metric}\n{describe(metric, [run for group in groups.values() for run in group])}".strip(), fontsize=9
+        )
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in axes[len(drawn) :]:
@@ -296,10 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def save_run_info(trainer) -> None:
     """Save `trainer_state.json` (the curves) and `asft_run.json` (what `run_label` reads) into the output dir."""
     if not trainer.is_world_process_zero():
@@ -340,3 +357,7 @@ def write_run_curves(trainer, metrics=DEFAULT_METRICS) -> Path | None:
         logger.warning("Could not draw the training curves of %s: %s", args.output_dir, error)
         return None
     return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

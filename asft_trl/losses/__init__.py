@@ -21,7 +21,7 @@ from .plain import (
     kl_per_token,
     weight_stats,
 )
-from .topk import TopKReference, complete_log_probs, top_k_of
+from .topk import TopKReference, complete_log_probs, topk_of
 
 __all__ = [
     "ESTIMATOR_LOG_RATIO_CLAMP",
@@ -41,6 +41,6 @@ __all__ = [
     "head_log_probs",
     "kl_estimate",
     "kl_per_token",
-    "top_k_of",
+    "topk_of",
     "weight_stats",
 ]

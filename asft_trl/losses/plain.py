@@ -1,6 +1,6 @@
 """Plain (materialised-logits) implementation of the ASFT loss: the reference every faster path is tested against.
 
-Per completion token t, with p the policy and p_ref the frozen anchor (see docs/method.md):
+Per completion token t, with p the policy and p_ref the frozen reference (see docs/method.md):
 
     w_t    = stopgrad(p(y_t | s_t))          DFT weight ("dft"; max(p, floor) with a weight floor); 1 for SFT ("nll")
     task_t = -w_t * log p(y_t | s_t)

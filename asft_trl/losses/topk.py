@@ -53,7 +53,7 @@ class TopKReference:
         return TopKReference(self.ids.to(device), self.log_probs.to(device), self.tail_log_prob.to(device))
 
 
-def top_k_of(log_q: torch.Tensor, k: int) -> TopKReference:
+def topk_of(log_q: torch.Tensor, k: int) -> TopKReference:
     """Keep the k most likely tokens of each row of reference log-probabilities [N, V], and the tail's log-mass."""
     k = min(k, log_q.shape[-1])
     log_probs, ids = log_q.float().topk(k, dim=-1)

@@ -33,7 +33,7 @@ class PrecomputedReference:
     train_dataset: Dataset | None
     eval_dataset: Dataset | dict[str, Dataset] | None
     collator: reference_cache.ReferenceColumnsCollator
-    top_k_mass: float | None
+    topk_mass: float | None
 
     def datasets(self) -> tuple:
         return self.train_dataset, self.eval_dataset, self.collator
@@ -113,12 +113,12 @@ def precompute_reference(
             f"token, for kl_estimator={args.kl_estimator!r}."
         )
         return PrecomputedReference(train_dataset, eval_dataset, collator, None)
-    top_k_mass = reference_cache.mean_top_k_mass(train_dataset)
+    topk_mass = reference_cache.mean_topk_mass(train_dataset)
     message = (
         f"Precomputed the reference ({name}) into {cache_dir}: its top-{args.precompute_ref_topk} tokens hold "
-        f"{100 * top_k_mass:.1f}% of its probability mass on average over the training tokens."
+        f"{100 * topk_mass:.1f}% of its probability mass on average over the training tokens."
     )
-    if top_k_mass < 0.9:
+    if topk_mass < 0.9:
         # Measured on SmolLM2 (docs/benchmarks.md): the KL's relative gap is of the order of the mass left out
         logger.warning(
             f"{message} The top-k KL then falls well short of the exact KL (by roughly the mass left out), so "
@@ -126,7 +126,7 @@ def precompute_reference(
         )
     else:
         logger.info(message)
-    return PrecomputedReference(train_dataset, eval_dataset, collator, top_k_mass)
+    return PrecomputedReference(train_dataset, eval_dataset, collator, topk_mass)
 
 
 def _with_reference_columns(dataset, split: str, options: dict):

@@ -263,7 +263,7 @@ def write_doc(doc: Path, report: dict, figures: dict[str, str]) -> None:
             "",
             "Columns: in-domain = exact match of greedy answers on the held-out task prompts; OOD = share of the "
             f"{report['n_ood']} general-knowledge questions of `ood_checks()` whose greedy answer contains the gold "
-            "answer; task KL = mean per-token KL(base || policy) on 16 held-out task prompts with their gold answers; "
+            "answer; task KL = mean per-token KL(reference || policy) on 16 held-out task prompts with their gold answers; "
             "drift KL = the same on the 16 hand-written general prompts of `asft_trl.diagnostics.drift`; train KL = the "
             "trainer's `kl` on its training batches (only logged when there is a KL term); final ESS = effective sample "
             "size fraction of the DFT weights p(y_t) on the last logged training batches (logged for SFT too); "

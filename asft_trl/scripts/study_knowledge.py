@@ -668,7 +668,7 @@ def write_doc(doc: Path, report: dict, figure: str, specs: dict[str, RunSpec]) -
             f"{report['n_recall']['heldout_facts']} questions about {s['n_heldout_people']} people never trained on). OOD: "
             f"the {report['n_ood']} questions of `ood_checks()`. trainset = {TRAINSET_PROBE_SIZE} fixed training examples, "
             f"task = {TASK_PROBE_SIZE} held-out-phrasing questions with their answers, drift = the 16 general prompts; "
-            'KL is KL(base ‖ policy) per answer token. "p < 0.1 at the end" is measured on every training answer; '
+            'KL is KL(reference ‖ policy) per answer token. "p < 0.1 at the end" is measured on every training answer; '
             "s/step is training time without the probes.",
             "",
             f"Machine: {report['machine']}. Study wall time {report['wall_seconds'] / 60:.1f} min "

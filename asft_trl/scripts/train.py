@@ -74,7 +74,7 @@ class ASFTScriptArguments(ScriptArguments):
     log_drift: bool = field(
         default=False,
         metadata={
-            "help": "Log drift_kl: the per-token KL(base || policy) on a fixed set of general prompts the training data "
+            "help": "Log drift_kl: the per-token KL(reference || policy) on a fixed set of general prompts the training data "
             "never touches (asft_trl.diagnostics.drift), at step 0 and every log step. Costs a forward pass per log."
         },
     )

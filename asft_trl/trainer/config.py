@@ -115,7 +115,7 @@ class ASFTConfig(SFTConfig):
             Completion tokens per chunk of the fused loss. Its extra memory is a few [chunk x vocabulary] float32
             buffers. Default: as many tokens as fit 16M (CPU) or 64M (GPU) logits per buffer.
 
-        > Parameters that control the reference (anchor) model
+        > Parameters that control the reference model
 
         ref_model_name_or_path (`str`, *optional*):
             Path or Hub id of the reference model. By default the reference is the starting model itself: a frozen
@@ -653,7 +653,7 @@ class ASFTConfig(SFTConfig):
                 "use_liger_kernel=True does not go with the ASFT loss (kl_coef > 0 or a dft_weight_floor): Liger's "
                 "fused linear cross-entropy, the part that saves memory, computes SFT's loss, not this one (TRL "
                 "switches it off anyway), and its layer kernels are applied to the policy only when training starts, "
-                "after the reference was copied, so the anchor would run other kernels than the policy and the KL "
+                "after the reference was copied, so the reference would run other kernels than the policy and the KL "
                 "would not start at 0. The ASFT loss is already chunked (use_fused_loss: no [tokens x vocabulary] "
                 "logits). Fix: unset use_liger_kernel (TRL deprecates it for Hub kernels, "
                 "model_init_kwargs={'use_kernels': True}), or kl_coef=0 for TRL's own SFT/DFT loss with Liger."

@@ -55,7 +55,7 @@ class ASFTTrainer(SFTTrainer):
 
     Args:
         model: the model to fine-tune, as a path/Hub id or a loaded model (a `PeftModel` included).
-        ref_model: the anchor, as a model or a path/Hub id. Default: the starting model (a frozen copy for full
+        ref_model: the reference, as a model or a path/Hub id. Default: the starting model (a frozen copy for full
             fine-tuning; under PEFT the same network with its adapters switched off, and no second model).
         args: an [`ASFTConfig`]. Any other `TrainingArguments` is converted, as SFTTrainer does.
         **kwargs: passed on to [`~trl.SFTTrainer`] (`train_dataset`, `eval_dataset`, `processing_class`,
@@ -93,7 +93,7 @@ class ASFTTrainer(SFTTrainer):
             args = _as_asft_config(args)
         if ref_model is not None and not isinstance(ref_model, str) and ref_model is model:
             raise ValueError(
-                "`model` and `ref_model` are the same object, so the anchor would move with the policy. Omit "
+                "`model` and `ref_model` are the same object, so the reference would move with the policy. Omit "
                 "`ref_model`: a frozen copy of the starting model (or, under PEFT, the adapters switched off) is used."
             )
         if ref_model is None and args.ref_model_name_or_path is not None:
@@ -113,7 +113,7 @@ class ASFTTrainer(SFTTrainer):
         # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
         self.dropped_examples: dict[str, int] = {}
         self.empty_completions: dict[str, int] = {}
-        # A PeftModel given as is may carry a trained adapter: its anchor is then a frozen copy of that adapter
+        # A PeftModel given as is may carry a trained adapter: its reference is then a frozen copy of that adapter
         self._given_peft_model = not isinstance(model, str) and is_peft_model(model)
         self._reference_adapter: str | None = None
         self._early_reference_check(model, ref_model, args)
@@ -166,11 +166,11 @@ class ASFTTrainer(SFTTrainer):
         if args.kl_coef == 0 or ref_model is None or args.chat_template_path is not None:
             return
         if isinstance(model, str):
-            policy_vocab = ref_utils.reference_vocab_size_from_path(model, args.trust_remote_code)
+            policy_vocab = ref_utils.vocab_size_from_path(model, args.trust_remote_code)
         else:
             policy_vocab = ref_utils.output_vocab_size(model)
         if isinstance(ref_model, str):
-            ref_vocab = ref_utils.reference_vocab_size_from_path(ref_model, args.trust_remote_code)
+            ref_vocab = ref_utils.vocab_size_from_path(ref_model, args.trust_remote_code)
         else:
             ref_vocab = ref_utils.output_vocab_size(ref_model)
         ref_utils.check_same_vocabulary(
@@ -185,7 +185,7 @@ class ASFTTrainer(SFTTrainer):
                 logger.warning("kl_coef=0: the reference model given is not used (no KL term), and is not loaded.")
             return None
         if is_peft_model(policy):
-            # Without a named reference the anchor is the policy's own base weights: nothing separate to lighten or
+            # With no reference named, the reference is the policy's own base weights: nothing separate to lighten or
             # sync; and TRL's sync pairs the policy's parameters (adapters included) with the reference's
             ref_utils.refuse_options_without_separate_reference(
                 args.ref_model_dtype if ref_model is None else None,
@@ -194,7 +194,7 @@ class ASFTTrainer(SFTTrainer):
             )
         if ref_model is None and is_peft_model(policy):
             if self._given_peft_model:
-                # The model as given, adapter included: a frozen copy of its adapter runs as the anchor
+                # The model as given, adapter included: a frozen copy of its adapter runs as the reference
                 ref_utils.add_reference_adapter(policy)
                 self._reference_adapter = ref_utils.REFERENCE_ADAPTER
             return None  # same network: adapters switched off (or the reference adapter on) in `_run_reference`
@@ -211,7 +211,7 @@ class ASFTTrainer(SFTTrainer):
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     def _separate_reference(self, ref_model, args: ASFTConfig, policy) -> tuple[torch.nn.Module, str]:
-        """The anchor as a model of its own, and its name for messages: loaded from a path (`ref_model`, or the
+        """The reference as a model of its own, and its name for messages: loaded from a path (`ref_model`, or the
         policy's own path for a quantised copy of the starting model), a frozen copy of the starting model, or the
         model given; in `ref_model_dtype` / `ref_model_quantization`; checked against the policy's vocabulary, frozen,
         and able to run its backbone alone (`lm_head.patch_forward`)."""
@@ -251,9 +251,9 @@ class ASFTTrainer(SFTTrainer):
         return ref_model, name
 
     def _precompute_reference(self, ref_model, args: ASFTConfig) -> None:
-        """One pass of the anchor over the datasets (`asft_trl.reference.cache`); afterwards no reference is kept.
+        """One pass of the reference over the datasets (`asft_trl.reference.cache`); afterwards no reference is kept.
 
-        The default anchor is the starting model, which is the policy itself before its first update (adapters off
+        The default reference is the starting model, which is the policy itself before its first update (adapters off
         under PEFT, or, for a PeftModel given with its adapter, the policy as given), so no second model is loaded at
         all; a named reference is loaded for the pass and freed.
         """
@@ -264,15 +264,15 @@ class ASFTTrainer(SFTTrainer):
             )
         policy = self.accelerator.unwrap_model(self.model)
         if ref_model is None:
-            anchor_lm, runner = self._policy_lm, policy
+            reference_lm, runner = self._policy_lm, policy
             name = ref_utils.get_config_model_id(self._policy_lm.config) or "the starting model"
         else:
             ref_model, name = self._separate_reference(ref_model, args, policy)
-            anchor_lm = runner = ref_model.to(self.args.device)
+            reference_lm = runner = ref_model.to(self.args.device)
         # A PeftModel given as is runs with its adapter on; otherwise the policy's adapters are off for the pass
         adapters_off = runner is policy and is_peft_model(policy) and not self._given_peft_model
         result = precompute.precompute_reference(
-            anchor_lm,
+            reference_lm,
             runner,
             name,
             adapters_off=adapters_off,
@@ -285,8 +285,8 @@ class ASFTTrainer(SFTTrainer):
             main_process_first=self.accelerator.main_process_first,
         )
         self.train_dataset, self.eval_dataset, self.data_collator = result.datasets()
-        if result.top_k_mass is not None:
-            self.precomputed_top_k_mass = result.top_k_mass
+        if result.topk_mass is not None:
+            self.precomputed_topk_mass = result.topk_mass
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -299,7 +299,7 @@ class ASFTTrainer(SFTTrainer):
 
     @staticmethod
     def _uses_own_loss(args: ASFTConfig) -> bool:
-        """Whether the loss is this package's rather than TRL's own SFT/DFT loss: with an anchor, a weight floor, or
+        """Whether the loss is this package's rather than TRL's own SFT/DFT loss: with a KL term, a weight floor, or
         the DFT weight normalisation."""
         return args.kl_coef > 0 or args.dft_weight_floor > 0 or args.dft_normalization == "weights"
 
@@ -335,7 +335,7 @@ class ASFTTrainer(SFTTrainer):
         return True
 
     def _run_reference(self, model, model_inputs: dict[str, Any], **kwargs):
-        """The anchor's forward on exactly the policy's inputs (same positions, same packing information)."""
+        """The reference's forward on exactly the policy's inputs (same positions, same packing information)."""
         with torch.no_grad():
             if self.ref_model is not None:
                 return self.ref_model(**model_inputs, **kwargs)
@@ -349,7 +349,7 @@ class ASFTTrainer(SFTTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save as SFTTrainer does, leaving out the frozen reference adapter: the output holds the trained adapter
-        alone, as it would without the anchor."""
+        alone, as it would without the reference."""
         if self._reference_adapter is None or not is_peft_model(self.model):
             return super()._save(output_dir, state_dict)
         trained = [name for name in self.model.peft_config if name != self._reference_adapter]
