@@ -170,6 +170,21 @@ def test_bad_input_fails_before_a_model_is_loaded(tmp_path):
         eval_cli("poetry", "--model", "m")
 
 
+def test_prompt_template_is_the_training_name_and_template_a_warned_alias(tmp_path):
+    """`--prompt_template` as in training recipes; the old `--template` keeps working (users' scripts and configs)
+    with a FutureWarning, and the two may not disagree."""
+    from asft_trl.scripts.evaluate import parse_args
+
+    assert parse_args(["math", "--model", str(tmp_path), "--prompt_template", "alpaca"]).prompt_template == "alpaca"
+    with pytest.warns(FutureWarning, match="prompt_template"):
+        args = parse_args(["math", "--model", str(tmp_path), "--template", "raw"])
+    assert args.prompt_template == "raw" and args.template is None
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="disagree"):
+        parse_args(["math", "--model", str(tmp_path), "--template", "raw", "--prompt_template", "chat"])
+    with pytest.raises(ValueError, match="prompt_template='jinja' is not supported"):
+        parse_args(["math", "--model", str(tmp_path), "--prompt_template", "jinja"])
+
+
 def test_bad_model_path_is_named_before_any_benchmark_is_fetched(tmp_path, monkeypatch):
     """Offline, `--model /nonexistent` used to report the unreachable benchmark; the path is checked first."""
     from asft_trl.scripts import evaluate as eval_cli_module

@@ -6,10 +6,14 @@ recipes: the YAML file sets fields, the command line overrides them. Validation 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+from ..data.formatting import PROMPT_TEMPLATES
+
 SUITES = ("math", "medical", "code", "quickstart")
-TEMPLATES = ("chat", "alpaca", "raw")
+# The training recipes' prompt templates, plus the text as is
+TEMPLATES = (*PROMPT_TEMPLATES, "raw")
 BACKENDS = ("auto", "hf", "vllm")
 
 
@@ -34,7 +38,7 @@ class EvalArguments:
         dtype: `auto`, `float32`, `bfloat16` or `float16`.
 
         > Generation (math, code, quickstart)
-        template: `chat` (the model's chat template plus an instruction), `alpaca` (the authors' prompt_no_input),
+        prompt_template: `chat` (the model's chat template plus an instruction), `alpaca` (the authors' prompt_no_input),
             `raw` (the text as is, for base models on code completion).
         num_samples, temperature, top_p, max_new_tokens: sampling; temperature 0 means greedy.
         batch_size: prompts per `generate` call / questions per forward pass.
@@ -71,12 +75,17 @@ class EvalArguments:
     predictions: str | None = field(
         default=None, metadata={"help": "Score this JSONL of generations/predictions; no model is loaded."}
     )
-    template: str | None = field(
+    prompt_template: str | None = field(
         default=None,
         metadata={
             "help": "Prompt format: chat (model's chat template + instruction), alpaca (the authors' "
-            "prompt_no_input), raw (text as is). Default: chat; medical always uses the paper's raw prompt."
+            "prompt_no_input), raw (text as is). Default: chat; medical always uses the paper's raw prompt. The "
+            "training recipes' field of the same name."
         },
+    )
+    template: str | None = field(
+        default=None,
+        metadata={"help": "Deprecated name of --prompt_template; still accepted, with a warning."},
     )
     num_samples: int = field(default=16, metadata={"help": "Samples per prompt (math: avg@n; paper: 16)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 = greedy (paper: 1.0)."})
@@ -96,14 +105,30 @@ class EvalArguments:
     def __post_init__(self):
         if self.suite not in SUITES:
             raise ValueError(f"suite={self.suite!r} is not a suite; use one of {', '.join(SUITES)}.")
-        if self.template is None:
-            self.template = "raw" if self.suite == "medical" else "chat"
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template={self.template!r} is not supported; use one of {', '.join(TEMPLATES)}.")
-        if self.suite == "medical" and self.template != "raw":
+        if self.template is not None:
+            # The old name of the field; recipes' and scripts' `--template` keep working
+            warnings.warn(
+                f"`template` is deprecated: use `prompt_template` (the training recipes' name), e.g. --prompt_template "
+                f"{self.template}. `template` will be removed in a later release.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            if self.prompt_template is not None and self.prompt_template != self.template:
+                raise ValueError(
+                    f"template={self.template!r} and prompt_template={self.prompt_template!r} disagree; template is "
+                    "the deprecated name of prompt_template. Fix: set prompt_template only."
+                )
+            self.prompt_template, self.template = self.template, None
+        if self.prompt_template is None:
+            self.prompt_template = "raw" if self.suite == "medical" else "chat"
+        if self.prompt_template not in TEMPLATES:
             raise ValueError(
-                f"template={self.template!r}: the medical suite scores the paper's zero-shot raw prompt "
-                "(Question/Options/Answer:); drop --template or pass --template raw."
+                f"prompt_template={self.prompt_template!r} is not supported; use one of {', '.join(TEMPLATES)}."
+            )
+        if self.suite == "medical" and self.prompt_template != "raw":
+            raise ValueError(
+                f"prompt_template={self.prompt_template!r}: the medical suite scores the paper's zero-shot raw prompt "
+                "(Question/Options/Answer:); drop --prompt_template or pass --prompt_template raw."
             )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not supported; use one of {', '.join(BACKENDS)}.")

@@ -72,11 +72,11 @@ def _generate_rows(args: EvalArguments, name: str, items: list[dict], model, tok
 
         return [{"benchmark": name, **row} for row in predict(model, tokenizer, items, args.batch_size)]
     if args.suite == "math":
-        chats = [prompts.math_prompt(item["question"], args.template) for item in items]
+        chats = [prompts.math_prompt(item["question"], args.prompt_template) for item in items]
     elif args.suite == "code":
-        chats = [prompts.code_prompt(item, args.template) for item in items]
+        chats = [prompts.code_prompt(item, args.prompt_template) for item in items]
     else:
-        chats = [prompts.quickstart_prompt(item["prompt"], args.template) for item in items]
+        chats = [prompts.quickstart_prompt(item["prompt"], args.prompt_template) for item in items]
     sampling = dict(
         num_samples=args.num_samples,
         temperature=args.temperature,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
+from ..data.formatting import PROMPT_TEMPLATES
 from ..trainer.config import ASFTConfig
 
 
@@ -41,7 +42,7 @@ class ASFTScriptArguments(ScriptArguments):
         metadata={
             "help": "How a formatted row is presented: 'alpaca' (the authors' Alpaca prompt_no_input, plain-text "
             "prompt/completion; TRL appends EOS) or 'chat' (the model's chat template, conversational rows).",
-            "choices": ["alpaca", "chat"],
+            "choices": list(PROMPT_TEMPLATES),
         },
     )
     dataset_size: int | None = field(
@@ -94,8 +95,10 @@ class ASFTScriptArguments(ScriptArguments):
             from ..data.registry import get_dataset_format
 
             get_dataset_format(self.dataset_format)  # an unknown name fails here, before anything is loaded
-        if self.prompt_template not in ("alpaca", "chat"):
-            raise ValueError(f"prompt_template={self.prompt_template!r} is not supported. Use 'alpaca' or 'chat'.")
+        if self.prompt_template not in PROMPT_TEMPLATES:
+            raise ValueError(
+                f"prompt_template={self.prompt_template!r} is not supported. Use one of {list(PROMPT_TEMPLATES)}."
+            )
         for name in ("dataset_size", "dataset_test_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
