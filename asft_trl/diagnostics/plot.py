@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.io import write_atomic
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
@@ -265,13 +267,7 @@ def save_figure(fig, out: str | os.PathLike) -> Path:
     """Write the PNG under a temporary name first, so a failure never leaves a broken or half-replaced file."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def plot_run_dirs(run_dirs, metrics=None, out=None, title=None):

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.paths import DATA_FILE_FORMATS
+
 MMLU_MEDICAL_SUBJECTS = (
     "anatomy",
     "clinical_knowledge",
@@ -197,11 +199,10 @@ def read_rows(path: str | Path) -> list[dict]:
         return data
     if path.is_dir():
         return list(load_from_disk(str(path)))
-    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     suffix = path.suffix if path.suffix != ".gz" else Path(path.stem).suffix
-    if suffix not in kinds:
-        raise ValueError(f"{path}: unsupported file type; use .jsonl, .json, .parquet or .csv.")
-    return list(load_dataset(kinds[suffix], data_files=str(path), split="train"))
+    if suffix not in DATA_FILE_FORMATS:
+        raise ValueError(f"{path}: unsupported file type; use one of {', '.join(DATA_FILE_FORMATS)}.")
+    return list(load_dataset(DATA_FILE_FORMATS[suffix], data_files=str(path), split="train"))
 
 
 def _hub_rows(bench: Benchmark, quickstart_seed: int) -> list[dict]:

@@ -7,14 +7,9 @@ Files are written under a temporary name and renamed, so an interrupted run neve
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from ..utils.io import write_atomic
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

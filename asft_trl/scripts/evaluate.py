@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..evaluation.arguments import SUITES, EvalArguments
 from ..evaluation.benchmarks import load_benchmark, suite_benchmarks
-from ..evaluation.report import build_results, compare_table, markdown_table, read_jsonl, write_atomic, write_jsonl
+from ..evaluation.report import build_results, compare_table, markdown_table, read_jsonl, write_jsonl
+from ..utils.io import write_atomic
 
 OUTPUT_FILES = ("generations.jsonl", "scored.jsonl", "results.json", "results.md")
 

@@ -12,8 +12,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-# Endings of data files `dataset_name` may name (asft_trl.data.loading reads them)
-DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+# Local data files, by ending: the `datasets` builder that reads each. `dataset_name` (asft_trl.data.loading) and
+# `asft-trl eval --data_files` (asft_trl.evaluation.benchmarks) accept these.
+DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+DATA_FILE_SUFFIXES = tuple(DATA_FILE_FORMATS)
 
 
 # Models that resolve themselves, by the name a recipe or the command line gives: `resolve(cache_dir)` returns what
