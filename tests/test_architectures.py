@@ -61,6 +61,7 @@ def test_architecture_trains_with_kl_zero_at_step_0_and_fused_equals_plain(archi
     diff = max((fused[k] - plain[k]).abs().max().item() for k in plain)
     print(f"\n[{architecture}] motion {motion:.3g}, |fused - plain| {diff:.3g}, kl {[h['kl'] for h in h_fused]}")
     assert motion > 1000 * ATOL, f"the weights barely moved ({motion:.3g})"
+    tiny.assert_every_parameter_moved(start, fused)
     assert diff < ATOL, f"{architecture}: fused and plain training differ by {diff:.3g}"
     assert h_fused[0]["kl"] == 0.0 and h_plain[0]["kl"] == 0.0, "KL at step 0 (policy = reference) must be 0"
     assert h_fused[-1]["kl"] > 1e-5 and h_fused[-1]["kl"] == pytest.approx(h_plain[-1]["kl"], rel=1e-3, abs=1e-6)

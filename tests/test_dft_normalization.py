@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+import tiny
 from asft_trl import ASFTConfig, ASFTTrainer
 from conftest import make_args
 
@@ -66,6 +67,7 @@ def test_the_step_is_divided_by_its_weight_sum_and_clipping_sees_that_gradient(
     assert weights["loss"] == pytest.approx(tokens["loss"] / mean_weight, rel=1e-4)
     assert weights["grad_norm"] == pytest.approx(tokens["grad_norm"] / mean_weight, rel=1e-4)
     assert max((end_w[k] - start[k]).abs().max().item() for k in start) > 1e-3  # the step moved the weights
+    tiny.assert_every_parameter_moved(start, end_w)
     for k in start:
         torch.testing.assert_close(end_w[k], end_t[k], rtol=1e-4, atol=1e-5)
 

@@ -47,6 +47,7 @@ def _train(model_path, dataset, out, *, fused, peft=False, **overrides):
     end = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
     motion = max((end[k] - start[k]).abs().max().item() for k in start)
     assert motion > 1e-2  # the weights really moved
+    tiny.assert_every_parameter_moved(start, end)
     return end, history
 
 

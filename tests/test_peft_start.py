@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+import tiny
 from asft_trl import ASFTTrainer
 from asft_trl.reference.loading import REFERENCE_ADAPTER
 from conftest import make_args
@@ -88,6 +89,9 @@ def test_given_adapter_is_part_of_the_anchor(path, tiny_model_path, pc_dataset, 
         assert torch.equal(param, start_params[name.replace(f".{REFERENCE_ADAPTER}.", ".default.")]), name
     moved = max((dict(model.named_parameters())[n] - start_params[n]).abs().max().item() for n in trained)
     assert moved > 0
+    tiny.assert_every_parameter_moved(
+        {n: start_params[n] for n in trained}, {n: p.detach() for n, p in model.named_parameters() if n in trained}
+    )
     assert all(m.p == 0 for n, m in model.named_modules() if n.endswith(f"lora_dropout.{REFERENCE_ADAPTER}"))
     # saved outputs hold the trained adapter only
     checkpoint = tmp_path / "checkpoint-2"

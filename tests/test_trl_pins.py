@@ -61,12 +61,35 @@ def test_config_internals():
 
 
 def test_transformers_counts_items_for_models_that_accept_loss_kwargs():
-    """ASFTTrainer sets `model_accepts_loss_kwargs = True` so `num_items_in_batch` is always counted."""
+    """ASFTTrainer sets `model_accepts_loss_kwargs = True` so that the Trainer counts `num_items_in_batch` (the step's
+    scored tokens) for every model and does not divide the loss by the accumulation steps again. Both are checked on
+    the Trainer's own code: the count is run on a stub that has the flag, and not taken without it."""
+    from types import SimpleNamespace
+
+    import torch
     from transformers import Trainer
 
-    assert "self.model_accepts_loss_kwargs" in inspect.getsource(
-        Trainer._get_num_items_in_batch
-    ) or "model_accepts_loss_kwargs" in inspect.getsource(Trainer)
+    def counted(accepts_loss_kwargs: bool):
+        stub = SimpleNamespace(
+            model_accepts_loss_kwargs=accepts_loss_kwargs,
+            compute_loss_func=None,
+            _loss_shifts_labels=True,
+            args=SimpleNamespace(average_tokens_across_devices=False, world_size=1, n_gpu=1),
+            # One process, no tensor/context/sequence parallelism: the count is not divided
+            get_tp_size=lambda: 1,
+            get_cp_size=lambda: 1,
+            get_sp_size=lambda: 1,
+        )
+        batches = [{"labels": torch.tensor([[-100, 5, 6, -100, 7]])}, {"labels": torch.tensor([[-100, 8, -100]])}]
+        return Trainer._get_num_items_in_batch(stub, batches, torch.device("cpu"))
+
+    # Position 0 is never a target (labels are shifted): 3 + 1 scored tokens
+    assert int(counted(True)) == 4
+    assert counted(False) is None
+    # The loss normalised by num_items_in_batch is not divided by the accumulation steps again
+    step = inspect.getsource(Trainer.training_step)
+    assert "self.model_accepts_loss_kwargs and num_items_in_batch is not None" in step
+    assert "loss / self.current_gradient_accumulation_steps" in step
     assert hasattr(Trainer, "loss_is_scaled_for_ga")
 
 

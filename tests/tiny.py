@@ -147,3 +147,15 @@ def build_arch_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def assert_every_parameter_moved(start: dict, end: dict) -> None:
+    """Every parameter in `start` (name -> tensor before training; pass the trainable ones) differs in `end`.
+
+    Per parameter, as TRL's trainer tests check: one global maximum would also pass if a bug froze every layer but
+    one (adapters never enabled, a head left out of the optimizer)."""
+    import torch
+
+    assert start, "no trainable parameters to compare"
+    still = [n for n in start if torch.equal(start[n], end[n])]
+    assert not still, f"{len(still)} of {len(start)} trainable parameters did not move: {still[:10]}"
