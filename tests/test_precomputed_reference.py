@@ -139,6 +139,7 @@ def test_errors_before_any_compute(tiny_model_path, pc_dataset, tmp_path):
         ASFTTrainer(tiny_model_path, args=args, train_dataset=streaming)
 
 
+@pytest.mark.slow  # a real `asft-trl train` launch in a subprocess
 def test_options_come_from_a_recipe_and_the_command_line(tiny_model_path, tmp_path):
     from test_cli import run_cli, write_recipe
 

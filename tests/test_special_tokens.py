@@ -114,6 +114,7 @@ def test_special_ids_and_summary():
     assert report[0]["mean_probability"] == pytest.approx(1.5e-4)
 
 
+@pytest.mark.slow  # a real `asft-trl train` launch in a subprocess
 def test_the_report_is_in_the_runs_info(tiny_model_path, tmp_path):
     from test_cli import run_cli, write_recipe
 
