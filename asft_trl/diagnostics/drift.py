@@ -156,8 +156,9 @@ class DriftProbe:
         """Mean per-token KL(reference || policy) and mean NLL of the answers under the policy, as `{name}_kl` and
         `{name}_nll`.
 
-        The reference is `reference_log_probs` (from `reference_log_probs()`) when given, else `reference`, else the policy with its adapters
-        switched off (PEFT). Models run in evaluation mode (no dropout), so an untouched policy gives exactly 0.
+        The reference is `reference_log_probs` (from the method of that name) when given, else `reference`, else the
+        policy with its adapters switched off (PEFT). Models run in evaluation mode (no dropout), so an untouched
+        policy gives exactly 0.
         """
         if reference_log_probs is None:
             reference_log_probs = self.reference_log_probs(policy, reference)
@@ -210,8 +211,8 @@ class DriftCallback(TrainerCallback):
 
     Args:
         tokenizer: the trainer's tokenizer (its chat template formats the prompts).
-        ref_model: the reference model to compare against. Default: none under PEFT (adapters off), else a frozen copy of
-            the policy taken at the start of training. `add_drift_callback` passes the trainer's own reference.
+        ref_model: the reference model to compare against. Default: none under PEFT (adapters off), else a frozen
+            copy of the policy taken at the start of training. `add_drift_callback` passes the trainer's own reference.
         prompts: (prompt, answer) pairs; default `GENERAL_PROMPTS`.
         name: prefix of the logged metrics (`drift` -> `drift_kl`, `drift_nll`); a second callback on other prompts
             (e.g. the task's held-out prompts, `task`) logs beside it.

@@ -38,8 +38,8 @@ class EvalArguments:
         dtype: `auto`, `float32`, `bfloat16` or `float16`.
 
         > Generation (math, code, quickstart)
-        prompt_template: `chat` (the model's chat template plus an instruction), `alpaca` (the authors' prompt_no_input),
-            `raw` (the text as is, for base models on code completion).
+        prompt_template: `chat` (the model's chat template plus an instruction), `alpaca` (the authors'
+            prompt_no_input), `raw` (the text as is, for base models on code completion).
         num_samples, temperature, top_p, max_new_tokens: sampling; temperature 0 means greedy.
         batch_size: prompts per `generate` call / questions per forward pass.
         backend: `auto` (vLLM when installed and a GPU is present, else Hugging Face `generate`), `hf`, `vllm`.

@@ -3,9 +3,9 @@ keeps no reference model in memory and runs no reference forward.
 
 For every completion token the pass stores, for the exact KL (`store="topk"`), the reference's top-k token ids, their
 log-probabilities and the log-mass of the rest (`asft_trl.losses.topk` defines the KL against them) as three extra
-dataset columns; for a per-token KL estimator (`store="token"`), only the reference's log-probability of the target token,
-one float per token in one column. The rows are written to an Arrow file named by a fingerprint of the dataset, the
-reference's weights and what is stored (k, or the target's log-probability), so an interrupted pass leaves nothing
+dataset columns; for a per-token KL estimator (`store="token"`), only the reference's log-probability of the target
+token, one float per token in one column. The rows are written to an Arrow file named by a fingerprint of the dataset,
+the reference's weights and what is stored (k, or the target's log-probability), so an interrupted pass leaves nothing
 half-written, and a second run over the same data and reference (a lambda sweep, a resumed run) reuses the file.
 
 At training time `ReferenceColumnsCollator` takes the columns out of each example before the usual collator sees

@@ -203,8 +203,8 @@ def refuse_options_without_separate_reference(dtype: str | None, quantization: s
         )
     if sync:
         raise ValueError(
-            "sync_ref_model=True is not supported with PEFT: with no reference named, the reference is the policy's own "
-            "base weights (adapters off), so there is nothing to sync; and TRL's SyncRefModelCallback pairs the "
+            "sync_ref_model=True is not supported with PEFT: with no reference named, the reference is the policy's "
+            "own base weights (adapters off), so there is nothing to sync; and TRL's SyncRefModelCallback pairs the "
             "policy's parameters, adapters included, with a named reference's, which don't match. Fix: full "
             "fine-tuning (no peft_config / use_peft: false), or sync_ref_model=False."
         )
@@ -217,13 +217,14 @@ REFERENCE_ADAPTER = "reference"
 
 
 def add_reference_adapter(peft_model) -> str:
-    """Make the model as it was given the reference of a `PeftModel` passed in with its adapter: its active adapter is copied into
-    a second, frozen adapter named `reference`, as TRL's DPO does (`ref`). Returns the name of the adapter trained.
+    """Make the model as it was given the reference of a `PeftModel` passed in with its adapter: its active adapter is
+    copied into a second, frozen adapter named `reference`, as TRL's DPO does (`ref`). Returns the name of the adapter
+    trained.
 
     A PeftModel given to the trainer may carry a trained adapter (or one whose initialisation changes the model), so
-    switching its adapters off would make the reference another model than the one training starts from. The copy costs one
-    adapter's memory, no second model. A `reference` adapter left on the model by an earlier trainer is replaced, so
-    the reference is always the model as this trainer received it. Each copied tensor keeps its source's dtype and
+    switching its adapters off would make the reference another model than the one training starts from. The copy costs
+    one adapter's memory, no second model. A `reference` adapter left on the model by an earlier trainer is replaced,
+    so the reference is always the model as this trainer received it. Each copied tensor keeps its source's dtype and
     device (QLoRA keeps adapters in bfloat16), and the copy's dropout is off.
     """
     if len(peft_model.active_adapters) != 1:

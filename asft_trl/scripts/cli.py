@@ -3,9 +3,9 @@
 and `asft-trl study` (the drift study) run in this process.
 
 Like `trl sft`: the recipe is parsed and validated here first (every config field, an earlier run in `output_dir`, the
-dataset, the model and reference paths: `asft_trl.scripts.train.check_run`), so a bad recipe ends in seconds with one line and
-exit status 2; then the training script is started through `accelerate launch`, with the recipe's or the command
-line's `accelerate_config` and any flags that are not recipe fields (e.g. `--num_processes 2`) passed on to
+dataset, the model and reference paths: `asft_trl.scripts.train.check_run`), so a bad recipe ends in seconds with one
+line and exit status 2; then the training script is started through `accelerate launch`, with the recipe's or the
+command line's `accelerate_config` and any flags that are not recipe fields (e.g. `--num_processes 2`) passed on to
 accelerate.
 """
 

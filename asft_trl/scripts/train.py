@@ -75,8 +75,8 @@ class ASFTScriptArguments(ScriptArguments):
     log_drift: bool = field(
         default=False,
         metadata={
-            "help": "Log drift_kl: the per-token KL(reference || policy) on a fixed set of general prompts the training data "
-            "never touches (asft_trl.diagnostics.drift), at step 0 and every log step. Costs a forward pass per log."
+            "help": "Log drift_kl: the per-token KL(reference || policy) on a fixed set of general prompts the training "
+            "data never touches (asft_trl.diagnostics.drift), at step 0 and every log step. Costs a forward pass per log."
         },
     )
     accelerate_config: str | None = field(

@@ -4,9 +4,9 @@ What this module adds to SFTTrainer, and nothing else:
 - the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT, or
   a frozen copy of the adapter a given `PeftModel` carries; or, with `precompute_ref_log_probs`, one pass of it before
   training whose top-k log-probs ride in the batches);
-- `compute_loss` for `kl_coef > 0` (or a DFT weight floor): by default the chunked, fused loss from both models'
-  hidden states (`asft_trl.losses.fused`, reached through `asft_trl.reference.lm_head`), else the plain one from full logits;
-  with `kl_coef == 0` (and no floor) the loss is TRL's own, untouched;
+- `compute_loss` for `kl_coef > 0` (or a DFT weight floor, or `dft_normalization="weights"`): by default the chunked,
+  fused loss from both models' hidden states (`asft_trl.losses.fused`, reached through `asft_trl.reference.lm_head`'s
+  `FusedHeadLoss`), else the plain one from full logits; otherwise the loss is TRL's own, untouched;
 - the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
 - lambda by step: a schedule, or the adaptive controller (`asft_trl.trainer.kl_control`) held by `AdaptiveKLCallback`,
   which updates it once per optimizer step and saves it with every checkpoint;
