@@ -18,6 +18,21 @@ def test_plan_names_the_four_methods_and_shares_coinciding_runs():
     assert RunSpec("dft", 0.0) in methods and sweep[0] == RunSpec("dft", 0.0)
 
 
+def test_row_counts_take_the_training_recipes_names_and_the_old_flags_warn():
+    """`--dataset_size` / `--dataset_test_size` as in a training recipe; `--n_train` / `--n_eval` (the old names)
+    still work, with a FutureWarning, and the run folders' stored settings keep the old keys (reusable)."""
+    from asft_trl.scripts.study import _settings, make_parser
+
+    parser = make_parser()
+    args = parser.parse_args(["--dataset_size", "8", "--dataset_test_size", "4"])
+    assert (args.dataset_size, args.dataset_test_size) == (8, 4)
+    assert parser.parse_args([]).dataset_size == 800  # the default survives the alias sharing its destination
+    with pytest.warns(FutureWarning, match="--dataset_size"):
+        old = parser.parse_args(["--n_train", "8", "--n_eval", "4"])
+    assert (old.dataset_size, old.dataset_test_size) == (8, 4)
+    assert {"n_train": 8, "n_eval": 4}.items() <= _settings(old).items()
+
+
 @pytest.mark.slow
 def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
     doc = tmp_path / "docs" / "study.md"
@@ -39,9 +54,9 @@ def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
         "2",
         "--per_device_train_batch_size",
         "2",
-        "--n_train",
+        "--dataset_size",
         "8",
-        "--n_eval",
+        "--dataset_test_size",
         "4",
         "--sweep",
         "0,0.5",
