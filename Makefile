@@ -1,5 +1,8 @@
 # make quickstart: install, then train SmolLM2-135M-Instruct with ASFT + LoRA on a generated task (CPU, offline).
-# make test:       install, then run the test suite (CPU, offline, tiny models).
+# make test:       install, then run the test suite (CPU, offline, tiny models). CI runs this.
+# make test-quick: the suite without the tests marked `slow` (real launches in subprocesses, several processes, the
+#                  studies), for the edit-test loop.
+# make lint:       ruff check + ruff format --check (the rules are in pyproject.toml); CI runs it before the tests.
 # make gpu-check:  on one CUDA GPU, the acceptance check (benchmarks/gpu_check.py, about 5 minutes): writes
 #                  benchmarks/results/gpu_check.json and .md. `make gpu-check GPU_CHECK_ARGS=--dry-run` on a CPU.
 #
@@ -15,7 +18,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test gpu-check clean
+.PHONY: install quickstart test test-quick lint gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +40,14 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+LINT_PATHS := asft_trl tests benchmarks
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 gpu-check: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

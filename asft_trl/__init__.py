@@ -6,9 +6,9 @@ ASFT = DFT's probability-weighted SFT loss + kl_coef x KL(reference || policy), 
 starting model (arXiv 2509.23753).
 """
 
-from .config import ASFTConfig
 from .losses import asft_loss, asft_token_terms, kl_per_token
-from .trainer import ASFTTrainer
+from .trainer.config import ASFTConfig
+from .trainer.trainer import ASFTTrainer
 
 __version__ = "0.1.0"
 

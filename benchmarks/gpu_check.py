@@ -112,11 +112,19 @@ def check_parity(device, dry: bool) -> dict:
         zero_kl.append(int(torch.count_nonzero(terms.kl)))
     branch = fused._compute_dtype(hidden0, weight0)
     figures = {
-        "tokens": n, "hidden": h, "vocab": v, "matmul_dtype": str(branch).replace("torch.", ""),
-        "loss_rel_err": rel(loss_f, loss_p), "kl_max_abs_err": float((kl_f - kl_p).abs().max()),
-        "grad_hidden_rel_err": rel(gh_f, gh_p), "grad_weight_rel_err": rel(gw_f, gw_p),
-        "nonzero_kl_at_step_0": zero_kl, "fused_s": round(t_f, 4), "plain_s": round(t_p, 4),
-        "fused_peak_mib": m_f, "plain_peak_mib": m_p,
+        "tokens": n,
+        "hidden": h,
+        "vocab": v,
+        "matmul_dtype": str(branch).replace("torch.", ""),
+        "loss_rel_err": rel(loss_f, loss_p),
+        "kl_max_abs_err": float((kl_f - kl_p).abs().max()),
+        "grad_hidden_rel_err": rel(gh_f, gh_p),
+        "grad_weight_rel_err": rel(gw_f, gw_p),
+        "nonzero_kl_at_step_0": zero_kl,
+        "fused_s": round(t_f, 4),
+        "plain_s": round(t_p, 4),
+        "fused_peak_mib": m_f,
+        "plain_peak_mib": m_p,
     }
     problems = []
     if figures["loss_rel_err"] > 1e-4 or figures["kl_max_abs_err"] > 1e-4:
@@ -143,35 +151,67 @@ def check_qlora(device, dry: bool, workdir: Path) -> dict:
 
     from asft_trl import ASFTConfig, ASFTTrainer
 
-    cfg = dict(vocab=512 if dry else 32000, hidden=64 if dry else 1024, intermediate=128 if dry else 2816,
-               layers=2 if dry else 8, heads=4 if dry else 16, kv_heads=2 if dry else 4, seq=64 if dry else 512,
-               tied=False, dtype="float32" if dry else "bfloat16", batch=2 if dry else 4, steps=4)
+    cfg = dict(
+        vocab=512 if dry else 32000,
+        hidden=64 if dry else 1024,
+        intermediate=128 if dry else 2816,
+        layers=2 if dry else 8,
+        heads=4 if dry else 16,
+        kv_heads=2 if dry else 4,
+        seq=64 if dry else 512,
+        tied=False,
+        dtype="float32" if dry else "bfloat16",
+        batch=2 if dry else 4,
+        steps=4,
+    )
     path = workdir / "qlora-model"
     loss_benchmark._model(cfg).save_pretrained(path)
     compute_dtype = torch.float32 if dry else torch.bfloat16
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=compute_dtype)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+    )
     args = ASFTConfig(
-        output_dir=str(workdir / "qlora-run"), per_device_train_batch_size=cfg["batch"], max_steps=cfg["steps"],
-        max_length=cfg["seq"], learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
-        gradient_checkpointing=not dry, bf16=not dry, use_cpu=dry, disable_tqdm=True, kl_coef=0.05,
+        output_dir=str(workdir / "qlora-run"),
+        per_device_train_batch_size=cfg["batch"],
+        max_steps=cfg["steps"],
+        max_length=cfg["seq"],
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=not dry,
+        bf16=not dry,
+        use_cpu=dry,
+        disable_tqdm=True,
+        kl_coef=0.05,
         model_init_kwargs={"dtype": cfg["dtype"]},
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer = ASFTTrainer(str(path), args=args, train_dataset=loss_benchmark._dataset(cfg),
-                          processing_class=loss_benchmark._tokenizer(), quantization_config=quantization,
-                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    trainer = ASFTTrainer(
+        str(path),
+        args=args,
+        train_dataset=loss_benchmark._dataset(cfg),
+        processing_class=loss_benchmark._tokenizer(),
+        quantization_config=quantization,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+    )
     adapters = {k: p.detach().clone() for k, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
-    moved = max((p.detach() - adapters[k]).abs().max().item()
-                for k, p in trainer.model.named_parameters() if k in adapters)
+    moved = max(
+        (p.detach() - adapters[k]).abs().max().item() for k, p in trainer.model.named_parameters() if k in adapters
+    )
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     four_bit = sum(type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
     figures = {
-        "steps": trainer.state.global_step, "linear4bit_modules": four_bit, "second_model": trainer.ref_model is not None,
-        "fused_loss": trainer.use_fused_loss, "kl": [entry["kl"] for entry in history],
-        "loss": [entry["loss"] for entry in history], "adapters_moved": moved, "peak_mib": _peak_mib(device),
+        "steps": trainer.state.global_step,
+        "linear4bit_modules": four_bit,
+        "second_model": trainer.ref_model is not None,
+        "fused_loss": trainer.use_fused_loss,
+        "kl": [entry["kl"] for entry in history],
+        "loss": [entry["loss"] for entry in history],
+        "adapters_moved": moved,
+        "peak_mib": _peak_mib(device),
     }
     problems = []
     if four_bit == 0:
@@ -202,11 +242,28 @@ def check_launch_shape(shape: str, dry: bool, workdir: Path, timeout: int) -> di
     if not (models / "untied").exists():
         tiny.build_model(models / "untied", hidden_size=64)
     out = workdir / shape
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO_ROOT / "recipes" / "accelerate" / f"{shape}.yaml"), "--num_processes", "1",
-           "--mixed_precision", "no" if dry else "bf16", "--main_process_port", str(_free_port()),
-           str(TESTS_DIR / "dist_modes.py"), "--models", str(models), "--out", str(out), "--runs", "bf16",
-           "--device", "cpu" if dry else "cuda"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "recipes" / "accelerate" / f"{shape}.yaml"),
+        "--num_processes",
+        "1",
+        "--mixed_precision",
+        "no" if dry else "bf16",
+        "--main_process_port",
+        str(_free_port()),
+        str(TESTS_DIR / "dist_modes.py"),
+        "--models",
+        str(models),
+        "--out",
+        str(out),
+        "--runs",
+        "bf16",
+        "--device",
+        "cpu" if dry else "cuda",
+    ]
     if dry and shape == "fsdp2":
         cmd.append("--fsdp-on-cpu")
     _run(cmd, timeout)
@@ -215,17 +272,28 @@ def check_launch_shape(shape: str, dry: bool, workdir: Path, timeout: int) -> di
     kl = [entry["kl"] for entry in result["log_history"] if "kl" in entry]
     heads = facts["loss_heads"][0]
     figures = {
-        "distributed_type": facts["distributed_type"], "zero_stage": facts.get("zero_stage"),
-        "fsdp_version": facts.get("fsdp_version"), "policy": facts["policy"]["kind"],
-        "reference": facts["reference"] and facts["reference"]["wrapper"], "mixed_precision": facts["mixed_precision"],
-        "head_dtypes": [heads["weight"], heads["ref_weight"]], "kl": kl,
+        "distributed_type": facts["distributed_type"],
+        "zero_stage": facts.get("zero_stage"),
+        "fsdp_version": facts.get("fsdp_version"),
+        "policy": facts["policy"]["kind"],
+        "reference": facts["reference"] and facts["reference"]["wrapper"],
+        "mixed_precision": facts["mixed_precision"],
+        "head_dtypes": [heads["weight"], heads["ref_weight"]],
+        "kl": kl,
     }
     problems = []
-    if shape == "zero3" and not (facts["distributed_type"] == "DEEPSPEED" and facts.get("zero_stage") == 3
-                                 and facts["reference"]["zero_stage"] == 3):
+    if shape == "zero3" and not (
+        facts["distributed_type"] == "DEEPSPEED"
+        and facts.get("zero_stage") == 3
+        and facts["reference"]["zero_stage"] == 3
+    ):
         problems.append("not a ZeRO-3 run with a ZeRO-3 reference")
-    if shape == "fsdp2" and not (facts["distributed_type"] == "FSDP" and facts.get("fsdp_version") == 2
-                                 and facts["policy"]["kind"] == "dtensor" and facts["reference"]["is_fsdp_module"]):
+    if shape == "fsdp2" and not (
+        facts["distributed_type"] == "FSDP"
+        and facts.get("fsdp_version") == 2
+        and facts["policy"]["kind"] == "dtensor"
+        and facts["reference"]["is_fsdp_module"]
+    ):
         problems.append("not an FSDP2 run with an FSDP2 reference")
     if heads["weight"] != "torch.bfloat16" or heads["ref_weight"] != heads["weight"]:
         problems.append("the heads do not reach the loss in bf16, both")
@@ -248,23 +316,80 @@ def _free_port() -> int:
 def check_benchmark(dry: bool, workdir: Path, timeout: int) -> dict:
     out = workdir / "loss_benchmark.json"
     if dry:
-        shape = ["--vocab", "512", "--seq", "64", "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
-                 "--intermediate", "128", "--batch", "2", "--steps", "1", "--modes", "lora"]
+        shape = [
+            "--vocab",
+            "512",
+            "--seq",
+            "64",
+            "--hidden",
+            "64",
+            "--layers",
+            "2",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--intermediate",
+            "128",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--modes",
+            "lora",
+        ]
     else:
-        shape = ["--device", "cuda", "--dtype", "bfloat16", "--hidden", str(SHAPE_05B["hidden"]), "--layers",
-                 str(SHAPE_05B["layers"]), "--heads", str(SHAPE_05B["heads"]), "--kv-heads", str(SHAPE_05B["kv_heads"]),
-                 "--intermediate", str(SHAPE_05B["intermediate"]), "--tied", "--vocab", str(SHAPE_05B["vocab"]),
-                 "--seq", "2048", "--batch", "4", "--steps", "3", "--modes", "lora", "full"]
-    _run([sys.executable, str(REPO_ROOT / "benchmarks" / "loss_benchmark.py"), *shape,
-          "--methods", "trl_sft", "asft_fused", "--out", str(out)], timeout)
+        shape = [
+            "--device",
+            "cuda",
+            "--dtype",
+            "bfloat16",
+            "--hidden",
+            str(SHAPE_05B["hidden"]),
+            "--layers",
+            str(SHAPE_05B["layers"]),
+            "--heads",
+            str(SHAPE_05B["heads"]),
+            "--kv-heads",
+            str(SHAPE_05B["kv_heads"]),
+            "--intermediate",
+            str(SHAPE_05B["intermediate"]),
+            "--tied",
+            "--vocab",
+            str(SHAPE_05B["vocab"]),
+            "--seq",
+            "2048",
+            "--batch",
+            "4",
+            "--steps",
+            "3",
+            "--modes",
+            "lora",
+            "full",
+        ]
+    _run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "loss_benchmark.py"),
+            *shape,
+            "--methods",
+            "trl_sft",
+            "asft_fused",
+            "--out",
+            str(out),
+        ],
+        timeout,
+    )
     rows = json.loads(out.read_text())["results"]
     by = {(r["mode"], r["method"]): r for r in rows}
     ratios = {}
     for mode in sorted({r["mode"] for r in rows}):
         sft, asft = by.get((mode, "trl_sft")), by.get((mode, "asft_fused"))
         if sft and asft and sft["status"] == asft["status"] == "ok":
-            ratios[mode] = {"peak_ratio": round(asft["peak_mib"] / sft["peak_mib"], 3),
-                            "step_ratio": round(asft["step_s"] / sft["step_s"], 3)}
+            ratios[mode] = {
+                "peak_ratio": round(asft["peak_mib"] / sft["peak_mib"], 3),
+                "step_ratio": round(asft["step_s"] / sft["step_s"], 3),
+            }
     problems = [f"{r['method']} {r['mode']}: {r['status']}" for r in rows if r["status"] != "ok"]
     return {"passed": not problems, "problems": problems, "ratios": ratios, "rows": rows}
 
@@ -286,7 +411,11 @@ def markdown(report: dict) -> str:
     def status(name):
         if name not in c:
             return "not run"
-        return "pass" if c[name].get("passed") else "FAIL: " + "; ".join(c[name].get("problems") or [c[name].get("error", "")])
+        return (
+            "pass"
+            if c[name].get("passed")
+            else "FAIL: " + "; ".join(c[name].get("problems") or [c[name].get("error", "")])
+        )
 
     if "parity" in c and "loss_rel_err" in c["parity"]:
         p = c["parity"]
@@ -295,13 +424,15 @@ def markdown(report: dict) -> str:
             f"products in {p['matmul_dtype']}; loss rel. err. {p['loss_rel_err']:.1e}, KL {p['kl_max_abs_err']:.1e}, "
             f"grads {max(p['grad_hidden_rel_err'], p['grad_weight_rel_err']):.1e}; KL at step 0: "
             f"{'exactly 0' if not any(p['nonzero_kl_at_step_0']) else p['nonzero_kl_at_step_0']}; "
-            f"{p['fused_s']} s / {p['plain_s']} s, peak {p['fused_peak_mib']} / {p['plain_peak_mib']} MiB (fused / plain) |")
+            f"{p['fused_s']} s / {p['plain_s']} s, peak {p['fused_peak_mib']} / {p['plain_peak_mib']} MiB (fused / plain) |"
+        )
     if "qlora" in c and "steps" in c["qlora"]:
         q = c["qlora"]
         lines.append(
             f"| QLoRA 4-bit + LoRA, {q['steps']} steps | {status('qlora')} | {q['linear4bit_modules']} 4-bit layers, "
             f"second model: {q['second_model']}, fused loss: {q['fused_loss']}, KL {q['kl'][0]} -> {q['kl'][-1]:.3g}, "
-            f"peak {q['peak_mib']} MiB |")
+            f"peak {q['peak_mib']} MiB |"
+        )
     for shape in ("zero3", "fsdp2"):
         if shape in c and "kl" in c[shape]:
             s = c[shape]
@@ -309,7 +440,8 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| `{shape}.yaml`, 1 process, bf16 | {status(shape)} | {s['distributed_type']} ({mode}), policy "
                 f"{s['policy']}, reference {s['reference']}, heads {' / '.join(s['head_dtypes'])}, KL {s['kl'][0]} -> "
-                f"{s['kl'][-1]:.3g} |")
+                f"{s['kl'][-1]:.3g} |"
+            )
         elif shape in c:
             lines.append(f"| `{shape}.yaml`, 1 process, bf16 | {status(shape)} | |")
     for name in ("parity", "qlora"):
@@ -317,14 +449,16 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {status(name)} | |")
     if "benchmark" in c:
         b = c["benchmark"]
-        ratios = ", ".join(f"{mode}: peak {r['peak_ratio']} x, step {r['step_ratio']} x" for mode, r in
-                           b.get("ratios", {}).items())
+        ratios = ", ".join(
+            f"{mode}: peak {r['peak_ratio']} x, step {r['step_ratio']} x" for mode, r in b.get("ratios", {}).items()
+        )
         lines.append(f"| loss benchmark, fused ASFT / TRL SFT | {status('benchmark')} | {ratios} |")
         if b.get("rows"):
             lines += ["", "| V | seq | mode | method | peak MiB | step s |", "|---:|---:|---|---|---:|---:|"]
             for r in b["rows"]:
-                lines.append(f"| {r['vocab']:,} | {r['seq']} | {r['mode']} | {r['method']} | {r['peak_mib']} | "
-                             f"{r['step_s']} |")
+                lines.append(
+                    f"| {r['vocab']:,} | {r['seq']} | {r['mode']} | {r['method']} | {r['peak_mib']} | {r['step_s']} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -332,8 +466,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (checks the script itself)")
     parser.add_argument("--checks", nargs="+", default=list(CHECKS), choices=CHECKS)
-    parser.add_argument("--out", default=None,
-                        help="JSON report (default benchmarks/results/gpu_check.json, or gpu_check_dry_run.json)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON report (default benchmarks/results/gpu_check.json, or gpu_check_dry_run.json)",
+    )
     parser.add_argument("--timeout", type=int, default=300, help="seconds for each launched step")
     args = parser.parse_args(argv)
     for key, value in _env().items():
@@ -342,17 +479,25 @@ def main(argv=None) -> int:
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
-        raise SystemExit("gpu_check needs a CUDA GPU (torch.cuda.is_available() is False); "
-                         "`--dry-run` runs its checks at toy sizes on the CPU.")
+        raise SystemExit(
+            "gpu_check needs a CUDA GPU (torch.cuda.is_available() is False); "
+            "`--dry-run` runs its checks at toy sizes on the CPU."
+        )
     device = torch.device("cpu" if args.dry_run else "cuda")
-    out = Path(args.out or REPO_ROOT / "benchmarks" / "results" /
-               ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json"))
+    out = Path(
+        args.out
+        or REPO_ROOT / "benchmarks" / "results" / ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "dry_run": args.dry_run,
         "machine": {
-            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
-            "torch": torch.__version__, "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
+            "device": torch.cuda.get_device_name(0)
+            if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d"),
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         },
         "checks": {},
@@ -373,12 +518,18 @@ def main(argv=None) -> int:
                 else:
                     result = check_benchmark(args.dry_run, workdir, args.timeout * 2)
             except Exception as error:  # a broken check is reported with the others, not lost
-                result = {"passed": False, "error": f"{type(error).__name__}: {error}",
-                          "traceback": traceback.format_exc()[-4000:]}
+                result = {
+                    "passed": False,
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc()[-4000:],
+                }
             result["seconds"] = round(time.perf_counter() - began, 1)
             report["checks"][name] = result
-            print(f"[gpu_check] {name}: {'pass' if result['passed'] else 'FAIL'} ({result['seconds']} s) "
-                  f"{result.get('problems') or result.get('error') or ''}", flush=True)
+            print(
+                f"[gpu_check] {name}: {'pass' if result['passed'] else 'FAIL'} ({result['seconds']} s) "
+                f"{result.get('problems') or result.get('error') or ''}",
+                flush=True,
+            )
             # Written after every check, so an interrupted run keeps what it measured
             out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     report["seconds"] = round(time.perf_counter() - start, 1)

@@ -46,15 +46,27 @@ RUNS = {
     # lambda does not carry over: the same estimators at a tenth of the recipe's lambda
     "k2_lambda_0.005": (["--kl_estimator", "k2", "--kl_coef", "0.005"], "ASFT, k2, lambda 0.005"),
     "k3_lambda_0.005": (["--kl_estimator", "k3", "--kl_coef", "0.005"], "ASFT, k3 forward, lambda 0.005"),
-    "k3_reverse_lambda_0.005": (["--kl_estimator", "k3", "--kl_direction", "reverse", "--kl_coef", "0.005"],
-                                "ASFT, k3 reverse, lambda 0.005"),
+    "k3_reverse_lambda_0.005": (
+        ["--kl_estimator", "k3", "--kl_direction", "reverse", "--kl_coef", "0.005"],
+        "ASFT, k3 reverse, lambda 0.005",
+    ),
 }
 DEFAULT_RUNS = ("dft", "full", "k1", "k2", "k3", "k3_reverse")
 
 
 def common_overrides(args) -> list[str]:
-    return ["--max_steps", str(args.steps), "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps),
-            "--logging_steps", str(args.eval_steps), "--per_device_eval_batch_size", "16"]
+    return [
+        "--max_steps",
+        str(args.steps),
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        str(args.eval_steps),
+        "--logging_steps",
+        str(args.eval_steps),
+        "--per_device_eval_batch_size",
+        "16",
+    ]
 
 
 def train(name: str, args) -> Path:
@@ -64,8 +76,17 @@ def train(name: str, args) -> Path:
     if (out / "held_out.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == overrides:
         print(f"[{name}] reusing the finished run in {out}")
         return out
-    cmd = [str(Path(sys.executable).with_name("asft-trl")), "train", "--config", "recipes/quickstart.yaml",
-           "--output_dir", str(out), "--overwrite_output_dir", "true", *overrides]
+    cmd = [
+        str(Path(sys.executable).with_name("asft-trl")),
+        "train",
+        "--config",
+        "recipes/quickstart.yaml",
+        "--output_dir",
+        str(out),
+        "--overwrite_output_dir",
+        "true",
+        *overrides,
+    ]
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -75,7 +96,7 @@ def train(name: str, args) -> Path:
 
 
 def final_kls(out: Path) -> dict:
-    """The trained adapter's exact forward KL(base || policy) and reverse KL(policy || base) per token, and its NLL, on
+    """The trained adapter's exact forward KL(reference || policy) and reverse KL(policy || reference) per token, and its NLL, on
     the 64 held-out completions (the same measure for every run, whatever direction it trained with). Cached in the
     run folder."""
     cached = out / "kl_estimators_final.json"
@@ -96,11 +117,11 @@ def final_kls(out: Path) -> dict:
     base = AutoModelForCausalLM.from_pretrained(resolve_quickstart_model(HUB_ID, "outputs/models"))
     policy = PeftModel.from_pretrained(base, out).eval()
     probe = DriftProbe(tokenizer, pairs, batch_size=16, name="task")
-    base_log_probs = probe.base_log_probs(policy)  # adapters off
+    reference_log_probs = probe.reference_log_probs(policy)  # adapters off
     sums = {"forward": 0.0, "reverse": 0.0, "nll": 0.0}
     count = 0
     with torch.no_grad():
-        for (inputs, targets), log_q in zip(probe._batches("cpu"), base_log_probs):
+        for (inputs, targets), log_q in zip(probe._batches("cpu"), reference_log_probs):
             mask = targets != -100
             log_p = torch.log_softmax(policy(**inputs).logits[:, :-1][mask].float(), -1)
             sums["forward"] += kl_per_token(log_q, log_p).sum().item()
@@ -123,9 +144,14 @@ def collect(name: str, out: Path) -> dict:
     runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
     steps = max(e["step"] for e in history)
     return {
-        "name": name, "what": RUNS[name][1], "overrides": RUNS[name][0],
-        "exact_kl_eval": exact, "trained_kl": series("kl"), "eval_trained_kl": series("eval_kl"),
-        "drift_kl": series("drift_kl"), "eval_nll": series("eval_nll"),
+        "name": name,
+        "what": RUNS[name][1],
+        "overrides": RUNS[name][0],
+        "exact_kl_eval": exact,
+        "trained_kl": series("kl"),
+        "eval_trained_kl": series("eval_kl"),
+        "drift_kl": series("drift_kl"),
+        "eval_nll": series("eval_nll"),
         "accuracy_before": held_out["before"].get("task_accuracy"),
         "accuracy_after": held_out["after"].get("task_accuracy"),
         "nll_after": held_out["after"].get("eval_nll"),
@@ -136,15 +162,19 @@ def collect(name: str, out: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| run | exact KL in the run's direction, held-out, steps 10 / 20 / 30 / 40 | trained `kl` at the end | "
-             "exact forward / reverse KL at the end | drift KL at the end | held-out NLL | exact match |",
-             "|---|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| run | exact KL in the run's direction, held-out, steps 10 / 20 / 30 / 40 | trained `kl` at the end | "
+        "exact forward / reverse KL at the end | drift KL at the end | held-out NLL | exact match |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
     for r in results:
         exact = " / ".join(f"{v:.2f}" for _, v in r["exact_kl_eval"])
         trained = r["trained_kl"][-1][1] if r["trained_kl"] else float("nan")
         drift = r["drift_kl"][-1][1] if r["drift_kl"] else float("nan")
-        lines.append(f"| {r['what']} | {exact} | {trained:.2f} | {r['final_forward']:.2f} / {r['final_reverse']:.2f} "
-                     f"| {drift:.2f} | {r['nll_after']:.3f} | {r['accuracy_after']:.2f} |")
+        lines.append(
+            f"| {r['what']} | {exact} | {trained:.2f} | {r['final_forward']:.2f} / {r['final_reverse']:.2f} "
+            f"| {drift:.2f} | {r['nll_after']:.3f} | {r['accuracy_after']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -153,11 +183,16 @@ def plot(results: list[dict], path: Path) -> None:
 
     from asft_trl.diagnostics.plot import save_figure
 
-    panels = [("exact_kl_eval", "exact KL per token, held-out task prompts\n(solid: forward KL(ref || policy); dashed: "
-                                "the reverse runs' reverse KL, x: their forward KL at the end)"),
-              ("trained_kl", "the KL term as trained (`kl`: estimate or exact), training batches"),
-              ("drift_kl", "drift: exact KL(base || policy), 16 general prompts"),
-              ("eval_nll", "NLL per completion token, held-out task prompts")]
+    panels = [
+        (
+            "exact_kl_eval",
+            "exact KL per token, held-out task prompts\n(solid: forward KL(ref || policy); dashed: "
+            "the reverse runs' reverse KL, x: their forward KL at the end)",
+        ),
+        ("trained_kl", "the KL term as trained (`kl`: estimate or exact), training batches"),
+        ("drift_kl", "drift: exact KL(reference || policy), 16 general prompts"),
+        ("eval_nll", "NLL per completion token, held-out task prompts"),
+    ]
     fig = Figure(figsize=(13, 10), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
     for ax, (key, title) in zip(axes, panels):
@@ -165,8 +200,14 @@ def plot(results: list[dict], path: Path) -> None:
             points = r[key]
             if points:
                 reverse = key == "exact_kl_eval" and r["direction"] == "reverse"
-                line, = ax.plot([s for s, _ in points], [v for _, v in points], "--" if reverse else "-", marker="o",
-                                ms=3, label=r["what"] if key == "exact_kl_eval" else None)
+                (line,) = ax.plot(
+                    [s for s, _ in points],
+                    [v for _, v in points],
+                    "--" if reverse else "-",
+                    marker="o",
+                    ms=3,
+                    label=r["what"] if key == "exact_kl_eval" else None,
+                )
                 if reverse:
                     ax.plot([points[-1][0]], [r["final_forward"]], "x", ms=9, mew=2, color=line.get_color())
         ax.set_title(title, fontsize=10)
@@ -192,10 +233,12 @@ def loss_cost(reps: int, tokens: int = 512, hidden_size: int = 576, vocab: int =
     labels = torch.randint(0, vocab, (tokens,))
     stored = torch.log_softmax(ref_hidden @ weight.t(), -1).gather(-1, labels[:, None]).squeeze(-1)
     live = dict(ref_hidden=ref_hidden, ref_weight=weight)
-    cases = {"exact KL, live reference": dict(live, kl_coef=0.05),
-             "k3, live reference": dict(live, kl_coef=0.05, kl_estimator="k3"),
-             "k3, one stored float per token": dict(ref_token_log_probs=stored, kl_coef=0.05, kl_estimator="k3"),
-             "DFT alone (no reference)": dict(kl_coef=0.0)}
+    cases = {
+        "exact KL, live reference": dict(live, kl_coef=0.05),
+        "k3, live reference": dict(live, kl_coef=0.05, kl_estimator="k3"),
+        "k3, one stored float per token": dict(ref_token_log_probs=stored, kl_coef=0.05, kl_estimator="k3"),
+        "DFT alone (no reference)": dict(kl_coef=0.0),
+    }
     times = {name: [] for name in cases}
     for _ in range(reps):
         for name, kwargs in cases.items():
@@ -223,13 +266,25 @@ def main(argv=None) -> int:
         for name, seconds in cost.items():
             print(f"| {name} | {seconds:.2f} s | {seconds / base:.2f} |")
         path = Path(args.out).with_name("kl_estimators_loss_cost_cpu.json")
-        path.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "seconds": cost}, indent=2))
+        path.write_text(
+            json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "seconds": cost}, indent=2)
+        )
         return 0
     results = [collect(name, train(name, args)) for name in args.runs]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "steps": args.steps,
-                               "common_overrides": common_overrides(args), "runs": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": platform.platform(),
+                "cpus": os.cpu_count(),
+                "steps": args.steps,
+                "common_overrides": common_overrides(args),
+                "runs": results,
+            },
+            indent=2,
+        )
+    )
     plot(results, Path(args.png))
     print(table(results))
     print(f"Wrote {out} and {args.png}")

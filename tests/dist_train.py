@@ -45,8 +45,17 @@ def make_dataset(n: int = 24):
     return Dataset.from_list(rows)
 
 
-def training_args(output_dir, *, batch_size: int, grad_accum: int, learning_rate: float, loss_type: str = "dft",
-                  kl_coef: float = 0.1, max_steps: int = 3, **overrides):
+def training_args(
+    output_dir,
+    *,
+    batch_size: int,
+    grad_accum: int,
+    learning_rate: float,
+    loss_type: str = "dft",
+    kl_coef: float = 0.1,
+    max_steps: int = 3,
+    **overrides,
+):
     """Plain SGD at a constant rate, no clipping, no weight decay, examples in dataset order."""
     from asft_trl import ASFTConfig
 
@@ -112,11 +121,18 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-type", default="dft")
     parser.add_argument("--kl-coef", type=float, default=0.1)
     parser.add_argument("--max-steps", type=int, default=3)
-    parser.add_argument("--precompute-topk", type=int, default=0,
-                        help="train against the precomputed top-k reference (0: the live reference model)")
+    parser.add_argument(
+        "--precompute-topk",
+        type=int,
+        default=0,
+        help="train against the precomputed top-k reference (0: the live reference model)",
+    )
     parser.add_argument("--dft-normalization", default="tokens", help="ASFTConfig.dft_normalization")
-    parser.add_argument("--no-average-tokens-across-devices", action="store_true",
-                        help="normalise by each process's own token count (the control: must differ)")
+    parser.add_argument(
+        "--no-average-tokens-across-devices",
+        action="store_true",
+        help="normalise by each process's own token count (the control: must differ)",
+    )
     opts = parser.parse_args(argv)
 
     import torch
@@ -126,14 +142,25 @@ def main(argv=None) -> int:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     args = training_args(
-        out / "trainer", batch_size=opts.batch_size, grad_accum=opts.grad_accum, learning_rate=opts.learning_rate,
-        loss_type=opts.loss_type, kl_coef=opts.kl_coef, max_steps=opts.max_steps,
+        out / "trainer",
+        batch_size=opts.batch_size,
+        grad_accum=opts.grad_accum,
+        learning_rate=opts.learning_rate,
+        loss_type=opts.loss_type,
+        kl_coef=opts.kl_coef,
+        max_steps=opts.max_steps,
         average_tokens_across_devices=not opts.no_average_tokens_across_devices,
         dft_normalization=opts.dft_normalization,
-        **({"precompute_ref_log_probs": True, "precompute_ref_topk": opts.precompute_topk} if opts.precompute_topk else {}),
+        **(
+            {"precompute_ref_log_probs": True, "precompute_ref_topk": opts.precompute_topk}
+            if opts.precompute_topk
+            else {}
+        ),
     )
     trainer = recording_trainer_class()(
-        model=opts.model, args=args, train_dataset=make_dataset(),
+        model=opts.model,
+        args=args,
+        train_dataset=make_dataset(),
         processing_class=AutoTokenizer.from_pretrained(opts.model),
     )
     trainer.train()

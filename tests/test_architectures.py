@@ -9,7 +9,7 @@ import torch
 
 import tiny
 from asft_trl import ASFTTrainer
-from asft_trl.lm_head import head_transform
+from asft_trl.reference.lm_head import head_transform
 from conftest import make_args
 
 STEPS = 2
@@ -21,8 +21,18 @@ ATOL = 2e-5
 
 
 def _train(model_path, dataset, out, fused: bool, learning_rate: float, **overrides):
-    args = make_args(out, max_steps=STEPS, learning_rate=learning_rate, optim="sgd", max_grad_norm=0.0,
-                     lr_scheduler_type="constant", use_fused_loss=fused, kl_coef=0.5, loss_chunk_size=7, **overrides)
+    args = make_args(
+        out,
+        max_steps=STEPS,
+        learning_rate=learning_rate,
+        optim="sgd",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        use_fused_loss=fused,
+        kl_coef=0.5,
+        loss_chunk_size=7,
+        **overrides,
+    )
     trainer = ASFTTrainer(model_path, args=args, train_dataset=dataset)
     assert trainer.use_fused_loss is fused
     start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -51,6 +61,7 @@ def test_architecture_trains_with_kl_zero_at_step_0_and_fused_equals_plain(archi
     diff = max((fused[k] - plain[k]).abs().max().item() for k in plain)
     print(f"\n[{architecture}] motion {motion:.3g}, |fused - plain| {diff:.3g}, kl {[h['kl'] for h in h_fused]}")
     assert motion > 1000 * ATOL, f"the weights barely moved ({motion:.3g})"
+    tiny.assert_every_parameter_moved(start, fused)
     assert diff < ATOL, f"{architecture}: fused and plain training differ by {diff:.3g}"
     assert h_fused[0]["kl"] == 0.0 and h_plain[0]["kl"] == 0.0, "KL at step 0 (policy = reference) must be 0"
     assert h_fused[-1]["kl"] > 1e-5 and h_fused[-1]["kl"] == pytest.approx(h_plain[-1]["kl"], rel=1e-3, abs=1e-6)
@@ -65,8 +76,15 @@ def test_moe_with_its_router_loss_trains_on_the_plain_loss(pc_dataset, tmp_path,
     """With TRL's default router auxiliary loss the fused loss steps aside (it has no router term): the plain loss
     trains, with KL 0 at step 0 and the auxiliary loss in the objective."""
     path = tiny.build_arch_model(tmp_path / "model", "qwen3_moe")
-    args = make_args(tmp_path / "out", max_steps=STEPS, learning_rate=50.0, optim="sgd", max_grad_norm=0.0,
-                     lr_scheduler_type="constant", kl_coef=0.5)
+    args = make_args(
+        tmp_path / "out",
+        max_steps=STEPS,
+        learning_rate=50.0,
+        optim="sgd",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        kl_coef=0.5,
+    )
     with caplog.at_level("WARNING"):
         trainer = ASFTTrainer(path, args=args, train_dataset=pc_dataset)
     assert trainer.aux_loss_enabled and not trainer.use_fused_loss

@@ -38,7 +38,7 @@ def write_recipe(tmp_path: Path, model_path: str, **overrides) -> Path:
 
 
 def run_cli(*args, timeout=300):
-    cli = [sys.executable, "-c", "import sys; from asft_trl.cli import main; sys.exit(main())", *args]
+    cli = [sys.executable, "-c", "import sys; from asft_trl.scripts.cli import main; sys.exit(main())", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(cli, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -76,7 +76,7 @@ def no_launch(monkeypatch):
 
 def train_error(capsys, *argv) -> str:
     """Run `asft-trl train ARGV` in this process; it must end with exit status 2 and one line, no traceback."""
-    from asft_trl import cli
+    from asft_trl.scripts import cli
 
     try:
         status = cli.main(["train", *map(str, argv)])
@@ -90,7 +90,7 @@ def train_error(capsys, *argv) -> str:
 
 
 def test_no_arguments_prints_usage(capsys):
-    from asft_trl import cli
+    from asft_trl.scripts import cli
 
     assert cli.main(["train"]) == 2
     err = capsys.readouterr().err
@@ -99,43 +99,56 @@ def test_no_arguments_prints_usage(capsys):
 
 def test_help_lists_every_field(capsys):
     """argparse %-formats every help string: one stray '%' made `--help` crash before any option was listed."""
-    from asft_trl import cli
-    from asft_trl.train import make_parser
+    from asft_trl.scripts import cli
+    from asft_trl.scripts.train import make_parser
 
     with pytest.raises(SystemExit) as exit:
         cli.main(["train", "--help"])
     assert exit.value.code == 0
     out = capsys.readouterr().out
     assert "--kl_horizon" in out and "factor of at most 1.02" in out and "--ref_model_name_or_path" in out
-    with pytest.raises(SystemExit) as exit:  # `python -m asft_trl.train --help`
-        make_parser(prog="python -m asft_trl.train").parse_args_and_config(["--help"])
+    with pytest.raises(SystemExit) as exit:  # `python -m asft_trl.scripts.train --help`
+        make_parser(prog="python -m asft_trl.scripts.train").parse_args_and_config(["--help"])
     assert exit.value.code == 0
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--kl_coef", "-1"], "kl_coef=-1.0 is invalid"),
-    (["--kl_direction", "sideways"], "invalid choice: 'sideways'"),
-    (["--loss_type", "ce"], "invalid choice: 'ce'"),
-    (["--kl_coef_schedule", "cosine", "--kl_coef", "0"], "needs an anchor"),
-    (["--use_liger_kernel", "true"], "use_liger_kernel=True does not go with the ASFT loss"),
-    (["--ref_model_name_or_path", "/nonexistent"], "ref_model_name_or_path='/nonexistent' is neither a local folder"),
-    (["--model_name_or_path", "./no/such-model"], "model_name_or_path='./no/such-model' is neither a local folder"),
-    (["--model_name_or_path", "no-such-org/no-such-model"], "not in the local Hub cache while the Hub is offline"),
-    (["--dataset_name", "missing.jsonl"], "dataset_name='missing.jsonl' is neither an existing local file"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--kl_coef", "-1"], "kl_coef=-1.0 is invalid"),
+        (["--kl_direction", "sideways"], "invalid choice: 'sideways'"),
+        (["--loss_type", "ce"], "invalid choice: 'ce'"),
+        (["--kl_coef_schedule", "cosine", "--kl_coef", "0"], "needs an anchor"),
+        (["--use_liger_kernel", "true"], "use_liger_kernel=True does not go with the ASFT loss"),
+        (
+            ["--ref_model_name_or_path", "/nonexistent"],
+            "ref_model_name_or_path='/nonexistent' is neither a local folder",
+        ),
+        (
+            ["--model_name_or_path", "./no/such-model"],
+            "model_name_or_path='./no/such-model' is neither a local folder",
+        ),
+        (["--model_name_or_path", "no-such-org/no-such-model"], "not in the local Hub cache while the Hub is offline"),
+        (["--dataset_name", "missing.jsonl"], "dataset_name='missing.jsonl' is neither an existing local file"),
+    ],
+)
 def test_bad_recipe_value_fails_before_launch(overrides, message, tiny_model_path, tmp_path, capsys, no_launch):
     recipe = write_recipe(tmp_path, tiny_model_path)
     assert message in train_error(capsys, "--config", recipe, *overrides)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("kl_direction", "sideways", "kl_direction='sideways' is not supported"),
-    ("loss_type", "ce", "loss_type='ce' is not supported"),
-    ("kl_coef", -0.5, "kl_coef=-0.5 is invalid"),
-])
-def test_bad_value_in_the_recipe_file_fails_before_launch(field, value, message, tiny_model_path, tmp_path, capsys,
-                                                           no_launch):
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("kl_direction", "sideways", "kl_direction='sideways' is not supported"),
+        ("loss_type", "ce", "loss_type='ce' is not supported"),
+        ("kl_coef", -0.5, "kl_coef=-0.5 is invalid"),
+    ],
+)
+def test_bad_value_in_the_recipe_file_fails_before_launch(
+    field, value, message, tiny_model_path, tmp_path, capsys, no_launch
+):
     """argparse checks choices on the command line only: a recipe's own values reach the config's validation."""
     recipe = write_recipe(tmp_path, tiny_model_path, **{field: value})
     assert message in train_error(capsys, "--config", recipe)
@@ -168,7 +181,8 @@ def test_cpu_launch_passes_accelerates_defaults(monkeypatch, tiny_model_path, tm
 
     import accelerate.commands.config as accelerate_config
     import accelerate.commands.launch as launch
-    from asft_trl import cli
+
+    from asft_trl.scripts import cli
 
     monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "none.yaml"))
     seen = {}
@@ -188,7 +202,8 @@ def test_cpu_launch_passes_accelerates_defaults(monkeypatch, tiny_model_path, tm
 def test_accelerate_config_is_resolved(monkeypatch, tiny_model_path, tmp_path):
     """`accelerate_config` (a TRL name or a path) becomes `accelerate launch --config_file ...`."""
     import accelerate.commands.launch as launch
-    from asft_trl import cli
+
+    from asft_trl.scripts import cli
 
     seen = {}
     monkeypatch.setattr(launch, "launch_command", lambda args: seen.setdefault("args", args))
@@ -196,19 +211,23 @@ def test_accelerate_config_is_resolved(monkeypatch, tiny_model_path, tmp_path):
     assert cli.main(["train", "--config", str(recipe), "--num_processes", "2"]) == 0
     args = seen["args"]
     assert args.config_file.endswith("zero2.yaml") and args.num_processes == 2
-    assert args.module and args.training_script == "asft_trl.train"
+    assert args.module and args.training_script == "asft_trl.scripts.train"
     assert args.training_script_args[:2] == ["--config", str(recipe)]
 
 
 def _launch_args(world_size: int, distributed_type: str = "NO", use_cpu: bool = False, fsdp=()):
     from types import SimpleNamespace
 
-    return SimpleNamespace(world_size=world_size, use_cpu=use_cpu, fsdp=list(fsdp),
-                           distributed_state=SimpleNamespace(distributed_type=distributed_type))
+    return SimpleNamespace(
+        world_size=world_size,
+        use_cpu=use_cpu,
+        fsdp=list(fsdp),
+        distributed_state=SimpleNamespace(distributed_type=distributed_type),
+    )
 
 
 def test_multi_process_launch_that_is_not_distributed_is_refused(monkeypatch, tmp_path):
-    from asft_trl.train import check_launch
+    from asft_trl.scripts.train import check_launch
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -223,7 +242,7 @@ def test_multi_process_launch_that_is_not_distributed_is_refused(monkeypatch, tm
 @pytest.mark.parametrize("how", ["env", "args"])
 def test_fsdp_config_on_cpu_processes_is_refused_not_run_as_ddp(monkeypatch, how):
     """accelerate drops the FSDP plugin on CPU processes and trains DDP: the launch must say so, not suggest it."""
-    from asft_trl.train import check_launch
+    from asft_trl.scripts.train import check_launch
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     fsdp = ()
@@ -250,7 +269,7 @@ def test_fsdp_config_on_cpu_processes_is_refused_not_run_as_ddp(monkeypatch, how
 
 def test_run_without_held_out_split_says_why_in_held_out_json(tiny_model_path, tmp_path, capsys):
     """A local file has only a train split: held_out.json says so instead of holding an empty before/after."""
-    from asft_trl.train import main, parse
+    from asft_trl.scripts.train import main, parse
 
     recipe = write_recipe(tmp_path, tiny_model_path, max_steps=1)
     trainer = main(*parse(["--config", str(recipe)]))
@@ -262,8 +281,9 @@ def test_run_without_held_out_split_says_why_in_held_out_json(tiny_model_path, t
     assert trainer.state.global_step == 1
 
 
-def test_offline_hub_id_is_looked_up_at_its_revision_and_cache_dir(monkeypatch, tiny_model_path, tmp_path, capsys,
-                                                                    no_launch):
+def test_offline_hub_id_is_looked_up_at_its_revision_and_cache_dir(
+    monkeypatch, tiny_model_path, tmp_path, capsys, no_launch
+):
     """Offline, a Hub id passes when the local cache holds it at the recipe's revision (no false refusal)."""
     import huggingface_hub
 
@@ -275,7 +295,7 @@ def test_offline_hub_id_is_looked_up_at_its_revision_and_cache_dir(monkeypatch, 
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
     recipe = write_recipe(tmp_path, "org/model", model_revision="v1", output_dir=str(tmp_path / "o1"))
-    from asft_trl.train import check_run, parse
+    from asft_trl.scripts.train import check_run, parse
 
     check_run(*parse(["--config", str(recipe)]))
     assert asked == [("org/model", "config.json", None, "v1")]

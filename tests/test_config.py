@@ -9,7 +9,14 @@ from trl import SFTConfig
 
 from asft_trl import ASFTConfig
 
-NEW_FIELDS = ["kl_coef", "kl_direction", "loss_type", "ref_model_name_or_path", "ref_model_init_kwargs", "disable_dropout"]
+NEW_FIELDS = [
+    "kl_coef",
+    "kl_direction",
+    "loss_type",
+    "ref_model_name_or_path",
+    "ref_model_init_kwargs",
+    "disable_dropout",
+]
 
 
 def test_defaults_are_the_papers_asft(tmp_path):
@@ -20,7 +27,8 @@ def test_defaults_are_the_papers_asft(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "loss_type, kl_coef, name", [("nll", 0.0, "SFT"), ("dft", 0.0, "DFT"), ("nll", 0.1, "SFT+KL"), ("dft", 0.1, "ASFT")]
+    "loss_type, kl_coef, name",
+    [("nll", 0.0, "SFT"), ("dft", 0.0, "DFT"), ("nll", 0.1, "SFT+KL"), ("dft", 0.1, "ASFT")],
 )
 def test_four_methods_are_two_switches(tmp_path, loss_type, kl_coef, name):
     assert ASFTConfig(output_dir=str(tmp_path), loss_type=loss_type, kl_coef=kl_coef).method_name == name
@@ -47,7 +55,11 @@ def test_bad_values_name_the_field_the_value_and_the_fix(tmp_path, field, value,
 
 def test_every_new_field_is_documented_twice():
     fields = {f.name: f for f in dataclasses.fields(ASFTConfig)}
-    for name in NEW_FIELDS:
+    # Every field ASFTConfig declares (its own or a changed default), not only a list kept by hand (the
+    # precompute_ref_* fields were missed)
+    added = set(ASFTConfig.__dict__["__annotations__"]) & set(fields)
+    assert set(NEW_FIELDS) <= added and "precompute_ref_topk" in added
+    for name in sorted(added):
         assert fields[name].metadata.get("help"), f"{name} has no metadata help"
         assert f"{name} (`" in ASFTConfig.__doc__, f"{name} is missing from the docstring"
 

@@ -8,16 +8,34 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, load_dataset
 
-from asft_trl.data import ALPACA_PROMPT_NO_INPUT, DATASET_FORMATS, UnusableRow, get_dataset_format, prepare_split
-from asft_trl.data import magicoder, medmcqa, numina_math
+from asft_trl.data import (
+    ALPACA_PROMPT_NO_INPUT,
+    DATASET_FORMATS,
+    UnusableRow,
+    get_dataset_format,
+    magicoder,
+    medmcqa,
+    numina_math,
+    prepare_split,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def medmcqa_row(**changes) -> dict:
-    row = {"id": "x", "question": "Which vitamin prevents scurvy?", "opa": "A vit", "opb": "B12", "opc": "C vit",
-           "opd": "D vit", "cop": 2, "choice_type": "single", "exp": "Ascorbic acid.", "subject_name": "Biochemistry",
-           "topic_name": None}
+    row = {
+        "id": "x",
+        "question": "Which vitamin prevents scurvy?",
+        "opa": "A vit",
+        "opb": "B12",
+        "opc": "C vit",
+        "opd": "D vit",
+        "cop": 2,
+        "choice_type": "single",
+        "exp": "Ascorbic acid.",
+        "subject_name": "Biochemistry",
+        "topic_name": None,
+    }
     row.update(changes)
     return row
 
@@ -33,18 +51,24 @@ def test_registry_names_every_format():
 
 def test_numina_math_rows():
     assert numina_math.to_instruction_response({"problem": " What is 1+1? ", "solution": "It is $\\boxed{2}$.\n"}) == (
-        "What is 1+1?", "It is $\\boxed{2}$.")
-    for row, reason in [({"problem": None, "solution": "s"}, "missing problem"),
-                        ({"problem": "p", "solution": "  \n"}, "empty solution"),
-                        ({"problem": "p"}, "missing solution"),
-                        ({"problem": 3, "solution": "s"}, "problem is not text")]:
+        "What is 1+1?",
+        "It is $\\boxed{2}$.",
+    )
+    for row, reason in [
+        ({"problem": None, "solution": "s"}, "missing problem"),
+        ({"problem": "p", "solution": "  \n"}, "empty solution"),
+        ({"problem": "p"}, "missing solution"),
+        ({"problem": 3, "solution": "s"}, "problem is not text"),
+    ]:
         with pytest.raises(UnusableRow, match=reason):
             numina_math.to_instruction_response(row)
 
 
 def test_magicoder_rows():
     assert magicoder.to_instruction_response({"instruction": "Sum a list.", "response": "sum(xs)"}) == (
-        "Sum a list.", "sum(xs)")
+        "Sum a list.",
+        "sum(xs)",
+    )
     with pytest.raises(UnusableRow, match="empty response"):
         magicoder.to_instruction_response({"instruction": "Sum a list.", "response": ""})
 
@@ -65,17 +89,20 @@ def test_medmcqa_answer_index_forms(cop, letter):
     assert medmcqa.to_instruction_response(medmcqa_row(cop=cop))[1].endswith(f"is {letter}.")
 
 
-@pytest.mark.parametrize("changes, reason", [
-    ({"cop": 4}, "cop out of range 0-3"),
-    ({"cop": -1}, "cop out of range 0-3"),  # the Hub's test split
-    ({"cop": None}, "missing cop"),
-    ({"cop": "e"}, "cop is not an answer index"),
-    ({"cop": 1.5}, "cop is not an answer index"),
-    ({"cop": True}, "cop is not an answer index"),
-    ({"opc": None}, "missing opc"),
-    ({"opa": ""}, "empty opa"),
-    ({"question": None}, "missing question"),
-])
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"cop": 4}, "cop out of range 0-3"),
+        ({"cop": -1}, "cop out of range 0-3"),  # the Hub's test split
+        ({"cop": None}, "missing cop"),
+        ({"cop": "e"}, "cop is not an answer index"),
+        ({"cop": 1.5}, "cop is not an answer index"),
+        ({"cop": True}, "cop is not an answer index"),
+        ({"opc": None}, "missing opc"),
+        ({"opa": ""}, "empty opa"),
+        ({"question": None}, "missing question"),
+    ],
+)
 def test_medmcqa_broken_rows(changes, reason):
     with pytest.raises(UnusableRow, match=reason):
         medmcqa.to_instruction_response(medmcqa_row(**changes))
@@ -94,10 +121,12 @@ def test_alpaca_prompt_completion(medmcqa_fixture):
     assert prepared.column_names == ["prompt", "completion"]
     first = prepared[0]
     assert first["prompt"] == ALPACA_PROMPT_NO_INPUT.format(
-        instruction="Which vitamin deficiency causes scurvy?\nA. Vitamin A\nB. Vitamin B12\nC. Vitamin C\nD. Vitamin D")
+        instruction="Which vitamin deficiency causes scurvy?\nA. Vitamin A\nB. Vitamin B12\nC. Vitamin C\nD. Vitamin D"
+    )
     assert first["prompt"].endswith("### Response:")
-    assert first["completion"] == ("Scurvy is caused by a lack of ascorbic acid (vitamin C).\n"
-                                   "So the answer to this question is C.")
+    assert first["completion"] == (
+        "Scurvy is caused by a lack of ascorbic acid (vitamin C).\nSo the answer to this question is C."
+    )
     # Every broken row of the fixture is counted by reason, with its row number, and none is kept
     assert (report.rows_available, report.rows_read, report.rows_used) == (10, 10, 7)
     assert report.unusable == {"cop out of range 0-3": 2, "missing opc": 1}
@@ -110,8 +139,13 @@ def test_chat_prompt_completion(medmcqa_fixture):
     prepared, _ = prepare_split(medmcqa_fixture, "medmcqa", "chat")
     first = prepared[0]
     assert first["prompt"][0]["role"] == "user" and first["prompt"][0]["content"].startswith("Which vitamin")
-    assert first["completion"] == [{"role": "assistant", "content": "Scurvy is caused by a lack of ascorbic acid "
-                                    "(vitamin C).\nSo the answer to this question is C."}]
+    assert first["completion"] == [
+        {
+            "role": "assistant",
+            "content": "Scurvy is caused by a lack of ascorbic acid "
+            "(vitamin C).\nSo the answer to this question is C.",
+        }
+    ]
 
 
 def test_subset_is_seeded_and_replaces_unusable_rows(medmcqa_fixture):
@@ -161,7 +195,7 @@ def test_bad_arguments():
 
 
 def test_script_arguments_validate_the_data_fields():
-    from asft_trl.train import ASFTScriptArguments
+    from asft_trl.scripts.train import ASFTScriptArguments
 
     assert ASFTScriptArguments(dataset_format="none").dataset_format is None
     with pytest.raises(ValueError, match="dataset_format='medqa' is not known"):
@@ -174,12 +208,19 @@ def test_prepare_splits_formats_train_and_test_and_checks_both_first(medmcqa_fix
     from datasets import DatasetDict
 
     from asft_trl.data import prepare_splits
-    from asft_trl.train import ASFTScriptArguments
+    from asft_trl.scripts.train import ASFTScriptArguments
 
-    args = ASFTScriptArguments(dataset_name="local", dataset_format="medmcqa", dataset_test_split="validation",
-                               dataset_size=3, dataset_test_size=2, dataset_seed=1)
-    splits = DatasetDict({"train": medmcqa_fixture, "validation": medmcqa_fixture,
-                          "test": Dataset.from_list([medmcqa_row(cop=-1)])})
+    args = ASFTScriptArguments(
+        dataset_name="local",
+        dataset_format="medmcqa",
+        dataset_test_split="validation",
+        dataset_size=3,
+        dataset_test_size=2,
+        dataset_seed=1,
+    )
+    splits = DatasetDict(
+        {"train": medmcqa_fixture, "validation": medmcqa_fixture, "test": Dataset.from_list([medmcqa_row(cop=-1)])}
+    )
     prepared, reports = prepare_splits(splits, args)
     assert sorted(prepared) == ["train", "validation"]  # the answerless test split is not used, so not formatted
     assert (len(prepared["train"]), len(prepared["validation"])) == (3, 2)

@@ -25,6 +25,7 @@ if str(TESTS_DIR) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dist_train  # noqa: E402  (tests/dist_train.py: shared data, settings and recording trainer)
+
 import tiny  # noqa: E402
 
 REPO_ROOT = TESTS_DIR.parent
@@ -63,7 +64,7 @@ def step_groups(batches: list[dict]) -> dict[int, Counter]:
 def expected_groups(dataset_input_ids: list[list[int]]) -> dict[int, Counter]:
     """Step t must cover examples GLOBAL_BATCH*t .. GLOBAL_BATCH*t + GLOBAL_BATCH-1 of the prepared dataset."""
     return {
-        t: Counter(tuple(row) for row in dataset_input_ids[GLOBAL_BATCH * t: GLOBAL_BATCH * (t + 1)])
+        t: Counter(tuple(row) for row in dataset_input_ids[GLOBAL_BATCH * t : GLOBAL_BATCH * (t + 1)])
         for t in range(STEPS)
     }
 
@@ -86,8 +87,15 @@ def _local_items_per_step(batches: list[dict]) -> dict[int, list[int]]:
     return counts
 
 
-def train_in_process(model_path: str, tmp_dir: Path, batch_size: int, grad_accum: int, loss_type: str,
-                     per_micro_batch_mean: bool = False, dft_normalization: str = "tokens") -> dict:
+def train_in_process(
+    model_path: str,
+    tmp_dir: Path,
+    batch_size: int,
+    grad_accum: int,
+    loss_type: str,
+    per_micro_batch_mean: bool = False,
+    dft_normalization: str = "tokens",
+) -> dict:
     from transformers import AutoTokenizer
 
     base = dist_train.recording_trainer_class()
@@ -120,13 +128,20 @@ def train_in_process(model_path: str, tmp_dir: Path, batch_size: int, grad_accum
     torch.manual_seed(0)
     weights = dft_normalization == "weights"
     args = dist_train.training_args(
-        tmp_dir / f"{loss_type}-{dft_normalization}-{batch_size}x{grad_accum}{'-control' if per_micro_batch_mean else ''}",
-        batch_size=batch_size, grad_accum=grad_accum,
-        learning_rate=WEIGHTS_LEARNING_RATE if weights else LEARNING_RATES[loss_type], loss_type=loss_type,
-        kl_coef=KL_COEF, max_steps=STEPS, dft_normalization=dft_normalization,
+        tmp_dir
+        / f"{loss_type}-{dft_normalization}-{batch_size}x{grad_accum}{'-control' if per_micro_batch_mean else ''}",
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        learning_rate=WEIGHTS_LEARNING_RATE if weights else LEARNING_RATES[loss_type],
+        loss_type=loss_type,
+        kl_coef=KL_COEF,
+        max_steps=STEPS,
+        dft_normalization=dft_normalization,
     )
     trainer = trainer_cls(
-        model=model_path, args=args, train_dataset=dist_train.make_dataset(),
+        model=model_path,
+        args=args,
+        train_dataset=dist_train.make_dataset(),
         processing_class=AutoTokenizer.from_pretrained(model_path),
     )
     assert isinstance(trainer._get_train_sampler(), torch.utils.data.SequentialSampler)
@@ -161,12 +176,18 @@ def run(tiny_model, tmp_path_factory):
     cache: dict[tuple, dict] = {}
     tmp_dir = tmp_path_factory.mktemp("equivalence-runs")
 
-    def get(batch_size: int, grad_accum: int, loss_type: str, per_micro_batch_mean: bool = False,
-            dft_normalization: str = "tokens") -> dict:
+    def get(
+        batch_size: int,
+        grad_accum: int,
+        loss_type: str,
+        per_micro_batch_mean: bool = False,
+        dft_normalization: str = "tokens",
+    ) -> dict:
         key = (batch_size, grad_accum, loss_type, per_micro_batch_mean, dft_normalization)
         if key not in cache:
-            cache[key] = train_in_process(tiny_model, tmp_dir, batch_size, grad_accum, loss_type, per_micro_batch_mean,
-                                          dft_normalization)
+            cache[key] = train_in_process(
+                tiny_model, tmp_dir, batch_size, grad_accum, loss_type, per_micro_batch_mean, dft_normalization
+            )
         return cache[key]
 
     return get
@@ -280,24 +301,52 @@ def _launch(cmd: list[str], what: str) -> None:
         )
 
 
-def _dist_run(model: str, out: Path, *, nproc: int, batch_size: int, grad_accum: int, extra: tuple = (),
-              learning_rate: float = LEARNING_RATES["dft"]) -> dict:
+def _dist_run(
+    model: str,
+    out: Path,
+    *,
+    nproc: int,
+    batch_size: int,
+    grad_accum: int,
+    extra: tuple = (),
+    learning_rate: float = LEARNING_RATES["dft"],
+) -> dict:
     script_args = [
-        str(TESTS_DIR / "dist_train.py"), "--model", model, "--out", str(out), "--batch-size", str(batch_size),
-        "--grad-accum", str(grad_accum), "--learning-rate", str(learning_rate), "--loss-type", "dft",
-        "--kl-coef", str(KL_COEF), "--max-steps", str(STEPS), *extra,
+        str(TESTS_DIR / "dist_train.py"),
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        "--grad-accum",
+        str(grad_accum),
+        "--learning-rate",
+        str(learning_rate),
+        "--loss-type",
+        "dft",
+        "--kl-coef",
+        str(KL_COEF),
+        "--max-steps",
+        str(STEPS),
+        *extra,
     ]
     if nproc == 1:
         cmd = [sys.executable, *script_args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               *script_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            *script_args,
+        ]
     _launch(cmd, f"{nproc}-process training")
     result = json.loads((out / "result.json").read_text())
     result["weights"] = torch.load(out / "weights.pt", map_location="cpu")
-    result["batches_per_rank"] = [
-        json.loads((out / f"batches-rank{rank}.json").read_text()) for rank in range(nproc)
-    ]
+    result["batches_per_rank"] = [json.loads((out / f"batches-rank{rank}.json").read_text()) for rank in range(nproc)]
     return result
 
 
@@ -339,8 +388,14 @@ def test_two_processes_give_same_weights_as_one(tiny_model, initial_weights, tmp
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
 
     # Control: each process normalising by its own token count (then DDP's mean) must give other weights
-    control = _dist_run(tiny_model, tmp_path / "control", nproc=2, batch_size=2, grad_accum=2,
-                        extra=("--no-average-tokens-across-devices",))
+    control = _dist_run(
+        tiny_model,
+        tmp_path / "control",
+        nproc=2,
+        batch_size=2,
+        grad_accum=2,
+        extra=("--no-average-tokens-across-devices",),
+    )
     assert control["num_processes"] == 2
     control_diff, _ = max_abs_diff(control["weights"], single["weights"])
     print(f"[2 processes] control (per-process token count): max diff {control_diff:.4g}")
@@ -350,23 +405,39 @@ def test_two_processes_give_same_weights_as_one(tiny_model, initial_weights, tmp
 def test_two_processes_with_the_precomputed_reference_train_like_one_with_the_live_one(tiny_model, tmp_path):
     """The stored pass is made once (main process first) and read by the other process; at k = V it is exact."""
     single = _dist_run(tiny_model, tmp_path / "single", nproc=1, batch_size=4, grad_accum=2)
-    double = _dist_run(tiny_model, tmp_path / "double", nproc=2, batch_size=2, grad_accum=2,
-                       extra=("--precompute-topk", str(10**6)))
+    double = _dist_run(
+        tiny_model, tmp_path / "double", nproc=2, batch_size=2, grad_accum=2, extra=("--precompute-topk", str(10**6))
+    )
     assert double["num_processes"] == 2
     diff, param = max_abs_diff(double["weights"], single["weights"])
     assert diff < ATOL, f"{diff:.3g} in {param}"
-    assert final_metric(double["log_history"], "kl") == pytest.approx(final_metric(single["log_history"], "kl"),
-                                                                       rel=1e-3)
+    assert final_metric(double["log_history"], "kl") == pytest.approx(
+        final_metric(single["log_history"], "kl"), rel=1e-3
+    )
     assert len(list((tmp_path / "double" / "trainer" / "reference_cache").glob("reference_top*.arrow"))) == 1
 
 
 def test_two_processes_normalised_by_the_weight_sum_train_like_one(tiny_model, initial_weights, tmp_path):
     """dft_normalization="weights": the weight sum is gathered over both processes, as num_items_in_batch is."""
     weights = ("--dft-normalization", "weights")
-    single = _dist_run(tiny_model, tmp_path / "single", nproc=1, batch_size=4, grad_accum=2, extra=weights,
-                       learning_rate=WEIGHTS_LEARNING_RATE)
-    double = _dist_run(tiny_model, tmp_path / "double", nproc=2, batch_size=2, grad_accum=2, extra=weights,
-                       learning_rate=WEIGHTS_LEARNING_RATE)
+    single = _dist_run(
+        tiny_model,
+        tmp_path / "single",
+        nproc=1,
+        batch_size=4,
+        grad_accum=2,
+        extra=weights,
+        learning_rate=WEIGHTS_LEARNING_RATE,
+    )
+    double = _dist_run(
+        tiny_model,
+        tmp_path / "double",
+        nproc=2,
+        batch_size=2,
+        grad_accum=2,
+        extra=weights,
+        learning_rate=WEIGHTS_LEARNING_RATE,
+    )
     assert double["num_processes"] == 2 and "MULTI_CPU" in double["distributed_type"]
     motion, _ = max_abs_diff(single["weights"], initial_weights)
     diff, param = max_abs_diff(double["weights"], single["weights"])
@@ -377,8 +448,15 @@ def test_two_processes_normalised_by_the_weight_sum_train_like_one(tiny_model, i
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
 
     # Control: each process dividing by its own weight sum (and token count) gives other weights
-    control = _dist_run(tiny_model, tmp_path / "control", nproc=2, batch_size=2, grad_accum=2,
-                        extra=(*weights, "--no-average-tokens-across-devices"), learning_rate=WEIGHTS_LEARNING_RATE)
+    control = _dist_run(
+        tiny_model,
+        tmp_path / "control",
+        nproc=2,
+        batch_size=2,
+        grad_accum=2,
+        extra=(*weights, "--no-average-tokens-across-devices"),
+        learning_rate=WEIGHTS_LEARNING_RATE,
+    )
     control_diff, _ = max_abs_diff(control["weights"], single["weights"])
     print(f"[2 processes, weights] control (per-process weight sum): max diff {control_diff:.4g}")
     assert control_diff > 100 * ATOL, "per-process normalisation gives the same weights: the test has no teeth"

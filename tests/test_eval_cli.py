@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from asft_trl.cli import main as asft_main
+from asft_trl.scripts.cli import main as asft_main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -25,8 +25,24 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_math_end_to_end_then_rescore_predictions(tiny_model_path, tmp_path, capsys):
     pytest.importorskip("math_verify")
     out = tmp_path / "math"
-    assert eval_cli("math", "--model", tiny_model_path, "--data_files", f"math500={FIXTURES / 'math.jsonl'}",
-                    "--num_samples", 2, "--max_new_tokens", 6, "--batch_size", 2, "--output_dir", out) == 0
+    assert (
+        eval_cli(
+            "math",
+            "--model",
+            tiny_model_path,
+            "--data_files",
+            f"math500={FIXTURES / 'math.jsonl'}",
+            "--num_samples",
+            2,
+            "--max_new_tokens",
+            6,
+            "--batch_size",
+            2,
+            "--output_dir",
+            out,
+        )
+        == 0
+    )
     generations = read_jsonl(out / "generations.jsonl")
     assert len(generations) == 3 and all(len(row["prediction"]) == 2 for row in generations)
     assert [row["answer"] for row in generations] == ["\\frac{3}{4}", "4", "(-1, 1)"]
@@ -55,8 +71,16 @@ def test_math_end_to_end_then_rescore_predictions(tiny_model_path, tmp_path, cap
 
 def test_medical_and_config_file(tiny_model_path, tmp_path):
     config = tmp_path / "eval.yaml"
-    config.write_text(yaml.safe_dump({"model": tiny_model_path, "data_files": [f"medqa={FIXTURES / 'medical.jsonl'}"],
-                                      "batch_size": 3, "output_dir": str(tmp_path / "medical")}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": tiny_model_path,
+                "data_files": [f"medqa={FIXTURES / 'medical.jsonl'}"],
+                "batch_size": 3,
+                "output_dir": str(tmp_path / "medical"),
+            }
+        )
+    )
     assert eval_cli("medical", "--config", config) == 0
     rows = read_jsonl(tmp_path / "medical" / "generations.jsonl")
     assert [r["answer"] for r in rows] == ["B", "A", "C", "C"]
@@ -67,8 +91,24 @@ def test_medical_and_config_file(tiny_model_path, tmp_path):
 
 
 def test_code_from_model_and_from_predictions(tiny_model_path, tmp_path):
-    assert eval_cli("code", "--model", tiny_model_path, "--data_files", f"humaneval={FIXTURES / 'code.jsonl'}",
-                    "--num_samples", 1, "--temperature", 0, "--max_new_tokens", 8, "--output_dir", tmp_path / "gen") == 0
+    assert (
+        eval_cli(
+            "code",
+            "--model",
+            tiny_model_path,
+            "--data_files",
+            f"humaneval={FIXTURES / 'code.jsonl'}",
+            "--num_samples",
+            1,
+            "--temperature",
+            0,
+            "--max_new_tokens",
+            8,
+            "--output_dir",
+            tmp_path / "gen",
+        )
+        == 0
+    )
     rows = read_jsonl(tmp_path / "gen" / "generations.jsonl")
     assert [r["mode"] for r in rows] == ["complete", "write"] and rows[1]["entry_point"] == "square"
     # The same rows with hand-written answers: one right, one wrong.
@@ -83,15 +123,35 @@ def test_code_from_model_and_from_predictions(tiny_model_path, tmp_path):
 def test_quickstart_suite_on_its_held_out_split_and_local_file(tiny_model_path, tmp_path):
     from asft_trl.quickstart.task import make_splits
 
-    assert eval_cli("quickstart", "--model", tiny_model_path, "--limit", 3, "--num_samples", 1, "--temperature", 0,
-                    "--max_new_tokens", 6, "--output_dir", tmp_path / "qs") == 0
+    assert (
+        eval_cli(
+            "quickstart",
+            "--model",
+            tiny_model_path,
+            "--limit",
+            3,
+            "--num_samples",
+            1,
+            "--temperature",
+            0,
+            "--max_new_tokens",
+            6,
+            "--output_dir",
+            tmp_path / "qs",
+        )
+        == 0
+    )
     rows = read_jsonl(tmp_path / "qs" / "generations.jsonl")
     held_out = make_splits(seed=42)["test"]  # the recipe's split: TrainingArguments' default seed
     assert [r["prompt"] for r in rows] == held_out["prompt"][:3]
     assert [r["answer"] for r in rows] == [c[-1]["content"] for c in held_out["completion"][:3]]
     predictions = tmp_path / "qs.jsonl"
-    predictions.write_text(json.dumps({"prediction": "Stone, river apple.", "answer": "stone river apple"}) + "\n"
-                           + json.dumps({"prediction": "river stone apple", "answer": "stone river apple"}) + "\n")
+    predictions.write_text(
+        json.dumps({"prediction": "Stone, river apple.", "answer": "stone river apple"})
+        + "\n"
+        + json.dumps({"prediction": "river stone apple", "answer": "stone river apple"})
+        + "\n"
+    )
     assert eval_cli("quickstart", "--predictions", predictions, "--output_dir", tmp_path / "qs2") == 0
     assert json.loads((tmp_path / "qs2" / "results.json").read_text())["average"] == 0.5
 
@@ -110,9 +170,24 @@ def test_bad_input_fails_before_a_model_is_loaded(tmp_path):
         eval_cli("poetry", "--model", "m")
 
 
+def test_prompt_template_is_the_training_name_and_template_a_warned_alias(tmp_path):
+    """`--prompt_template` as in training recipes; the old `--template` keeps working (users' scripts and configs)
+    with a FutureWarning, and the two may not disagree."""
+    from asft_trl.scripts.evaluate import parse_args
+
+    assert parse_args(["math", "--model", str(tmp_path), "--prompt_template", "alpaca"]).prompt_template == "alpaca"
+    with pytest.warns(FutureWarning, match="prompt_template"):
+        args = parse_args(["math", "--model", str(tmp_path), "--template", "raw"])
+    assert args.prompt_template == "raw" and args.template is None
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="disagree"):
+        parse_args(["math", "--model", str(tmp_path), "--template", "raw", "--prompt_template", "chat"])
+    with pytest.raises(ValueError, match="prompt_template='jinja' is not supported"):
+        parse_args(["math", "--model", str(tmp_path), "--prompt_template", "jinja"])
+
+
 def test_bad_model_path_is_named_before_any_benchmark_is_fetched(tmp_path, monkeypatch):
     """Offline, `--model /nonexistent` used to report the unreachable benchmark; the path is checked first."""
-    from asft_trl.evaluation import cli as eval_cli_module
+    from asft_trl.scripts import evaluate as eval_cli_module
 
     def no_benchmarks(*args, **kwargs):
         raise AssertionError("a benchmark was loaded before the model path was checked")

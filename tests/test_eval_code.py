@@ -11,8 +11,12 @@ import pytest
 from asft_trl.evaluation.code import build_program, extract_code, score_rows
 from asft_trl.evaluation.sandbox import run_program
 
-ADD = {"prompt": 'def add(a, b):\n    """Return a + b."""\n', "entry_point": "add", "mode": "complete",
-       "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"}
+ADD = {
+    "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+    "entry_point": "add",
+    "mode": "complete",
+    "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n",
+}
 
 
 def row(prediction: str, item=ADD, **extra) -> dict:
@@ -54,7 +58,9 @@ def test_writes_stay_inside_the_temporary_folder(tmp_path):
     assert not result.passed and "outside the sandbox" in result.detail and not outside.exists()
     parent_escape = run_program("open('../escaped.txt', 'w').write('x')")
     assert not parent_escape.passed
-    assert run_program("import os\nos.makedirs('a/b')\nopen('a/b/f.txt', 'w').write('x')\nos.remove('a/b/f.txt')").passed
+    assert run_program(
+        "import os\nos.makedirs('a/b')\nopen('a/b/f.txt', 'w').write('x')\nos.remove('a/b/f.txt')"
+    ).passed
     assert not run_program(f"import os\nos.remove({str(Path(__file__))!r})").passed
     assert Path(__file__).exists()
     assert not run_program("import os\nos.system('true')").passed

@@ -13,11 +13,15 @@ def test_prompt_templates():
     alpaca = math_prompt("1+1?", "alpaca")
     assert alpaca.startswith("Below is an instruction") and alpaca.endswith("### Response:")
     assert "1+1?\nPlease reason step by step" in alpaca and "\\boxed{}" in alpaca
-    assert math_prompt("1+1?", "chat") == [{"role": "user", "content": "1+1?\nPlease reason step by step, and put "
-                                            "your final answer within \\boxed{}."}]
+    assert math_prompt("1+1?", "chat") == [
+        {"role": "user", "content": "1+1?\nPlease reason step by step, and put your final answer within \\boxed{}."}
+    ]
     assert math_prompt("1+1?", "raw") == "1+1?"
     item = {"prompt": "def f():\n", "mode": "complete"}
-    assert code_prompt(item, "raw") == "def f():\n" and "```python\ndef f():\n```" in code_prompt(item, "chat")[0]["content"]
+    assert (
+        code_prompt(item, "raw") == "def f():\n"
+        and "```python\ndef f():\n```" in code_prompt(item, "chat")[0]["content"]
+    )
     assert medical_prompt("Q?", ["x", "y"]) == "Question: Q?\n\nOptions:\nA. x\nB. y\n\nAnswer:"
 
 
@@ -32,9 +36,14 @@ def test_alpaca_prompt_is_the_one_the_recipes_train_on():
 
 
 def test_tables_and_compare(tmp_path):
-    first = build_results("math", {"math500": {"accuracy": 0.25, "num_problems": 4, "num_samples": 2, "pass@2": 0.5},
-                                   "amc23": {"accuracy": 0.75, "num_problems": 4, "num_samples": 2, "pass@2": 1.0}},
-                          {"model": "base", "num_samples": 2})
+    first = build_results(
+        "math",
+        {
+            "math500": {"accuracy": 0.25, "num_problems": 4, "num_samples": 2, "pass@2": 0.5},
+            "amc23": {"accuracy": 0.75, "num_problems": 4, "num_samples": 2, "pass@2": 1.0},
+        },
+        {"model": "base", "num_samples": 2},
+    )
     assert first["average"] == 0.5
     table = markdown_table(first)
     assert "| math500 | 25.00 | 4 | 50.00 |" in table and "avg@2 (%)" in table and "**50.00**" in table

@@ -18,8 +18,15 @@ from conftest import WORDS, make_args, prompt_completion_rows
 
 # Plain SGD with no clipping, at a rate large enough for DFT at random init (its weights are ~1/V): a step's change is
 # the gradient itself (Adam's normalisation would turn float noise in near-zero gradients into full-size steps)
-TRAINING = dict(max_steps=2, optim="sgd", learning_rate=50.0, max_grad_norm=0.0, lr_scheduler_type="constant",
-                kl_coef=0.5, loss_chunk_size=7)
+TRAINING = dict(
+    max_steps=2,
+    optim="sgd",
+    learning_rate=50.0,
+    max_grad_norm=0.0,
+    lr_scheduler_type="constant",
+    kl_coef=0.5,
+    loss_chunk_size=7,
+)
 
 
 def messages_rows(n: int = 16) -> list[dict]:
@@ -27,7 +34,7 @@ def messages_rows(n: int = 16) -> list[dict]:
 
 
 def text_rows(n: int = 16) -> list[dict]:
-    return [{"text": " ".join(WORDS[i % len(WORDS):] + WORDS[: i % 3])} for i in range(n)]
+    return [{"text": " ".join(WORDS[i % len(WORDS) :] + WORDS[: i % 3])} for i in range(n)]
 
 
 # feature -> (rows, ASFTConfig overrides)
@@ -39,8 +46,10 @@ FEATURES = {
     "padding_free": (prompt_completion_rows, dict(padding_free=True, max_length=None)),
     "completion_only_loss_false": (prompt_completion_rows, dict(completion_only_loss=False)),
     # make_args sets the deprecated name to False; unset it, or the two names would disagree
-    "activation_checkpointing": (prompt_completion_rows,
-                                 dict(activation_checkpointing=True, gradient_checkpointing=None)),
+    "activation_checkpointing": (
+        prompt_completion_rows,
+        dict(activation_checkpointing=True, gradient_checkpointing=None),
+    ),
     "eval_during_training": (prompt_completion_rows, dict(eval_strategy="steps", eval_steps=1)),
 }
 

@@ -16,7 +16,7 @@ def _inputs(seed=0, dtype=torch.float32, bias=False, tied_ref=False):
     weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype).requires_grad_()
     b = (torch.randn(V, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
     # The reference: the policy moved a little (as after some training), or the same head under LoRA
-    ref_hidden = (hidden.detach() + 0.3 * torch.randn(N, H, generator=g).to(dtype))
+    ref_hidden = hidden.detach() + 0.3 * torch.randn(N, H, generator=g).to(dtype)
     ref_weight = weight.detach() if tied_ref else (weight.detach() + 0.2 * torch.randn(V, H, generator=g).to(dtype))
     ref_bias = None if b is None else b.detach() * 0.5
     labels = torch.randint(0, V, (N,), generator=g)
@@ -33,18 +33,44 @@ def _logits(hidden, weight, bias, head: HeadTransform):
     return z
 
 
-def _both(kl_coef, loss_type, kl_direction, *, head=HeadTransform(), chunk_size=5, dtype=torch.float32, bias=False,
-          tied_ref=False, num_items=40, floor=0.0):
+def _both(
+    kl_coef,
+    loss_type,
+    kl_direction,
+    *,
+    head=HeadTransform(),
+    chunk_size=5,
+    dtype=torch.float32,
+    bias=False,
+    tied_ref=False,
+    num_items=40,
+    floor=0.0,
+):
     """Loss, terms and gradients from the plain and the fused implementation on the same inputs."""
     results = []
     for fused in (False, True):
-        hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = _inputs(dtype=dtype, bias=bias, tied_ref=tied_ref)
-        kwargs = dict(kl_coef=kl_coef, loss_type=loss_type, kl_direction=kl_direction, num_items_in_batch=num_items,
-                      dft_weight_floor=floor)
+        hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = _inputs(
+            dtype=dtype, bias=bias, tied_ref=tied_ref
+        )
+        kwargs = dict(
+            kl_coef=kl_coef,
+            loss_type=loss_type,
+            kl_direction=kl_direction,
+            num_items_in_batch=num_items,
+            dft_weight_floor=floor,
+        )
         if fused:
             loss, terms = chunked_asft_loss(
-                hidden, weight, labels, ref_hidden, ref_weight, bias=b, ref_bias=ref_bias, head=head,
-                chunk_size=chunk_size, **kwargs,
+                hidden,
+                weight,
+                labels,
+                ref_hidden,
+                ref_weight,
+                bias=b,
+                ref_bias=ref_bias,
+                head=head,
+                chunk_size=chunk_size,
+                **kwargs,
             )
         else:
             ref_logits = _logits(ref_hidden, ref_weight, ref_bias, head)
@@ -134,8 +160,14 @@ def test_kl_is_exactly_zero_when_policy_equals_reference():
     hidden, weight, _, _, _, _, labels = _inputs()
     for direction in ("forward", "reverse"):
         _, terms = chunked_asft_loss(
-            hidden, weight, labels, hidden.detach().clone(), weight.detach().clone(), kl_coef=0.5,
-            kl_direction=direction, chunk_size=6,
+            hidden,
+            weight,
+            labels,
+            hidden.detach().clone(),
+            weight.detach().clone(),
+            kl_coef=0.5,
+            kl_direction=direction,
+            chunk_size=6,
         )
         assert torch.count_nonzero(terms.kl) == 0
 

@@ -20,10 +20,9 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
-
-from asft_trl.losses import chunked_asft_loss
-from asft_trl.losses import fused
 from test_fused_loss import _both, _inputs
+
+from asft_trl.losses import chunked_asft_loss, fused
 
 LOW = [torch.bfloat16, torch.float16]
 
@@ -64,7 +63,7 @@ def test_low_precision_branch_matches_the_plain_loss(emulated, dtype, kl_directi
         assert torch.allclose(gf, gp, atol=1e-2, rtol=1e-2), (gf - gp).abs().max()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fused, "_low_precision_products", lambda device, dtype: False)
-        (_, _, grads_fp32), = _both(0.1, "dft", kl_direction, dtype=dtype)[1:]
+        ((_, _, grads_fp32),) = _both(0.1, "dft", kl_direction, dtype=dtype)[1:]
     assert any(not torch.equal(gf, g32) for gf, g32 in zip(grads_f, grads_fp32)), "the branch changed nothing"
 
 
@@ -75,8 +74,16 @@ def test_low_precision_branch_kl_is_exactly_zero_at_step_0(emulated, dtype, kl_d
     policy head's dtype; or a float32 copy of the same values) gives exactly 0, not rounding noise."""
     hidden, weight, _, _, _, _, labels = _inputs(dtype=dtype)
     for ref_weight in (weight, weight.detach().clone(), weight.detach().float()):
-        loss, terms = chunked_asft_loss(hidden, weight, labels, hidden.detach().clone(), ref_weight, kl_coef=0.5,
-                                        kl_direction=kl_direction, chunk_size=6)
+        loss, terms = chunked_asft_loss(
+            hidden,
+            weight,
+            labels,
+            hidden.detach().clone(),
+            ref_weight,
+            kl_coef=0.5,
+            kl_direction=kl_direction,
+            chunk_size=6,
+        )
         assert torch.count_nonzero(terms.kl) == 0
         loss.backward()
         hidden.grad = weight.grad = None
@@ -104,14 +111,20 @@ def test_the_exact_calls_run_on_the_meta_device(monkeypatch):
     monkeypatch.setattr(fused, "_products_in_float32", spy)
     # The loss switches autocast off on its device; the meta device has no autocast to switch
     autocast = torch.autocast
-    monkeypatch.setattr(torch, "autocast", lambda device_type, **kwargs: (
-        contextlib.nullcontext() if device_type == "meta" else autocast(device_type, **kwargs)))
+    monkeypatch.setattr(
+        torch,
+        "autocast",
+        lambda device_type, **kwargs: (
+            contextlib.nullcontext() if device_type == "meta" else autocast(device_type, **kwargs)
+        ),
+    )
     n, h, v = 11, 16, 40
     hidden = torch.empty(n, h, dtype=torch.bfloat16, device="meta", requires_grad=True)
     weight = torch.empty(v, h, dtype=torch.bfloat16, device="meta", requires_grad=True)
     labels = torch.zeros(n, dtype=torch.long, device="meta")
-    loss, terms = chunked_asft_loss(hidden, weight, labels, hidden.detach(), weight.detach(), kl_coef=0.1,
-                                    chunk_size=4)
+    loss, terms = chunked_asft_loss(
+        hidden, weight, labels, hidden.detach(), weight.detach(), kl_coef=0.1, chunk_size=4
+    )
     loss.backward()
     assert loss.dtype == torch.float32 and terms.kl.dtype == torch.float32
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16 and weight.grad.shape == (v, h)

@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 
 import tiny
 from asft_trl import ASFTTrainer
-from asft_trl.lm_head import fused_head_problem, head_transform
+from asft_trl.reference.lm_head import fused_head_problem, head_transform
 from conftest import make_args
 
 
@@ -22,8 +22,18 @@ def _lora():
 
 def _train(model_path, dataset, out, *, fused, peft=False, **overrides):
     """Two plain SGD steps (no clipping) from a policy moved away from its reference, so the KL term matters."""
-    args = make_args(out, max_steps=2, learning_rate=2.0, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
-                     use_fused_loss=fused, kl_coef=0.5, loss_chunk_size=7, **overrides)
+    args = make_args(
+        out,
+        max_steps=2,
+        learning_rate=2.0,
+        optim="sgd",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        use_fused_loss=fused,
+        kl_coef=0.5,
+        loss_chunk_size=7,
+        **overrides,
+    )
     trainer = ASFTTrainer(model_path, args=args, train_dataset=dataset, peft_config=_lora() if peft else None)
     assert trainer.use_fused_loss is fused
     generator = torch.Generator().manual_seed(0)
@@ -37,6 +47,7 @@ def _train(model_path, dataset, out, *, fused, peft=False, **overrides):
     end = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
     motion = max((end[k] - start[k]).abs().max().item() for k in start)
     assert motion > 1e-2  # the weights really moved
+    tiny.assert_every_parameter_moved(start, end)
     return end, history
 
 

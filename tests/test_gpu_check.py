@@ -20,11 +20,20 @@ pytestmark = pytest.mark.slow
 def test_gpu_check_dry_run_passes_every_check(tmp_path):
     out = tmp_path / "gpu_check_dry_run.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out",
-                           str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     report = json.loads(out.read_text()) if out.exists() else {}
-    failed = {name: check.get("problems") or check.get("error") for name, check in report.get("checks", {}).items()
-              if not check.get("passed")}
+    failed = {
+        name: check.get("problems") or check.get("error")
+        for name, check in report.get("checks", {}).items()
+        if not check.get("passed")
+    }
     assert proc.returncode == 0 and not failed, f"{failed}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
     checks = report["checks"]
@@ -46,6 +55,12 @@ def test_gpu_check_without_a_gpu_says_how_to_dry_run():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py")], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py")],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "--dry-run" in proc.stderr

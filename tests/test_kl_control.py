@@ -1,4 +1,4 @@
-"""lambda by step: the schedules and the adaptive KL controller (`asft_trl.kl_control`), their config fields (YAML,
+"""lambda by step: the schedules and the adaptive KL controller (`asft_trl.trainer.kl_control`), their config fields (YAML,
 CLI, errors), the trainer that logs and uses them, resume from a checkpoint, and gradient-accumulation invariance."""
 
 from __future__ import annotations
@@ -8,16 +8,16 @@ import logging
 import math
 import shutil
 
+import dist_train  # tests/dist_train.py: the equivalence tests' data and deterministic SGD settings
 import pytest
 import torch
 import yaml
+from test_equivalence import _losses
 from transformers import AutoTokenizer
 
-import dist_train  # tests/dist_train.py: the equivalence tests' data and deterministic SGD settings
 from asft_trl import ASFTConfig, ASFTTrainer, asft_loss
-from asft_trl.kl_control import AdaptiveKLController, KLCoefSchedule, adaptive_update, parse_milestones
+from asft_trl.trainer.kl_control import AdaptiveKLController, KLCoefSchedule, adaptive_update, parse_milestones
 from conftest import make_args
-from test_equivalence import _losses
 
 # ---------------------------------------------------------------------------------------------------- schedules
 
@@ -130,22 +130,56 @@ def test_defaults_keep_the_papers_constant_lambda(tmp_path, tiny_model_path, pc_
 
 
 def test_yaml_and_cli_parse_the_new_fields(tmp_path):
-    from asft_trl.train import parse
+    from asft_trl.scripts.train import parse
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model_name_or_path": "m", "dataset_name": "d", "output_dir": str(tmp_path / "out"), "kl_coef": 0.1,
-        "kl_coef_schedule": "by_step", "kl_coef_milestones": {100: 0.02, 500: 0.0},
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": "m",
+                "dataset_name": "d",
+                "output_dir": str(tmp_path / "out"),
+                "kl_coef": 0.1,
+                "kl_coef_schedule": "by_step",
+                "kl_coef_milestones": {100: 0.02, 500: 0.0},
+            }
+        )
+    )
     _, args, _, _ = parse(["--config", str(recipe)])
     assert args.kl_coef_milestones == {100: 0.02, 500: 0.0}
     _, args, _, _ = parse(["--config", str(recipe), "--kl_coef_milestones", '{"50": 0.05}'])
     assert args.kl_coef_milestones == {50: 0.05}
-    _, args, _, _ = parse(["--config", str(recipe), "--kl_coef_schedule", "cosine", "--kl_coef_milestones", "null",
-                           "--kl_coef_warmup_steps", "0.1", "--kl_coef_final", "0.01"])
+    _, args, _, _ = parse(
+        [
+            "--config",
+            str(recipe),
+            "--kl_coef_schedule",
+            "cosine",
+            "--kl_coef_milestones",
+            "null",
+            "--kl_coef_warmup_steps",
+            "0.1",
+            "--kl_coef_final",
+            "0.01",
+        ]
+    )
     assert (args.kl_coef_schedule, args.kl_coef_warmup_steps, args.kl_coef_final) == ("cosine", 0.1, 0.01)
-    _, args, _, _ = parse(["--config", str(recipe), "--kl_coef_schedule", "constant", "--kl_coef_milestones", "null",
-                           "--kl_target", "0.02", "--kl_horizon", "20", "--kl_error_clip", "0.3"])
+    _, args, _, _ = parse(
+        [
+            "--config",
+            str(recipe),
+            "--kl_coef_schedule",
+            "constant",
+            "--kl_coef_milestones",
+            "null",
+            "--kl_target",
+            "0.02",
+            "--kl_horizon",
+            "20",
+            "--kl_error_clip",
+            "0.3",
+        ]
+    )
     assert (args.kl_target, args.kl_horizon, args.kl_error_clip) == (0.02, 20.0, 0.3)
     with pytest.raises(ValueError, match="kl_target=0.02.*Use one"):
         parse(["--config", str(recipe), "--kl_target", "0.02"])
@@ -162,23 +196,29 @@ def logged(trainer, key):
     "overrides, expected",
     [
         (dict(kl_coef_schedule="constant_with_warmup", kl_coef_warmup_steps=3), [0.0, 0.1 / 3, 0.2 / 3, 0.1, 0.1]),
-        (dict(kl_coef_schedule="cosine", kl_coef_final=0.02),
-         [0.02 + 0.08 * 0.5 * (1 + math.cos(math.pi * s / 5)) for s in range(5)]),
+        (
+            dict(kl_coef_schedule="cosine", kl_coef_final=0.02),
+            [0.02 + 0.08 * 0.5 * (1 + math.cos(math.pi * s / 5)) for s in range(5)],
+        ),
         (dict(kl_coef_schedule="by_step", kl_coef_milestones={2: 0.3, 4: 0.0}), [0.1, 0.1, 0.3, 0.3, 0.0]),
     ],
     ids=["warmup", "cosine", "by_step"],
 )
 def test_trainer_logs_kl_coef_following_the_schedule(tiny_model_path, pc_dataset, tmp_path, overrides, expected):
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, kl_coef=0.1, max_steps=5, **overrides),
-                          train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path, kl_coef=0.1, max_steps=5, **overrides), train_dataset=pc_dataset
+    )
     trainer.train()
     assert logged(trainer, "kl_coef") == pytest.approx(expected, abs=1e-12)
     assert len(logged(trainer, "kl")) == 5  # the KL is measured even where lambda is 0
 
 
 def test_the_loss_uses_the_scheduled_lambda(tiny_model_path, pc_dataset, tmp_path):
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, kl_coef=0.1, kl_coef_schedule="by_step",
-                                                          kl_coef_milestones={3: 0.7}), train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        tiny_model_path,
+        args=make_args(tmp_path, kl_coef=0.1, kl_coef_schedule="by_step", kl_coef_milestones={3: 0.7}),
+        train_dataset=pc_dataset,
+    )
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -191,8 +231,9 @@ def test_the_loss_uses_the_scheduled_lambda(tiny_model_path, pc_dataset, tmp_pat
     for step, kl_coef in ((2, 0.1), (3, 0.7)):
         trainer.state.global_step = step
         loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(50))
-        expected, _ = asft_loss(policy_logits[mask], batch["labels"][:, 1:][mask], ref_logits[mask],
-                                kl_coef=kl_coef, num_items_in_batch=50)
+        expected, _ = asft_loss(
+            policy_logits[mask], batch["labels"][:, 1:][mask], ref_logits[mask], kl_coef=kl_coef, num_items_in_batch=50
+        )
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -203,11 +244,22 @@ STEPS = 6
 
 def controlled_run(model_path, output_dir, batch_size=4, grad_accum=1, resume=None, **overrides):
     """Deterministic SGD on the equivalence tests' data (`dist_train`): 6 steps of 4 examples in dataset order."""
-    args = dist_train.training_args(output_dir, batch_size=batch_size, grad_accum=grad_accum, learning_rate=0.5,
-                                    loss_type="nll", max_steps=STEPS, **{**CONTROLLER, **overrides})
+    args = dist_train.training_args(
+        output_dir,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        learning_rate=0.5,
+        loss_type="nll",
+        max_steps=STEPS,
+        **{**CONTROLLER, **overrides},
+    )
     torch.manual_seed(0)
-    trainer = ASFTTrainer(model_path, args=args, train_dataset=dist_train.make_dataset(),
-                          processing_class=AutoTokenizer.from_pretrained(model_path))
+    trainer = ASFTTrainer(
+        model_path,
+        args=args,
+        train_dataset=dist_train.make_dataset(),
+        processing_class=AutoTokenizer.from_pretrained(model_path),
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -216,8 +268,11 @@ def implied_kl_coefs(kls, kl_coef=CONTROLLER["kl_coef"]):
     """The lambda sequence the controller must produce from per-step KLs `kls`."""
     values = [kl_coef]
     for kl in kls[:-1]:
-        values.append(adaptive_update(values[-1], kl, CONTROLLER["kl_target"], CONTROLLER["kl_horizon"],
-                                      CONTROLLER["kl_error_clip"]))
+        values.append(
+            adaptive_update(
+                values[-1], kl, CONTROLLER["kl_target"], CONTROLLER["kl_horizon"], CONTROLLER["kl_error_clip"]
+            )
+        )
     return values
 
 
@@ -262,8 +317,12 @@ def test_resumed_run_continues_identically(controlled, tmp_path, restore_flag):
     checkpoint = full.args.output_dir + "/checkpoint-3"
     saved = json.loads(open(checkpoint + "/trainer_state.json").read())["stateful_callbacks"]["AdaptiveKLCallback"]
     assert saved["args"]["controller_state"]["num_updates"] == 3
-    resumed = controlled_run(full.model.name_or_path, tmp_path / "resumed", resume=checkpoint,
-                             restore_callback_states_from_checkpoint=restore_flag)
+    resumed = controlled_run(
+        full.model.name_or_path,
+        tmp_path / "resumed",
+        resume=checkpoint,
+        restore_callback_states_from_checkpoint=restore_flag,
+    )
     for key in ("kl_coef", "loss", "kl"):
         after = steps_after(resumed, 4, key)
         assert list(after) == [4, 5, 6]
@@ -281,8 +340,9 @@ def test_resume_without_the_saved_state_would_differ(controlled, tmp_path, caplo
     del state["stateful_callbacks"]["AdaptiveKLCallback"]
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     with caplog.at_level(logging.WARNING):
-        resumed = controlled_run(full.model.name_or_path, tmp_path / "resumed", resume=str(checkpoint),
-                                 save_strategy="steps", save_steps=3)
+        resumed = controlled_run(
+            full.model.name_or_path, tmp_path / "resumed", resume=str(checkpoint), save_strategy="steps", save_steps=3
+        )
     assert "no adaptive KL controller state" in caplog.text
     assert steps_after(resumed, 4, "kl_coef")[4] == CONTROLLER["kl_coef"] != steps_after(full, 4, "kl_coef")[4]
     # and its own checkpoint does carry the state again
@@ -291,8 +351,12 @@ def test_resume_without_the_saved_state_would_differ(controlled, tmp_path, caplo
 
 
 def test_evaluation_uses_the_current_lambda_and_leaves_the_controller_alone(tiny_model_path, pc_dataset, tmp_path):
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, kl_coef=0.1, kl_target=0.01),
-                          train_dataset=pc_dataset, eval_dataset=pc_dataset.select(range(4)))
+    trainer = ASFTTrainer(
+        tiny_model_path,
+        args=make_args(tmp_path, kl_coef=0.1, kl_target=0.01),
+        train_dataset=pc_dataset,
+        eval_dataset=pc_dataset.select(range(4)),
+    )
     controller = trainer._kl_controller_callback().controller
     controller.kl_coef = 0.37
     metrics = trainer.evaluate()

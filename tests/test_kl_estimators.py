@@ -18,7 +18,7 @@ from asft_trl.losses import (
     asft_token_terms,
     chunked_asft_loss,
     kl_estimate,
-    top_k_of,
+    topk_of,
 )
 
 ESTIMATORS = ["k1", "k2", "k3"]
@@ -89,8 +89,17 @@ def test_estimates_are_exactly_zero_when_policy_equals_reference(estimator, dire
     terms = asft_token_terms(policy, labels, policy.detach().clone(), kl_estimator=estimator, kl_direction=direction)
     assert torch.equal(terms.kl, torch.zeros_like(terms.kl))
     hidden, weight = torch.randn(N, H), torch.randn(V, H)
-    _, fused = chunked_asft_loss(hidden, weight, labels, hidden.clone(), weight.clone(), kl_coef=0.5,
-                                 kl_estimator=estimator, kl_direction=direction, chunk_size=6)
+    _, fused = chunked_asft_loss(
+        hidden,
+        weight,
+        labels,
+        hidden.clone(),
+        weight.clone(),
+        kl_coef=0.5,
+        kl_estimator=estimator,
+        kl_direction=direction,
+        chunk_size=6,
+    )
     assert torch.equal(fused.kl, torch.zeros_like(fused.kl))
 
 
@@ -103,12 +112,14 @@ def test_estimates_are_exactly_zero_when_policy_equals_reference(estimator, dire
 def test_plain_loss_and_gradient_match_autograd_of_the_formula(estimator, direction, loss_type):
     policy, ref, labels = random_case()
     kwargs = dict(kl_coef=0.3, loss_type=loss_type)
-    loss, terms = asft_loss(policy, labels, ref, num_items_in_batch=40, kl_estimator=estimator,
-                            kl_direction=direction, **kwargs)
+    loss, terms = asft_loss(
+        policy, labels, ref, num_items_in_batch=40, kl_estimator=estimator, kl_direction=direction, **kwargs
+    )
     (grad,) = torch.autograd.grad(loss, policy)
     policy64 = policy.detach().double().requires_grad_(True)
-    expected = oracle_loss(policy64, labels, ref.double(), num_items=40, estimator=estimator, direction=direction,
-                           **kwargs)
+    expected = oracle_loss(
+        policy64, labels, ref.double(), num_items=40, estimator=estimator, direction=direction, **kwargs
+    )
     (expected_grad,) = torch.autograd.grad(expected, policy64)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
@@ -120,8 +131,9 @@ def test_plain_loss_and_gradient_match_autograd_of_the_formula(estimator, direct
 def test_closed_form_logit_gradient(estimator, direction):
     """dL/dz = (w - kl_coef k') (p - onehot(y)) per token, k' = d estimate / d log p(y) (docs/method.md)."""
     policy, ref, labels = random_case(n=7, vocab=11)
-    loss, _ = asft_loss(policy, labels, ref, kl_coef=0.5, num_items_in_batch=1, kl_estimator=estimator,
-                        kl_direction=direction)
+    loss, _ = asft_loss(
+        policy, labels, ref, kl_coef=0.5, num_items_in_batch=1, kl_estimator=estimator, kl_direction=direction
+    )
     (grad,) = torch.autograd.grad(loss, policy)
     log_p = torch.log_softmax(policy.detach(), -1)
     lp = log_p.gather(-1, labels[:, None]).squeeze(-1).requires_grad_()
@@ -180,21 +192,39 @@ def _heads(seed=0, bias=False):
     return hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels
 
 
-def _run(fused, *, estimator, direction, kl_coef=0.3, loss_type="dft", head=HeadTransform(), bias=False,
-         chunk_size=5, stored=False, floor=0.0):
+def _run(
+    fused,
+    *,
+    estimator,
+    direction,
+    kl_coef=0.3,
+    loss_type="dft",
+    head=HeadTransform(),
+    bias=False,
+    chunk_size=5,
+    stored=False,
+    floor=0.0,
+):
     hidden, weight, b, ref_hidden, ref_weight, ref_bias, labels = _heads(bias=bias)
     hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     if b is not None:
         b = b.clone().requires_grad_()
-    kwargs = dict(kl_coef=kl_coef, loss_type=loss_type, kl_direction=direction, kl_estimator=estimator,
-                  num_items_in_batch=37, dft_weight_floor=floor)
+    kwargs = dict(
+        kl_coef=kl_coef,
+        loss_type=loss_type,
+        kl_direction=direction,
+        kl_estimator=estimator,
+        num_items_in_batch=37,
+        dft_weight_floor=floor,
+    )
     ref_logits = _logits(ref_hidden, ref_weight, ref_bias, head)
     if stored:  # the precomputed reference: one float per token
         kwargs["ref_token_log_probs"] = torch.log_softmax(ref_logits, -1).gather(-1, labels[:, None]).squeeze(-1)
     if fused:
         live = {} if stored else dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
-        loss, terms = chunked_asft_loss(hidden, weight, labels, bias=b, head=head, chunk_size=chunk_size, **live,
-                                        **kwargs)
+        loss, terms = chunked_asft_loss(
+            hidden, weight, labels, bias=b, head=head, chunk_size=chunk_size, **live, **kwargs
+        )
     else:
         loss, terms = asft_loss(_logits(hidden, weight, b, head), labels, None if stored else ref_logits, **kwargs)
     loss.backward()
@@ -207,7 +237,8 @@ def _run(fused, *, estimator, direction, kl_coef=0.3, loss_type="dft", head=Head
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_fused_matches_plain(estimator, direction, loss_type):
     (loss_p, terms_p, grads_p), (loss_f, terms_f, grads_f) = (
-        _run(fused, estimator=estimator, direction=direction, loss_type=loss_type) for fused in (False, True))
+        _run(fused, estimator=estimator, direction=direction, loss_type=loss_type) for fused in (False, True)
+    )
     torch.testing.assert_close(loss_f, loss_p, atol=1e-5, rtol=1e-5)
     for name in ("kl", "nll", "weight", "entropy"):
         torch.testing.assert_close(getattr(terms_f, name), getattr(terms_p, name).detach(), atol=1e-5, rtol=1e-4)
@@ -222,8 +253,17 @@ def test_fused_matches_plain_with_bias_scale_softcap_floor_and_chunks(estimator,
     head = HeadTransform(logit_scale=0.7, softcap=4.0)
     for chunk_size in (1, 7, 1000):
         (loss_p, _, grads_p), (loss_f, _, grads_f) = (
-            _run(fused, estimator=estimator, direction=direction, head=head, bias=True, chunk_size=chunk_size,
-                 floor=0.01) for fused in (False, True))
+            _run(
+                fused,
+                estimator=estimator,
+                direction=direction,
+                head=head,
+                bias=True,
+                chunk_size=chunk_size,
+                floor=0.01,
+            )
+            for fused in (False, True)
+        )
         torch.testing.assert_close(loss_f, loss_p, atol=1e-5, rtol=1e-5)
         assert len(grads_f) == 3
         for gf, gp in zip(grads_f, grads_p):
@@ -252,8 +292,9 @@ def test_the_fused_clamps_match_the_plain_ones():
             results = []
             for fused in (False, True):
                 h = hidden.clone().requires_grad_()
-                kwargs = dict(kl_coef=1.0, loss_type="nll", kl_direction=direction, kl_estimator=estimator,
-                              num_items_in_batch=1)
+                kwargs = dict(
+                    kl_coef=1.0, loss_type="nll", kl_direction=direction, kl_estimator=estimator, num_items_in_batch=1
+                )
                 if fused:
                     loss, terms = chunked_asft_loss(h, weight, labels, ref_hidden, ref_weight, chunk_size=8, **kwargs)
                 else:
@@ -272,7 +313,7 @@ def test_the_fused_clamps_match_the_plain_ones():
 def test_references_an_estimator_cannot_use_are_refused():
     policy, ref, labels = random_case()
     token = torch.log_softmax(ref, -1).gather(-1, labels[:, None]).squeeze(-1)
-    topk = top_k_of(torch.log_softmax(ref, -1), 4)
+    topk = topk_of(torch.log_softmax(ref, -1), 4)
     with pytest.raises(ValueError, match="whole distribution"):
         asft_loss(policy, labels, ref_token_log_probs=token)
     with pytest.raises(ValueError, match="top-k"):
@@ -307,13 +348,21 @@ def test_fused_and_plain_trainers_train_the_same(tiny_model_path, pc_dataset, tm
 
 @pytest.mark.parametrize("case", ["full_fused", "full_plain", "lora_fused"])
 def test_one_stored_float_per_token_trains_like_the_live_reference(tiny_model_path, pc_dataset, tmp_path, case):
-    from asft_trl import reference_cache
     from test_fused_trainer import _train
+
+    from asft_trl.reference import cache as reference_cache
 
     fused, peft = case.endswith("fused"), case.startswith("lora")
     live, h_live = _train(tiny_model_path, pc_dataset, tmp_path / "live", fused=fused, peft=peft, kl_estimator="k3")
-    stored, h_stored = _train(tiny_model_path, pc_dataset, tmp_path / "stored", fused=fused, peft=peft,
-                              kl_estimator="k3", precompute_ref_log_probs=True)
+    stored, h_stored = _train(
+        tiny_model_path,
+        pc_dataset,
+        tmp_path / "stored",
+        fused=fused,
+        peft=peft,
+        kl_estimator="k3",
+        precompute_ref_log_probs=True,
+    )
     assert max((stored[k] - live[k]).abs().max().item() for k in live) < 2e-5
     assert h_stored[-1]["kl"] > 1e-4 and h_stored[-1]["kl"] == pytest.approx(h_live[-1]["kl"], rel=1e-3)
     files = list((tmp_path / "stored" / "reference_cache").glob("*.arrow"))
@@ -324,13 +373,15 @@ def test_one_stored_float_per_token_trains_like_the_live_reference(tiny_model_pa
 def test_the_token_store_is_one_float_per_token_and_its_own_file(tiny_model_path, pc_dataset, tmp_path):
     import os
 
-    from asft_trl import ASFTTrainer, reference_cache
+    from asft_trl import ASFTTrainer
+    from asft_trl.reference import cache as reference_cache
     from conftest import make_args
 
     cache = tmp_path / "cache"
     common = dict(precompute_ref_log_probs=True, precompute_ref_cache_dir=str(cache))
-    token = ASFTTrainer(tiny_model_path, args=make_args(tmp_path / "a", kl_estimator="k3", **common),
-                        train_dataset=pc_dataset)
+    token = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path / "a", kl_estimator="k3", **common), train_dataset=pc_dataset
+    )
     features = token.train_dataset.features
     assert reference_cache.TOKEN_COLUMN in features and reference_cache.COLUMNS[0] not in features
     assert features[reference_cache.TOKEN_COLUMN].feature.dtype == "float32"
@@ -349,8 +400,12 @@ def test_evaluation_logs_the_exact_kl_beside_the_estimate(tiny_model_path, pc_da
     from asft_trl import ASFTTrainer
     from conftest import make_args
 
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, kl_estimator="k3", learning_rate=0.5),
-                          train_dataset=pc_dataset, eval_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        tiny_model_path,
+        args=make_args(tmp_path, kl_estimator="k3", learning_rate=0.5),
+        train_dataset=pc_dataset,
+        eval_dataset=pc_dataset,
+    )
     trainer.train()
     assert not any("kl_full" in h for h in trainer.state.log_history if "loss" in h)  # training: the estimate only
     estimated = trainer.evaluate()
@@ -367,10 +422,14 @@ def test_evaluation_logs_the_exact_kl_beside_the_estimate(tiny_model_path, pc_da
     [
         (dict(kl_estimator="k4"), ["kl_estimator='k4'", "'full'", "'k3'"]),
         (dict(kl_estimator="k3", kl_coef=0.0), ["kl_estimator='k3'", "kl_coef=0", "kl_coef > 0"]),
-        (dict(kl_estimator="k2", kl_direction="reverse"), ["kl_estimator='k2'", "kl_direction='reverse'",
-                                                            "'forward'"]),
-        (dict(kl_estimator="k3", precompute_ref_log_probs=True, precompute_ref_topk=16),
-         ["precompute_ref_topk=16", "kl_estimator='k3'", "Remove precompute_ref_topk"]),
+        (
+            dict(kl_estimator="k2", kl_direction="reverse"),
+            ["kl_estimator='k2'", "kl_direction='reverse'", "'forward'"],
+        ),
+        (
+            dict(kl_estimator="k3", precompute_ref_log_probs=True, precompute_ref_topk=16),
+            ["precompute_ref_topk=16", "kl_estimator='k3'", "Remove precompute_ref_topk"],
+        ),
     ],
 )
 def test_bad_values_and_combinations_are_refused_with_the_fix(tmp_path, overrides, words):
@@ -382,11 +441,13 @@ def test_bad_values_and_combinations_are_refused_with_the_fix(tmp_path, override
         assert word in str(error.value)
 
 
+@pytest.mark.slow  # a real `asft-trl train` launch in a subprocess
 def test_options_come_from_a_recipe_and_the_command_line(tiny_model_path, tmp_path):
     from test_cli import run_cli, write_recipe
 
-    recipe = write_recipe(tmp_path, tiny_model_path, kl_estimator="k3", dft_normalization="weights",
-                          precompute_ref_log_probs=True)
+    recipe = write_recipe(
+        tmp_path, tiny_model_path, kl_estimator="k3", dft_normalization="weights", precompute_ref_log_probs=True
+    )
     result = run_cli("train", "--config", str(recipe), "--kl_estimator", "k2")
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
@@ -396,5 +457,17 @@ def test_options_come_from_a_recipe_and_the_command_line(tiny_model_path, tmp_pa
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses and losses[0] > 1.0  # divided by the weight sum: ~ the weighted-mean NLL, not DFT's ~0.02
-    bad = run_cli("train", "--config", str(recipe), "--kl_estimator", "k2", "--kl_direction", "reverse")
-    assert bad.returncode != 0 and "kl_estimator='k2' with kl_direction='reverse'" in bad.stderr
+
+
+def test_a_bad_combination_from_the_command_line_fails_before_launch(tiny_model_path, tmp_path, capsys, monkeypatch):
+    """In this process (the launch path itself is the test above's): the recipe's k3 overridden by k2, with a reverse
+    direction k2 can't tell apart, ends with exit status 2 and the reason, and nothing is launched."""
+    import accelerate.commands.launch as launch
+    from test_cli import train_error, write_recipe
+
+    monkeypatch.setattr(launch, "launch_command", lambda args: pytest.fail("accelerate launch was called"))
+    recipe = write_recipe(
+        tmp_path, tiny_model_path, kl_estimator="k3", dft_normalization="weights", precompute_ref_log_probs=True
+    )
+    line = train_error(capsys, "--config", recipe, "--kl_estimator", "k2", "--kl_direction", "reverse")
+    assert "kl_estimator='k2' with kl_direction='reverse'" in line

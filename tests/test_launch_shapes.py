@@ -27,8 +27,9 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 import dist_modes  # noqa: E402
-import tiny  # noqa: E402
 from test_equivalence import _launch, max_abs_diff  # noqa: E402
+
+import tiny  # noqa: E402
 
 REPO_ROOT = TESTS_DIR.parent
 ACCELERATE = REPO_ROOT / "recipes" / "accelerate"
@@ -77,8 +78,19 @@ def models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def baseline(models, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("one-process")
-    _launch([sys.executable, str(TESTS_DIR / "dist_modes.py"), "--models", str(models), "--out", str(out),
-             "--runs", ",".join(BASELINE_RUNS)], "1-process baseline")
+    _launch(
+        [
+            sys.executable,
+            str(TESTS_DIR / "dist_modes.py"),
+            "--models",
+            str(models),
+            "--out",
+            str(out),
+            "--runs",
+            ",".join(BASELINE_RUNS),
+        ],
+        "1-process baseline",
+    )
     return _results(out, BASELINE_RUNS)
 
 
@@ -91,10 +103,30 @@ def launched(models, tmp_path_factory):
         if shape not in cache:
             config, runs, extra = SHAPES[shape]
             out = tmp_path_factory.mktemp(shape)
-            _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
-                     "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
-                     str(TESTS_DIR / "dist_modes.py"), "--models", str(models), "--out", str(out),
-                     "--runs", ",".join(runs), *extra], f"{shape} launch (2 processes)")
+            _launch(
+                [
+                    sys.executable,
+                    "-m",
+                    "accelerate.commands.launch",
+                    "--config_file",
+                    str(ACCELERATE / config),
+                    "--num_processes",
+                    "2",
+                    "--mixed_precision",
+                    "no",
+                    "--main_process_port",
+                    str(_free_port()),
+                    str(TESTS_DIR / "dist_modes.py"),
+                    "--models",
+                    str(models),
+                    "--out",
+                    str(out),
+                    "--runs",
+                    ",".join(runs),
+                    *extra,
+                ],
+                f"{shape} launch (2 processes)",
+            )
             cache[shape] = _results(out, runs)
         return cache[shape]
 
@@ -219,12 +251,13 @@ def test_bf16_anchor_is_exactly_the_policy_at_step_0(launched, shape):
 @pytest.mark.parametrize("distributed_type", ["NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP"])
 def test_a_reference_loaded_from_a_path_is_placed_by_the_distributed_run(monkeypatch, distributed_type):
     """Any distributed run places the reference itself; only a single process keeps the device map it was given."""
-    from asft_trl import reference as ref_utils
+    from asft_trl.reference import loading as ref_utils
 
     seen = {}
     monkeypatch.setattr(ref_utils, "create_model_from_path", lambda path, **kwargs: seen.update(kwargs))
-    ref_utils.load_reference("some/reference", {"device_map": "auto"}, distributed_type=distributed_type,
-                             trust_remote_code=False)
+    ref_utils.load_reference(
+        "some/reference", {"device_map": "auto"}, distributed_type=distributed_type, trust_remote_code=False
+    )
     assert seen["device_map"] == ("auto" if distributed_type == "NO" else None)
 
 
@@ -237,9 +270,21 @@ def test_fsdp2_config_on_cpu_is_refused_not_run_as_ddp(tiny_model_path, tmp_path
     from test_cli import run_cli, write_recipe
 
     recipe = write_recipe(tmp_path, tiny_model_path)
-    result = run_cli("train", "--config", str(recipe), "--accelerate_config", str(ACCELERATE / "fsdp2.yaml"),
-                     "--num_processes", "2", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
-                     "--use_cpu", "true")
+    result = run_cli(
+        "train",
+        "--config",
+        str(recipe),
+        "--accelerate_config",
+        str(ACCELERATE / "fsdp2.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",
+        "--use_cpu",
+        "true",
+    )
     assert result.returncode != 0
     assert "FSDP does not run on CPU processes" in result.stderr and "zero3.yaml" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

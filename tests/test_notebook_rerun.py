@@ -36,8 +36,12 @@ def test_rerun_frees_the_trainer_and_patches_once(kl_coef, tiny_model_path, pc_d
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     trainers = []
     for run in range(3):
-        trainer = ASFTTrainer(model, args=make_args(tmp_path / str(run), kl_coef=kl_coef, max_steps=1),
-                              train_dataset=pc_dataset, processing_class=tokenizer)
+        trainer = ASFTTrainer(
+            model,
+            args=make_args(tmp_path / str(run), kl_coef=kl_coef, max_steps=1),
+            train_dataset=pc_dataset,
+            processing_class=tokenizer,
+        )
         trainer.train()
         kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
         assert kls == ([0.0] if kl_coef else []), kls  # the new anchor is the model as this cell received it

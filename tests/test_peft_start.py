@@ -12,8 +12,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+import tiny
 from asft_trl import ASFTTrainer
-from asft_trl.reference import REFERENCE_ADAPTER
+from asft_trl.reference.loading import REFERENCE_ADAPTER
 from conftest import make_args
 
 TARGETS = ["q_proj", "v_proj", "o_proj"]
@@ -58,8 +59,9 @@ def count_llamas() -> int:
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_new_adapter_is_anchored_to_the_base_model(path, tiny_model_path, pc_dataset, tmp_path):
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, **PATHS[path]), train_dataset=pc_dataset,
-                          peft_config=lora_config())
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path, **PATHS[path]), train_dataset=pc_dataset, peft_config=lora_config()
+    )
     assert trainer.ref_model is None and REFERENCE_ADAPTER not in trainer.model.peft_config
     assert_zero(first_kl(trainer, path), path)
 
@@ -68,8 +70,9 @@ def test_new_adapter_is_anchored_to_the_base_model(path, tiny_model_path, pc_dat
 def test_given_adapter_is_part_of_the_anchor(path, tiny_model_path, pc_dataset, tmp_path):
     model = trained_peft_model(tiny_model_path)
     baseline = count_llamas()
-    trainer = ASFTTrainer(model, args=make_args(tmp_path, save_strategy="steps", save_steps=2, **PATHS[path]),
-                          train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        model, args=make_args(tmp_path, save_strategy="steps", save_steps=2, **PATHS[path]), train_dataset=pc_dataset
+    )
     assert trainer.ref_model is None and count_llamas() == baseline  # no second model
     assert_zero(first_kl(trainer, path), path)
     if path == "precomputed":
@@ -86,6 +89,9 @@ def test_given_adapter_is_part_of_the_anchor(path, tiny_model_path, pc_dataset, 
         assert torch.equal(param, start_params[name.replace(f".{REFERENCE_ADAPTER}.", ".default.")]), name
     moved = max((dict(model.named_parameters())[n] - start_params[n]).abs().max().item() for n in trained)
     assert moved > 0
+    tiny.assert_every_parameter_moved(
+        {n: start_params[n] for n in trained}, {n: p.detach() for n, p in model.named_parameters() if n in trained}
+    )
     assert all(m.p == 0 for n, m in model.named_modules() if n.endswith(f"lora_dropout.{REFERENCE_ADAPTER}"))
     # saved outputs hold the trained adapter only
     checkpoint = tmp_path / "checkpoint-2"
@@ -97,8 +103,9 @@ def test_fresh_peft_model_and_a_second_trainer_on_the_same_model(tiny_model_path
     object (a notebook cell run again) anchors to the model as it is then, replacing the first one's copy."""
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), lora_config())
     for run in range(2):
-        trainer = ASFTTrainer(model, args=make_args(tmp_path / str(run), max_steps=2, learning_rate=5e-2),
-                              train_dataset=pc_dataset)
+        trainer = ASFTTrainer(
+            model, args=make_args(tmp_path / str(run), max_steps=2, learning_rate=5e-2), train_dataset=pc_dataset
+        )
         assert first_kl(trainer, "fused") == 0.0
         assert [h["kl"] for h in trainer.state.log_history if "kl" in h][-1] > 0
         assert list(model.peft_config) == ["default", REFERENCE_ADAPTER]
@@ -107,7 +114,7 @@ def test_fresh_peft_model_and_a_second_trainer_on_the_same_model(tiny_model_path
 
 def test_adapter_partitioned_by_zero3_is_refused_with_the_fix(tiny_model_path):
     """Under ZeRO-3's zero.Init each process holds a shard of each weight: copying `.data` would copy no weights."""
-    from asft_trl.reference import add_reference_adapter
+    from asft_trl.reference.loading import add_reference_adapter
 
     model = trained_peft_model(tiny_model_path)
     next(p for n, p in model.named_parameters() if "lora_A" in n).ds_id = 0  # what zero.Init leaves on a weight

@@ -7,11 +7,13 @@ import logging
 
 import pytest
 
-from asft_trl import cli
 from asft_trl.diagnostics.plot import load_run, plot_run_dirs, write_run_curves
+from asft_trl.scripts import cli
 
 
-def write_run(path, method_name, loss_type, kl_coef, metrics, steps=(5, 10, 15), eval_metrics=()):
+def write_run(
+    path, method_name, loss_type, kl_coef, metrics, steps=(5, 10, 15), eval_metrics=(), kl_direction="forward"
+):
     """A run folder as `asft-trl train` leaves it: trainer_state.json (log_history) + asft_run.json."""
     path.mkdir(parents=True)
     history = []
@@ -21,15 +23,24 @@ def write_run(path, method_name, loss_type, kl_coef, metrics, steps=(5, 10, 15),
             history.append({"step": step, **{m: 0.5 + 0.1 * i for m in eval_metrics}})
     history.append({"step": steps[-1], "train_runtime": 12.0, "train_loss": 1.0})
     (path / "trainer_state.json").write_text(json.dumps({"global_step": steps[-1], "log_history": history}))
-    (path / "asft_run.json").write_text(json.dumps({"method_name": method_name, "loss_type": loss_type,
-                                                    "kl_coef": kl_coef, "kl_direction": "forward"}))
+    (path / "asft_run.json").write_text(
+        json.dumps(
+            {"method_name": method_name, "loss_type": loss_type, "kl_coef": kl_coef, "kl_direction": kl_direction}
+        )
+    )
     return path
 
 
 @pytest.fixture
 def two_runs(tmp_path):
-    asft = write_run(tmp_path / "asft", "ASFT", "dft", 0.05, ["loss", "nll", "kl", "dft_weight_ess", "drift_kl"],
-                     eval_metrics=["eval_loss", "eval_kl"])
+    asft = write_run(
+        tmp_path / "asft",
+        "ASFT",
+        "dft",
+        0.05,
+        ["loss", "nll", "kl", "dft_weight_ess", "drift_kl"],
+        eval_metrics=["eval_loss", "eval_kl"],
+    )
     sft = write_run(tmp_path / "sft", "SFT", "nll", 0.0, ["loss", "nll", "dft_weight_ess", "drift_kl"])
     return asft, sft
 
@@ -47,6 +58,26 @@ def test_one_panel_per_metric_one_line_per_run(two_runs, tmp_path):
     assert missing == []
     xs = fig.axes[0].get_lines()[0].get_xdata()
     assert list(xs) == [5, 10, 15]  # the final summary entry (no metrics) adds no point
+
+
+def test_kl_panel_names_the_direction_the_runs_trained(tmp_path):
+    """The training `kl` is KL(policy || reference) in a reverse-KL run: the panel says so (read from asft_run.json);
+    the drift probe measures KL(reference || policy) whatever the run's direction."""
+
+    def subtitles(runs):
+        _, fig, _ = plot_run_dirs(runs, ["kl", "drift_kl"], tmp_path / f"{len(runs)}-{runs[0].name}.png")
+        return {ax.get_title().split("\n")[0]: ax.get_title().split("\n")[1] for ax in fig.axes}
+
+    forward = write_run(tmp_path / "fwd", "ASFT", "dft", 0.05, ["kl", "drift_kl"])
+    reverse = write_run(tmp_path / "rev", "ASFT", "dft", 0.05, ["kl", "drift_kl"], kl_direction="reverse")
+    assert subtitles([forward])["kl"].startswith("KL(reference || policy)")
+    assert subtitles([reverse])["kl"].startswith("KL(policy || reference)")
+    both = subtitles([forward, reverse])["kl"]
+    assert "forward: reference || policy" in both and "reverse: policy || reference" in both
+    assert all(
+        subtitles(runs)["drift_kl"] == "held-out drift: KL(reference || policy), general prompts"
+        for runs in ([forward], [reverse])
+    )
 
 
 def test_missing_metrics_are_reported_not_fatal(two_runs, tmp_path, caplog):
@@ -109,8 +140,9 @@ def test_end_of_run_curves(tiny_model_path, pc_dataset, tmp_path):
     from asft_trl import ASFTTrainer
     from conftest import make_args
 
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path / "run", kl_coef=0.1, max_steps=2),
-                          train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path / "run", kl_coef=0.1, max_steps=2), train_dataset=pc_dataset
+    )
     trainer.train()
     out = write_run_curves(trainer)
     assert out == tmp_path / "run" / "curves.png" and out.is_file()
@@ -119,18 +151,42 @@ def test_end_of_run_curves(tiny_model_path, pc_dataset, tmp_path):
 
 
 def test_training_script_writes_its_curves_with_drift(tiny_model_path, tmp_path, caplog):
-    from asft_trl import train
+    from asft_trl.scripts import train
     from conftest import prompt_completion_rows
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(8)))
     out = tmp_path / "out"
-    train.main(*train.parse([
-        "--model_name_or_path", tiny_model_path, "--dataset_name", str(data), "--output_dir", str(out),
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
-        "--save_strategy", "no", "--gradient_checkpointing", "false", "--kl_coef", "0", "--loss_type", "dft",
-        "--log_drift", "true",
-    ]))
+    train.main(
+        *train.parse(
+            [
+                "--model_name_or_path",
+                tiny_model_path,
+                "--dataset_name",
+                str(data),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "2",
+                "--logging_steps",
+                "1",
+                "--report_to",
+                "none",
+                "--save_strategy",
+                "no",
+                "--gradient_checkpointing",
+                "false",
+                "--kl_coef",
+                "0",
+                "--loss_type",
+                "dft",
+                "--log_drift",
+                "true",
+            ]
+        )
+    )
     assert (out / "curves.png").is_file()
     assert "was not logged" not in caplog.text  # the end-of-run figure draws what the run logged (no `kl` here)
     run = load_run(out)

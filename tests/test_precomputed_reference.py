@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from test_fused_trainer import _lora, _train
 
 from asft_trl import ASFTConfig, ASFTTrainer
-from asft_trl import reference as ref_utils
-from asft_trl import reference_cache
+from asft_trl.reference import cache as reference_cache
+from asft_trl.reference import loading as ref_utils
 from conftest import make_args, prompt_completion_rows
-from test_fused_trainer import _lora, _train
 
 WHOLE = 10**6  # more than tests/tiny.py's vocabulary: k is capped at V, so the whole distribution is stored
 
@@ -23,8 +23,15 @@ WHOLE = 10**6  # more than tests/tiny.py's vocabulary: k is capped at V, so the 
 def test_k_equal_to_vocabulary_trains_like_the_live_reference(tiny_model_path, pc_dataset, tmp_path, case):
     fused, peft = case.endswith("fused"), case.startswith("lora")
     live, h_live = _train(tiny_model_path, pc_dataset, tmp_path / "live", fused=fused, peft=peft)
-    stored, h_stored = _train(tiny_model_path, pc_dataset, tmp_path / "stored", fused=fused, peft=peft,
-                              precompute_ref_log_probs=True, precompute_ref_topk=WHOLE)
+    stored, h_stored = _train(
+        tiny_model_path,
+        pc_dataset,
+        tmp_path / "stored",
+        fused=fused,
+        peft=peft,
+        precompute_ref_log_probs=True,
+        precompute_ref_topk=WHOLE,
+    )
     moved = max((stored[k] - live[k]).abs().max().item() for k in live)
     assert moved < 2e-5, moved
     assert h_stored[-1]["kl"] > 1e-4 and h_stored[-1]["kl"] == pytest.approx(h_live[-1]["kl"], rel=1e-3)
@@ -42,7 +49,7 @@ def test_no_reference_model_is_kept_or_copied(tiny_model_path, pc_dataset, tmp_p
     assert trainer.ref_model is None and trainer._ref_lm is None
     assert set(reference_cache.COLUMNS) <= set(trainer.train_dataset.column_names)
     # An untrained tiny model is nearly uniform over its vocabulary: 8 tokens hold a few percent of its mass
-    assert 0.01 < trainer.precomputed_top_k_mass < 0.2
+    assert 0.01 < trainer.precomputed_topk_mass < 0.2
     trainer.train()
     first = next(h for h in trainer.state.log_history if "kl" in h)
     assert 0 <= first["kl"] < 1e-6  # the anchor is the starting model: no divergence before the first update
@@ -50,8 +57,9 @@ def test_no_reference_model_is_kept_or_copied(tiny_model_path, pc_dataset, tmp_p
 
 def test_the_stored_pass_is_reused_only_for_the_same_data_and_weights(tiny_model_path, pc_dataset, tmp_path):
     cache = tmp_path / "cache"
-    args = make_args(tmp_path / "a", precompute_ref_log_probs=True, precompute_ref_topk=4,
-                     precompute_ref_cache_dir=str(cache))
+    args = make_args(
+        tmp_path / "a", precompute_ref_log_probs=True, precompute_ref_topk=4, precompute_ref_cache_dir=str(cache)
+    )
     ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset)
     files = {f: os.path.getmtime(cache / f) for f in os.listdir(cache) if f.startswith("reference_top4")}
     assert len(files) == 1
@@ -69,10 +77,23 @@ def test_the_stored_pass_is_reused_only_for_the_same_data_and_weights(tiny_model
 
 
 def test_packed_padding_free_and_eval_batches_line_up(tiny_model_path, pc_dataset, tmp_path):
-    args = make_args(tmp_path, precompute_ref_log_probs=True, precompute_ref_topk=WHOLE, packing=True, max_length=64,
-                     eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=3, learning_rate=1e-6)
-    trainer = ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset,
-                          eval_dataset={"held_out": Dataset.from_list(prompt_completion_rows(5))})
+    args = make_args(
+        tmp_path,
+        precompute_ref_log_probs=True,
+        precompute_ref_topk=WHOLE,
+        packing=True,
+        max_length=64,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=3,
+        learning_rate=1e-6,
+    )
+    trainer = ASFTTrainer(
+        tiny_model_path,
+        args=args,
+        train_dataset=pc_dataset,
+        eval_dataset={"held_out": Dataset.from_list(prompt_completion_rows(5))},
+    )
     trainer.train()
     # TRL logs the ASFT metrics of every eval set as `eval_*`; the loss carries the set's name
     kls = [h["eval_kl"] for h in trainer.state.log_history if "eval_held_out_loss" in h]
@@ -82,8 +103,13 @@ def test_packed_padding_free_and_eval_batches_line_up(tiny_model_path, pc_datase
 def test_lora_runs_with_other_adapter_seeds_share_the_stored_pass(tiny_model_path, pc_dataset, tmp_path):
     cache = tmp_path / "cache"
     for seed in (0, 1):
-        args = make_args(tmp_path / str(seed), precompute_ref_log_probs=True, precompute_ref_topk=4, seed=seed,
-                         precompute_ref_cache_dir=str(cache))
+        args = make_args(
+            tmp_path / str(seed),
+            precompute_ref_log_probs=True,
+            precompute_ref_topk=4,
+            seed=seed,
+            precompute_ref_cache_dir=str(cache),
+        )
         ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset, peft_config=_lora())
     assert len(list(cache.glob("reference_top4-*.arrow"))) == 1
 
@@ -113,11 +139,13 @@ def test_errors_before_any_compute(tiny_model_path, pc_dataset, tmp_path):
         ASFTTrainer(tiny_model_path, args=args, train_dataset=streaming)
 
 
+@pytest.mark.slow  # a real `asft-trl train` launch in a subprocess
 def test_options_come_from_a_recipe_and_the_command_line(tiny_model_path, tmp_path):
     from test_cli import run_cli, write_recipe
 
-    recipe = write_recipe(tmp_path, tiny_model_path, precompute_ref_log_probs=True, precompute_ref_topk=8,
-                          dft_weight_floor=0.05)
+    recipe = write_recipe(
+        tmp_path, tiny_model_path, precompute_ref_log_probs=True, precompute_ref_topk=8, dft_weight_floor=0.05
+    )
     result = run_cli("train", "--config", str(recipe), "--precompute_ref_topk", "16")
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
@@ -127,8 +155,9 @@ def test_options_come_from_a_recipe_and_the_command_line(tiny_model_path, tmp_pa
     assert weights and min(weights) >= 0.05  # the floor reached the loss (a tiny model's p is ~1/V)
 
 
-@pytest.mark.parametrize("field,value", [("sync_ref_model", True), ("ref_model_dtype", "bfloat16"),
-                                         ("ref_model_quantization", "8bit")])
+@pytest.mark.parametrize(
+    "field,value", [("sync_ref_model", True), ("ref_model_dtype", "bfloat16"), ("ref_model_quantization", "8bit")]
+)
 def test_options_for_a_kept_reference_are_refused_with_the_precomputed_one(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"{field}=.*precompute_ref_log_probs"):
         ASFTConfig(str(tmp_path), precompute_ref_log_probs=True, **{field: value})

@@ -22,29 +22,62 @@ FIXTURES = TESTS_DIR / "fixtures"
 # The paper's reported settings (../shared/ASFT_NOTES.md): the recipes must hold them, LoRA/QLoRA variants included,
 # except where the authors published LoRA settings since (AUTHORS_LORA)
 PAPER = {
-    "math": dict(model="Qwen/Qwen2.5-7B", dataset="AI-MO/NuminaMath-CoT", dataset_format="numina_math",
-                 max_length=2048, global_batch=256, learning_rate=5e-5, epochs=1,
-                 fixture="numina_math_cot.jsonl", usable=7, unusable={"empty solution": 2, "missing problem": 1}),
-    "medical": dict(model="meta-llama/Llama-2-7b-hf", dataset="openlifescienceai/medmcqa", dataset_format="medmcqa",
-                    max_length=512, global_batch=64, learning_rate=2e-5, epochs=3,
-                    fixture="medmcqa.jsonl", usable=7, unusable={"cop out of range 0-3": 2, "missing opc": 1}),
-    "code": dict(model="meta-llama/Llama-2-7b-hf", dataset="ise-uiuc/Magicoder-Evol-Instruct-110K",
-                 dataset_format="magicoder", max_length=512, global_batch=64, learning_rate=2e-5, epochs=2,
-                 fixture="magicoder_evol_instruct.jsonl", usable=6,
-                 unusable={"empty instruction": 1, "empty response": 1}),
+    "math": dict(
+        model="Qwen/Qwen2.5-7B",
+        dataset="AI-MO/NuminaMath-CoT",
+        dataset_format="numina_math",
+        max_length=2048,
+        global_batch=256,
+        learning_rate=5e-5,
+        epochs=1,
+        fixture="numina_math_cot.jsonl",
+        usable=7,
+        unusable={"empty solution": 2, "missing problem": 1},
+    ),
+    "medical": dict(
+        model="meta-llama/Llama-2-7b-hf",
+        dataset="openlifescienceai/medmcqa",
+        dataset_format="medmcqa",
+        max_length=512,
+        global_batch=64,
+        learning_rate=2e-5,
+        epochs=3,
+        fixture="medmcqa.jsonl",
+        usable=7,
+        unusable={"cop out of range 0-3": 2, "missing opc": 1},
+    ),
+    "code": dict(
+        model="meta-llama/Llama-2-7b-hf",
+        dataset="ise-uiuc/Magicoder-Evol-Instruct-110K",
+        dataset_format="magicoder",
+        max_length=512,
+        global_batch=64,
+        learning_rate=2e-5,
+        epochs=2,
+        fixture="magicoder_evol_instruct.jsonl",
+        usable=6,
+        unusable={"empty instruction": 1, "empty response": 1},
+    ),
 }
 # The authors' LoRA settings since the paper (their repository README, "LoRA (Recommended)", and its mixed-precision
 # note): rank 8 / alpha 16 on q_proj, v_proj, lr 5e-4 (best of their LLaMA-2-7B medical grid), lambda 0.03 under bf16
-AUTHORS_LORA = dict(lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"], learning_rate=5e-4, kl_coef=0.03)
+AUTHORS_LORA = dict(
+    lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"], learning_rate=5e-4, kl_coef=0.03
+)
 SOURCES = ("github.com/zhuchichi56/ASFT", "github.com/hiyouga/LLaMA-Factory/pull/10174")
 VARIANTS = ("", "_lora", "_qlora")
 PAPER_RECIPES = [f"asft_{domain}{variant}.yaml" for domain in PAPER for variant in VARIANTS]
-ACCELERATE_CONFIGS = {"single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU", "zero2.yaml": "DEEPSPEED",
-                      "zero3.yaml": "DEEPSPEED", "fsdp2.yaml": "FSDP"}
+ACCELERATE_CONFIGS = {
+    "single_gpu.yaml": "NO",
+    "multi_gpu.yaml": "MULTI_GPU",
+    "zero2.yaml": "DEEPSPEED",
+    "zero3.yaml": "DEEPSPEED",
+    "fsdp2.yaml": "FSDP",
+}
 
 
 def parse_recipe(name: str, *overrides: str):
-    from asft_trl.train import parse
+    from asft_trl.scripts.train import parse
 
     return parse(["--config", str(RECIPES / name), *overrides])
 
@@ -105,8 +138,11 @@ def test_recipe_parses_and_holds_the_paper_settings(name):
         assert "--kl_coef 0.03" in header
 
     # The header states the batch arithmetic, and it adds up to the paper's global batch
-    match = re.search(r"Global batch (\d+) = per_device_train_batch_size (\d+) x gradient_accumulation_steps (\d+) x "
-                      r"(\d+) GPUs?", header)
+    match = re.search(
+        r"Global batch (\d+) = per_device_train_batch_size (\d+) x gradient_accumulation_steps (\d+) x "
+        r"(\d+) GPUs?",
+        header,
+    )
     assert match, f"{name}: the header does not state the global batch arithmetic"
     global_batch, per_device, accumulation, gpus = map(int, match.groups())
     assert global_batch == paper["global_batch"] == per_device * accumulation * gpus
@@ -115,12 +151,15 @@ def test_recipe_parses_and_holds_the_paper_settings(name):
     assert "Memory:" in header and "Launch:" in header
 
 
-@pytest.mark.parametrize("overrides, method", [
-    (("--loss_type", "nll", "--kl_coef", "0"), "SFT"),
-    (("--kl_coef", "0"), "DFT"),
-    (("--loss_type", "nll"), "SFT+KL"),
-    ((), "ASFT"),
-])
+@pytest.mark.parametrize(
+    "overrides, method",
+    [
+        (("--loss_type", "nll", "--kl_coef", "0"), "SFT"),
+        (("--kl_coef", "0"), "DFT"),
+        (("--loss_type", "nll"), "SFT+KL"),
+        ((), "ASFT"),
+    ],
+)
 def test_baselines_are_one_line_overrides(overrides, method):
     script_args, args, *_ = parse_recipe_on_cpu("asft_medical.yaml", *overrides, "--dataset_size", "30000")
     assert args.method_name == method
@@ -156,17 +195,40 @@ def dry_run_overrides(model: str, fixture: Path, output_dir: Path) -> list[str]:
     """What a dry run changes in a recipe: the model, the data (a local file in the recipe's own schema), the size of
     the run and CPU-only settings. Everything else (format, template, subset, loss, PEFT, 4-bit) stays the recipe's."""
     return [
-        "--model_name_or_path", model, "--dataset_name", str(fixture), "--output_dir", str(output_dir),
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
-        "--max_length", "512", "--warmup_steps", "0", "--bf16", "false", "--dtype", "float32",
-        "--activation_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "1",
-        "--disable_tqdm", "true",
+        "--model_name_or_path",
+        model,
+        "--dataset_name",
+        str(fixture),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_length",
+        "512",
+        "--warmup_steps",
+        "0",
+        "--bf16",
+        "false",
+        "--dtype",
+        "float32",
+        "--activation_checkpointing",
+        "false",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
     ]
 
 
 @pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_recipe_dry_run(name, tiny_model_path, tmp_path):
-    from asft_trl.train import main
+    from asft_trl.scripts.train import main
 
     paper = PAPER[domain_of(name)]
     trainer = main(*parse_recipe(name, *dry_run_overrides(tiny_model_path, FIXTURES / paper["fixture"], tmp_path)))
@@ -201,7 +263,7 @@ def test_recipe_dry_run(name, tiny_model_path, tmp_path):
 
 def test_recipe_with_chat_template(tiny_model_path, tmp_path):
     """prompt_template: chat gives conversational rows, which the model's chat template renders."""
-    from asft_trl.train import main
+    from asft_trl.scripts.train import main
 
     overrides = dry_run_overrides(tiny_model_path, FIXTURES / "magicoder_evol_instruct.jsonl", tmp_path)
     trainer = main(*parse_recipe("asft_code_lora.yaml", *overrides, "--prompt_template", "chat"))
@@ -213,13 +275,26 @@ def test_recipe_with_chat_template(tiny_model_path, tmp_path):
 
 def test_recipe_dry_run_with_the_dft_and_estimator_options(tiny_model_path, tmp_path):
     """The options beyond the paper's loss (issue 16) reach a paper recipe from the command line."""
-    from asft_trl.train import main
+    from asft_trl.scripts.train import main
 
     overrides = dry_run_overrides(tiny_model_path, FIXTURES / "medmcqa.jsonl", tmp_path)
-    trainer = main(*parse_recipe("asft_medical_lora.yaml", *overrides, "--kl_estimator", "k3", "--kl_direction",
-                                 "reverse", "--dft_normalization", "weights"))
+    trainer = main(
+        *parse_recipe(
+            "asft_medical_lora.yaml",
+            *overrides,
+            "--kl_estimator",
+            "k3",
+            "--kl_direction",
+            "reverse",
+            "--dft_normalization",
+            "weights",
+        )
+    )
     assert (trainer.args.kl_estimator, trainer.args.kl_direction, trainer.args.dft_normalization) == (
-        "k3", "reverse", "weights")
+        "k3",
+        "reverse",
+        "weights",
+    )
     assert trainer.state.global_step == 2
     kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
     assert kls[-1] > 0 and all(math.isfinite(kl) for kl in kls)
@@ -229,7 +304,7 @@ def test_recipe_dry_run_with_the_dft_and_estimator_options(tiny_model_path, tmp_
 
 def test_recipe_refuses_data_without_the_columns(tiny_model_path, tmp_path):
     """The medical recipe pointed at a file of another schema fails on its columns, before any model is loaded."""
-    from asft_trl.train import main
+    from asft_trl.scripts.train import main
 
     overrides = dry_run_overrides("no/such-model", FIXTURES / "magicoder_evol_instruct.jsonl", tmp_path)
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['question', 'opa', 'opb', 'opc', 'opd', 'cop'\]"):
@@ -250,16 +325,39 @@ def test_recipe_two_processes_log_the_same_losses_as_one(tiny_model_path, tmp_pa
     def run(nproc: int, batch_size: int) -> list[dict]:
         out = tmp_path / f"{nproc}proc"
         overrides = dry_run_overrides(tiny_model_path, FIXTURES / "medmcqa.jsonl", out)
-        overrides += ["--per_device_train_batch_size", str(batch_size), "--max_steps", "3", "--learning_rate", "1e-2",
-                      "--save_strategy", "steps", "--save_steps", "3", "--shuffle_dataset", "false",
-                      "--train_sampling_strategy", "sequential", "--dataset_size", "4", "--seed", "0",  # 4 rows: every step is one whole epoch
-                      # without it accelerate sets up no process group on a machine without GPU, and each torchrun
-                      # process trains alone
-                      "--use_cpu", "true"]
-        launcher = [sys.executable] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-        _launch([*launcher, "-m", "asft_trl.train", "--config", str(RECIPES / "asft_medical.yaml"), *overrides],
-                f"{nproc}-process recipe run")
+        overrides += [
+            "--per_device_train_batch_size",
+            str(batch_size),
+            "--max_steps",
+            "3",
+            "--learning_rate",
+            "1e-2",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "3",
+            "--shuffle_dataset",
+            "false",
+            "--train_sampling_strategy",
+            "sequential",
+            "--dataset_size",
+            "4",
+            "--seed",
+            "0",  # 4 rows: every step is one whole epoch
+            # without it accelerate sets up no process group on a machine without GPU, and each torchrun
+            # process trains alone
+            "--use_cpu",
+            "true",
+        ]
+        launcher = (
+            [sys.executable]
+            if nproc == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        )
+        _launch(
+            [*launcher, "-m", "asft_trl.scripts.train", "--config", str(RECIPES / "asft_medical.yaml"), *overrides],
+            f"{nproc}-process recipe run",
+        )
         state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
         assert state["train_batch_size"] == batch_size
         return [entry for entry in state["log_history"] if "loss" in entry]

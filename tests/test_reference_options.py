@@ -17,7 +17,8 @@ import yaml
 from datasets import Dataset
 
 import tiny
-from asft_trl import ASFTConfig, ASFTTrainer, lm_head
+from asft_trl import ASFTConfig, ASFTTrainer
+from asft_trl.reference import lm_head
 from conftest import make_args, prompt_completion_rows
 
 # Relative error of the mean per-token KL(reference variant || policy) against KL(float32 reference || policy)
@@ -95,8 +96,9 @@ def fp32_kls(model64_path, dataset, tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_OPTIONS))
-def test_lighter_reference_kl_is_within_tolerance_of_the_fp32_reference(model64_path, dataset, tmp_path, fp32_kls,
-                                                                       variant):
+def test_lighter_reference_kl_is_within_tolerance_of_the_fp32_reference(
+    model64_path, dataset, tmp_path, fp32_kls, variant
+):
     fp32_start, fp32_kl, fp32_bytes = fp32_kls
     trainer = ASFTTrainer(model64_path, args=make_args(tmp_path, **VARIANT_OPTIONS[variant]), train_dataset=dataset)
     check_variant(trainer.ref_model, variant)
@@ -115,12 +117,15 @@ def test_lighter_reference_kl_is_within_tolerance_of_the_fp32_reference(model64_
     assert 0 < relative_error <= KL_TOLERANCE[variant], (kl, fp32_kl)
 
 
-@pytest.mark.parametrize("variant, fused", [("bfloat16", True), ("float16", True), ("8bit", True), ("4bit", True),
-                                            ("4bit", False)])
+@pytest.mark.parametrize(
+    "variant, fused", [("bfloat16", True), ("float16", True), ("8bit", True), ("4bit", True), ("4bit", False)]
+)
 def test_trainer_trains_with_a_lighter_reference(model64_path, dataset, tmp_path, variant, fused):
-    trainer = ASFTTrainer(model64_path, args=make_args(tmp_path, max_steps=3, learning_rate=5e-2,
-                                                        use_fused_loss=fused, **VARIANT_OPTIONS[variant]),
-                          train_dataset=dataset)
+    trainer = ASFTTrainer(
+        model64_path,
+        args=make_args(tmp_path, max_steps=3, learning_rate=5e-2, use_fused_loss=fused, **VARIANT_OPTIONS[variant]),
+        train_dataset=dataset,
+    )
     ref = trainer.ref_model
     check_variant(ref, variant)
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
@@ -139,8 +144,11 @@ def test_trainer_trains_with_a_lighter_reference(model64_path, dataset, tmp_path
 
 
 def test_reference_loaded_from_a_path_gets_the_dtype(model64_path, dataset, tmp_path):
-    trainer = ASFTTrainer(model64_path, args=make_args(tmp_path, ref_model_name_or_path=model64_path,
-                                                        ref_model_dtype="bfloat16"), train_dataset=dataset)
+    trainer = ASFTTrainer(
+        model64_path,
+        args=make_args(tmp_path, ref_model_name_or_path=model64_path, ref_model_dtype="bfloat16"),
+        train_dataset=dataset,
+    )
     check_variant(trainer.ref_model, "bfloat16")
     assert next(trainer.model.parameters()).dtype == torch.float32  # the policy is untouched
 
@@ -150,13 +158,15 @@ def test_quantised_head_falls_back_to_the_plain_loss(model64_path, dataset, tmp_
 
     # Without the default skip list bitsandbytes quantises the head too: the fused loss can't read it
     ref = AutoModelForCausalLM.from_pretrained(
-        model64_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["none"]),
+        model64_path,
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["none"]),
         dtype=torch.float32,
     )
     assert lm_head.fused_head_problem(ref) == "the LM head is quantised (Linear8bitLt)"
     with caplog.at_level("WARNING"):
-        trainer = ASFTTrainer(model64_path, ref_model=ref, args=make_args(tmp_path, ref_model_quantization="8bit"),
-                              train_dataset=dataset)
+        trainer = ASFTTrainer(
+            model64_path, ref_model=ref, args=make_args(tmp_path, ref_model_quantization="8bit"), train_dataset=dataset
+        )
     assert not trainer.use_fused_loss and "LM head is quantised" in caplog.text
     move_policy(trainer.model)
     assert batch_kl(trainer) > 0
@@ -169,15 +179,29 @@ def test_synced_reference_follows_the_tr_dpo_formula(model64_path, dataset, tmp_
     from transformers import TrainerCallback
 
     alpha, every = 0.3, 2
-    trainer = ASFTTrainer(model64_path, args=make_args(tmp_path, max_steps=5, learning_rate=5e-2, sync_ref_model=True,
-                                                        ref_model_mixup_alpha=alpha, ref_model_sync_steps=every),
-                          train_dataset=dataset)
+    trainer = ASFTTrainer(
+        model64_path,
+        args=make_args(
+            tmp_path,
+            max_steps=5,
+            learning_rate=5e-2,
+            sync_ref_model=True,
+            ref_model_mixup_alpha=alpha,
+            ref_model_sync_steps=every,
+        ),
+        train_dataset=dataset,
+    )
     seen = []
 
     class Record(TrainerCallback):  # added after the sync callback, so it sees each step's synced reference
         def on_step_end(self, args, state, control, **kwargs):
-            seen.append((state.global_step, [p.detach().clone() for p in trainer.model.parameters()],
-                         [p.detach().clone() for p in trainer.ref_model.parameters()]))
+            seen.append(
+                (
+                    state.global_step,
+                    [p.detach().clone() for p in trainer.model.parameters()],
+                    [p.detach().clone() for p in trainer.ref_model.parameters()],
+                )
+            )
 
     trainer.add_callback(Record())
     previous = [p.detach().clone() for p in trainer.ref_model.parameters()]
@@ -195,9 +219,11 @@ def test_synced_reference_follows_the_tr_dpo_formula(model64_path, dataset, tmp_
 
 
 def test_synced_reference_in_bfloat16(model64_path, dataset, tmp_path):
-    trainer = ASFTTrainer(model64_path, args=make_args(tmp_path, max_steps=2, sync_ref_model=True,
-                                                        ref_model_sync_steps=1, ref_model_dtype="bfloat16"),
-                          train_dataset=dataset)
+    trainer = ASFTTrainer(
+        model64_path,
+        args=make_args(tmp_path, max_steps=2, sync_ref_model=True, ref_model_sync_steps=1, ref_model_dtype="bfloat16"),
+        train_dataset=dataset,
+    )
     before = [p.detach().clone() for p in trainer.ref_model.parameters()]
     trainer.train()
     assert all(p.dtype == torch.bfloat16 for p in trainer.ref_model.parameters())
@@ -207,45 +233,62 @@ def test_synced_reference_in_bfloat16(model64_path, dataset, tmp_path):
 # ------------------------------------------------------------------------------------------------ refused combinations
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(ref_model_dtype="int8"), r"ref_model_dtype='int8' is not supported"),
-    (dict(ref_model_quantization="2bit"), r"ref_model_quantization='2bit' is not supported"),
-    (dict(kl_coef=0.0, ref_model_dtype="bfloat16"), r"ref_model_dtype='bfloat16' .* kl_coef=0 builds none"),
-    (dict(kl_coef=0.0, ref_model_quantization="4bit"), r"ref_model_quantization='4bit' .* kl_coef=0"),
-    (dict(kl_coef=0.0, sync_ref_model=True), r"sync_ref_model=True .* kl_coef=0"),
-    (dict(sync_ref_model=True, ref_model_quantization="8bit"), r"can't update a quantised reference"),
-    (dict(ref_model_mixup_alpha=0.0), r"ref_model_mixup_alpha=0.0 is invalid"),
-    (dict(ref_model_mixup_alpha=1.5), r"ref_model_mixup_alpha=1.5 is invalid"),
-    (dict(ref_model_sync_steps=0), r"ref_model_sync_steps=0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(ref_model_dtype="int8"), r"ref_model_dtype='int8' is not supported"),
+        (dict(ref_model_quantization="2bit"), r"ref_model_quantization='2bit' is not supported"),
+        (dict(kl_coef=0.0, ref_model_dtype="bfloat16"), r"ref_model_dtype='bfloat16' .* kl_coef=0 builds none"),
+        (dict(kl_coef=0.0, ref_model_quantization="4bit"), r"ref_model_quantization='4bit' .* kl_coef=0"),
+        (dict(kl_coef=0.0, sync_ref_model=True), r"sync_ref_model=True .* kl_coef=0"),
+        (dict(sync_ref_model=True, ref_model_quantization="8bit"), r"can't update a quantised reference"),
+        (dict(ref_model_mixup_alpha=0.0), r"ref_model_mixup_alpha=0.0 is invalid"),
+        (dict(ref_model_mixup_alpha=1.5), r"ref_model_mixup_alpha=1.5 is invalid"),
+        (dict(ref_model_sync_steps=0), r"ref_model_sync_steps=0 is invalid"),
+    ],
+)
 def test_config_refuses_bad_reference_options(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         ASFTConfig(output_dir=str(tmp_path), report_to="none", **overrides)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(ref_model_dtype="bfloat16"), r"ref_model_dtype='bfloat16' applies to a separate reference .*QLoRA"),
-    (dict(ref_model_quantization="4bit"), r"ref_model_quantization='4bit' .*QLoRA"),
-    (dict(sync_ref_model=True), r"sync_ref_model=True is not supported with PEFT"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(ref_model_dtype="bfloat16"), r"ref_model_dtype='bfloat16' applies to a separate reference .*QLoRA"),
+        (dict(ref_model_quantization="4bit"), r"ref_model_quantization='4bit' .*QLoRA"),
+        (dict(sync_ref_model=True), r"sync_ref_model=True is not supported with PEFT"),
+    ],
+)
 def test_peft_without_a_named_reference_refuses_reference_options(model64_path, dataset, tmp_path, overrides, message):
     from peft import LoraConfig
 
     with pytest.raises(ValueError, match=message):
-        ASFTTrainer(model64_path, args=make_args(tmp_path, **overrides), train_dataset=dataset,
-                    peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+        ASFTTrainer(
+            model64_path,
+            args=make_args(tmp_path, **overrides),
+            train_dataset=dataset,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        )
 
 
 def test_peft_with_a_named_reference_accepts_a_lighter_one_but_not_sync(model64_path, dataset, tmp_path):
     from peft import LoraConfig
 
-    trainer = ASFTTrainer(model64_path, args=make_args(tmp_path, ref_model_name_or_path=model64_path,
-                                                        ref_model_quantization="4bit"),
-                          train_dataset=dataset, peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    trainer = ASFTTrainer(
+        model64_path,
+        args=make_args(tmp_path, ref_model_name_or_path=model64_path, ref_model_quantization="4bit"),
+        train_dataset=dataset,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+    )
     check_variant(trainer.ref_model, "4bit")
     with pytest.raises(ValueError, match="sync_ref_model=True is not supported with PEFT"):
-        ASFTTrainer(model64_path, args=make_args(tmp_path, ref_model_name_or_path=model64_path, sync_ref_model=True),
-                    train_dataset=dataset, peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+        ASFTTrainer(
+            model64_path,
+            args=make_args(tmp_path, ref_model_name_or_path=model64_path, sync_ref_model=True),
+            train_dataset=dataset,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        )
 
 
 def test_quantised_reference_needs_a_path(model64_path, dataset, tmp_path):
@@ -256,18 +299,29 @@ def test_quantised_reference_needs_a_path(model64_path, dataset, tmp_path):
     in_memory.config._name_or_path = ""
     tokenizer = AutoTokenizer.from_pretrained(model64_path)
     with pytest.raises(ValueError, match="built in memory .*ref_model_name_or_path"):
-        ASFTTrainer(in_memory, args=make_args(tmp_path, ref_model_quantization="8bit"), train_dataset=dataset,
-                    processing_class=tokenizer)
+        ASFTTrainer(
+            in_memory,
+            args=make_args(tmp_path, ref_model_quantization="8bit"),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
     with pytest.raises(ValueError, match="can't quantise the LlamaForCausalLM passed as `ref_model`"):
-        ASFTTrainer(model64_path, ref_model=loaded, args=make_args(tmp_path, ref_model_quantization="4bit"),
-                    train_dataset=dataset)
+        ASFTTrainer(
+            model64_path,
+            ref_model=loaded,
+            args=make_args(tmp_path, ref_model_quantization="4bit"),
+            train_dataset=dataset,
+        )
 
 
 def test_sync_refuses_a_reference_of_another_shape(model64_path, dataset, tmp_path):
     other = tiny.build_model(tmp_path / "deeper", hidden_size=64, layers=3)
     with pytest.raises(ValueError, match="sync_ref_model=True mixes .* different parameters"):
-        ASFTTrainer(model64_path, args=make_args(tmp_path, ref_model_name_or_path=other, sync_ref_model=True),
-                    train_dataset=dataset)
+        ASFTTrainer(
+            model64_path,
+            args=make_args(tmp_path, ref_model_name_or_path=other, sync_ref_model=True),
+            train_dataset=dataset,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ YAML and CLI
@@ -276,15 +330,26 @@ def test_sync_refuses_a_reference_of_another_shape(model64_path, dataset, tmp_pa
 def test_reference_options_from_yaml_and_the_command_line(model64_path, tmp_path):
     import json
 
-    from asft_trl.train import main, parse
+    from asft_trl.scripts.train import main, parse
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(8)))
     recipe = {
-        "model_name_or_path": model64_path, "dataset_name": str(data), "output_dir": str(tmp_path / "out"),
-        "max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 5e-2, "kl_coef": 0.1, "logging_steps": 1,
-        "report_to": "none", "save_strategy": "no", "gradient_checkpointing": False, "disable_tqdm": True,
-        "ref_model_dtype": "bfloat16", "sync_ref_model": True, "ref_model_sync_steps": 1,
+        "model_name_or_path": model64_path,
+        "dataset_name": str(data),
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-2,
+        "kl_coef": 0.1,
+        "logging_steps": 1,
+        "report_to": "none",
+        "save_strategy": "no",
+        "gradient_checkpointing": False,
+        "disable_tqdm": True,
+        "ref_model_dtype": "bfloat16",
+        "sync_ref_model": True,
+        "ref_model_sync_steps": 1,
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -34,15 +34,21 @@ def test_warns_for_an_end_of_turn_token_the_model_finds_unlikely(tiny_model_path
     assert entry["token"] == "<|im_end|>" and entry["count"] == len(pc_dataset)  # one per completion
     assert entry["warned"] and entry["mean_probability"] < special_tokens.WARN_BELOW
     text = " ".join(r.getMessage() for r in caplog.records if r.name == LOGGER)
-    for words in ("'<|im_end|>'", f"{entry['mean_probability']:.2g}", "dft_weight_floor", "loss_type: nll",
-                  "chat template"):
+    for words in (
+        "'<|im_end|>'",
+        f"{entry['mean_probability']:.2g}",
+        "dft_weight_floor",
+        "loss_type: nll",
+        "chat template",
+    ):
         assert words in text, words
 
 
 def test_the_probability_is_the_starting_models(tiny_model_path, pc_dataset, tmp_path):
     """The reported mean equals p(<|im_end|>) computed from the full logits of the model before training."""
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, max_steps=1, learning_rate=0.5),
-                          train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path, max_steps=1, learning_rate=0.5), train_dataset=pc_dataset
+    )
     batch = trainer.data_collator([pc_dataset_row for pc_dataset_row in trainer.train_dataset])
     labels = batch["labels"][:, 1:]
     eot = trainer.processing_class.convert_tokens_to_ids("<|im_end|>")
@@ -54,8 +60,9 @@ def test_the_probability_is_the_starting_models(tiny_model_path, pc_dataset, tmp
 
 
 def test_a_weight_floor_above_the_threshold_silences_it(tiny_model_path, pc_dataset, tmp_path, caplog):
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, max_steps=1, dft_weight_floor=0.05),
-                          train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path, max_steps=1, dft_weight_floor=0.05), train_dataset=pc_dataset
+    )
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         trainer.train()
     entry = trainer.special_token_report[0]
@@ -100,12 +107,14 @@ def test_special_ids_and_summary():
     tokenizer = tiny.build_tokenizer()
     ids = special_token_ids(tokenizer)
     assert {ids[i] for i in ids} >= {"<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"}
-    report = summarise(torch.tensor([0.5, 0.5, 1e-4, 2e-4]).log(), torch.tensor([7, 7, 3, 3]), {3: "<eos>", 7: "<x>"},
-                       floor=0.0)
+    report = summarise(
+        torch.tensor([0.5, 0.5, 1e-4, 2e-4]).log(), torch.tensor([7, 7, 3, 3]), {3: "<eos>", 7: "<x>"}, floor=0.0
+    )
     assert [(e["token"], e["count"], e["warned"]) for e in report] == [("<eos>", 2, True), ("<x>", 2, False)]
     assert report[0]["mean_probability"] == pytest.approx(1.5e-4)
 
 
+@pytest.mark.slow  # a real `asft-trl train` launch in a subprocess
 def test_the_report_is_in_the_runs_info(tiny_model_path, tmp_path):
     from test_cli import run_cli, write_recipe
 

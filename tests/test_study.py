@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from asft_trl import cli
-from asft_trl.study import BEGIN, END, RunSpec, plan_runs
+from asft_trl.scripts import cli
+from asft_trl.scripts.study import BEGIN, END, RunSpec, plan_runs
 
 
 def test_plan_names_the_four_methods_and_shares_coinciding_runs():
@@ -18,15 +18,57 @@ def test_plan_names_the_four_methods_and_shares_coinciding_runs():
     assert RunSpec("dft", 0.0) in methods and sweep[0] == RunSpec("dft", 0.0)
 
 
+def test_row_counts_take_the_training_recipes_names_and_the_old_flags_warn():
+    """`--dataset_size` / `--dataset_test_size` as in a training recipe; `--n_train` / `--n_eval` (the old names)
+    still work, with a FutureWarning, and the run folders' stored settings keep the old keys (reusable)."""
+    from asft_trl.scripts.study import _settings, make_parser
+
+    parser = make_parser()
+    args = parser.parse_args(["--dataset_size", "8", "--dataset_test_size", "4"])
+    assert (args.dataset_size, args.dataset_test_size) == (8, 4)
+    assert parser.parse_args([]).dataset_size == 800  # the default survives the alias sharing its destination
+    with pytest.warns(FutureWarning, match="--dataset_size"):
+        old = parser.parse_args(["--n_train", "8", "--n_eval", "4"])
+    assert (old.dataset_size, old.dataset_test_size) == (8, 4)
+    assert {"n_train": 8, "n_eval": 4}.items() <= _settings(old).items()
+
+
 @pytest.mark.slow
 def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
     doc = tmp_path / "docs" / "study.md"
     doc.parent.mkdir()
     doc.write_text("# My study\n\nHand-written reading of the results.\n")
-    argv = ["study", "--model", tiny_model_path, "--output_dir", str(tmp_path / "runs"), "--doc", str(doc),
-            "--max_steps", "2", "--logging_steps", "1", "--drift_steps", "2", "--per_device_train_batch_size", "2",
-            "--n_train", "8", "--n_eval", "4", "--sweep", "0,0.5", "--learning_rate", "1e-2",
-            "--ood_max_new_tokens", "4", "--max_length", "200", "--lora_r", "4"]
+    argv = [
+        "study",
+        "--model",
+        tiny_model_path,
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--doc",
+        str(doc),
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--drift_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--dataset_size",
+        "8",
+        "--dataset_test_size",
+        "4",
+        "--sweep",
+        "0,0.5",
+        "--learning_rate",
+        "1e-2",
+        "--ood_max_new_tokens",
+        "4",
+        "--max_length",
+        "200",
+        "--lora_r",
+        "4",
+    ]
     assert cli.main(argv) == 0
     report = json.loads((tmp_path / "docs" / "study_results.json").read_text())
     assert [r["label"] for r in report["methods"]] == ["SFT", "DFT", "SFT+KL λ=0.05", "ASFT λ=0.05"]
@@ -54,9 +96,15 @@ def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
         cli.main([*argv[:-2], "--lora_r", "2"])
 
 
-@pytest.mark.parametrize("bad, message", [(["--sweep", "0,x"], "comma-separated"), (["--sweep", "-1"], ">= 0"),
-                                          (["--max_steps", "0"], "max_steps must be > 0"),
-                                          (["--kl_coef", "0"], "kl_coef must be > 0")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--sweep", "0,x"], "comma-separated"),
+        (["--sweep", "-1"], ">= 0"),
+        (["--max_steps", "0"], "max_steps must be > 0"),
+        (["--kl_coef", "0"], "kl_coef must be > 0"),
+    ],
+)
 def test_bad_arguments_are_refused(bad, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(["study", *bad])

@@ -9,15 +9,29 @@ import math
 import pytest
 import torch
 
-from asft_trl import cli, study_knowledge
-from asft_trl.quickstart.facts import (ATTRIBUTES, N_TRAIN_PHRASINGS, OCCUPATIONS, as_recall_rows, make_fact_splits,
-                                       spread_subset)
-from asft_trl.study import BEGIN as WORD_ORDER_BEGIN
-from asft_trl.study_knowledge import (BEGIN, END, HYPOTHESES, METHOD_KEYS, answer_token_probs, judge,
-                                      unlearned_tokens, verdict)
-
+from asft_trl.quickstart.facts import (
+    ATTRIBUTES,
+    N_TRAIN_PHRASINGS,
+    OCCUPATIONS,
+    as_recall_rows,
+    make_fact_splits,
+    spread_subset,
+)
+from asft_trl.scripts import cli, study_knowledge
+from asft_trl.scripts.study import BEGIN as WORD_ORDER_BEGIN
+from asft_trl.scripts.study_knowledge import (
+    BEGIN,
+    END,
+    HYPOTHESES,
+    METHOD_KEYS,
+    answer_token_probs,
+    judge,
+    unlearned_tokens,
+    verdict,
+)
 
 # ---------------------------------------------------------------------------------------------------- the task
+
 
 def _prompts(split) -> set[str]:
     return {row["prompt"][0]["content"] for row in split}
@@ -72,6 +86,7 @@ def test_bad_sizes_are_refused():
 
 # ---------------------------------------------------------------------------------------------------- measures
 
+
 def test_unlearned_tokens_counts_each_kind():
     base = [torch.tensor([0.01, 0.5, 0.05, 0.9]), torch.tensor([0.02, 0.3])]
     final = [torch.tensor([0.02, 0.95, 0.6, 0.99]), torch.tensor([0.5, 0.05])]
@@ -95,8 +110,9 @@ def test_answer_token_probs_match_a_plain_forward_on_the_tiny_model(tiny_model_p
     for (prompt, answer), p, ids in zip(pairs, probs, token_ids):
         user = [{"role": "user", "content": prompt}]
         head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=True,
-                                             return_dict=True)
+        full = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": answer}], tokenize=True, return_dict=True
+        )
         full_ids, start = list(full["input_ids"]), len(head["input_ids"])
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([full_ids])).logits[0].float(), -1)
@@ -130,17 +146,21 @@ def test_the_probe_logs_the_low_p_share_and_ess_of_the_same_tokens(tiny_model_pa
 
 # ---------------------------------------------------------------------------------------------------- verdict rules
 
-@pytest.mark.parametrize("effects, expected", [
-    ([0.2, 0.1, 0.3], "shown"),
-    ([0.2, -0.01, 0.3], "not shown"),  # one seed against
-    ([0.02, 0.03, 0.01], "not shown"),  # every seed agrees, but the effect is too small
-    ([-0.2, -0.1, -0.3], "opposite"),
-    ([-0.2, 0.01, -0.3], "not shown"),
-    ([0.1, 0.1, 0.1], "shown"),  # the threshold itself counts
-    ([0.2, None, 0.3], "not measured"),
-    ([], "not measured"),
-    ([0.2, math.nan, 0.3], "not measured"),
-])
+
+@pytest.mark.parametrize(
+    "effects, expected",
+    [
+        ([0.2, 0.1, 0.3], "shown"),
+        ([0.2, -0.01, 0.3], "not shown"),  # one seed against
+        ([0.02, 0.03, 0.01], "not shown"),  # every seed agrees, but the effect is too small
+        ([-0.2, -0.1, -0.3], "opposite"),
+        ([-0.2, 0.01, -0.3], "not shown"),
+        ([0.1, 0.1, 0.1], "shown"),  # the threshold itself counts
+        ([0.2, None, 0.3], "not measured"),
+        ([], "not measured"),
+        ([0.2, math.nan, 0.3], "not measured"),
+    ],
+)
 def test_verdict_rule(effects, expected):
     assert verdict(effects, 0.1) == expected
 
@@ -153,29 +173,37 @@ def _result(kl_mid, kl_end, ess_start, ess_end, low_p, drift, ood, recall, seed_
     eps = seed_offset
     return {
         "settings": {"max_steps": 300},
-        "curves": {"trainset_kl": _curve(0.0, kl_mid + eps, kl_end + eps),
-                   "trainset_ess": _curve(ess_start, ess_start, ess_end + eps),
-                   "drift_kl": _curve(0.0, drift / 2, drift + eps)},
-        "low_p_final": low_p + eps, "ood_accuracy": ood, "recall_heldout_phrasings": recall + eps,
+        "curves": {
+            "trainset_kl": _curve(0.0, kl_mid + eps, kl_end + eps),
+            "trainset_ess": _curve(ess_start, ess_start, ess_end + eps),
+            "drift_kl": _curve(0.0, drift / 2, drift + eps),
+        },
+        "low_p_final": low_p + eps,
+        "ood_accuracy": ood,
+        "recall_heldout_phrasings": recall + eps,
     }
 
 
 def _paper_world(seed: int) -> dict[str, dict]:
     """Results as the paper describes them: DFT drifts and leaves tokens unlearned, ASFT is anchored and best."""
     e = 0.001 * seed
-    return {"sft": _result(1.0, 1.2, 0.6, 0.6, 0.10, 0.30, 0.70, 0.40, e),
-            "dft": _result(1.0, 1.5, 0.6, 0.4, 0.30, 0.50, 0.50, 0.20, e),
-            "sft_kl": _result(0.5, 0.5, 0.6, 0.6, 0.10, 0.10, 0.90, 0.45, e),
-            "asft": _result(0.4, 0.4, 0.6, 0.55, 0.15, 0.10, 0.95, 0.50, e)}
+    return {
+        "sft": _result(1.0, 1.2, 0.6, 0.6, 0.10, 0.30, 0.70, 0.40, e),
+        "dft": _result(1.0, 1.5, 0.6, 0.4, 0.30, 0.50, 0.50, 0.20, e),
+        "sft_kl": _result(0.5, 0.5, 0.6, 0.6, 0.10, 0.10, 0.90, 0.45, e),
+        "asft": _result(0.4, 0.4, 0.6, 0.55, 0.15, 0.10, 0.95, 0.50, e),
+    }
 
 
 def _reversed_world(seed: int) -> dict[str, dict]:
     """The opposite of every claim: DFT's KL turns down, its ESS rises, it learns more and forgets less."""
     e = 0.001 * seed
-    return {"sft": _result(1.0, 1.0, 0.6, 0.6, 0.30, 0.50, 0.90, 0.50, e),
-            "dft": _result(1.0, 0.5, 0.4, 0.6, 0.10, 0.20, 0.90, 0.70, e),
-            "sft_kl": _result(0.5, 0.5, 0.6, 0.6, 0.30, 0.10, 0.90, 0.45, e),
-            "asft": _result(0.9, 0.9, 0.6, 0.55, 0.15, 0.40, 0.70, 0.30, e)}
+    return {
+        "sft": _result(1.0, 1.0, 0.6, 0.6, 0.30, 0.50, 0.90, 0.50, e),
+        "dft": _result(1.0, 0.5, 0.4, 0.6, 0.10, 0.20, 0.90, 0.70, e),
+        "sft_kl": _result(0.5, 0.5, 0.6, 0.6, 0.30, 0.10, 0.90, 0.45, e),
+        "asft": _result(0.9, 0.9, 0.6, 0.55, 0.15, 0.40, 0.70, 0.30, e),
+    }
 
 
 def test_every_hypothesis_is_shown_on_paper_like_results_and_opposite_on_reversed_ones():
@@ -199,15 +227,46 @@ def test_a_seed_against_the_others_makes_it_not_shown_and_incomplete_seeds_do_no
 
 # ---------------------------------------------------------------------------------------------------- end to end
 
-TINY_ARGS = ["--max_steps", "4", "--logging_steps", "1", "--probe_steps", "2", "--save_steps", "2",
-             "--per_device_train_batch_size", "2", "--n_people", "1", "--n_heldout_people", "1", "--n_recall_seen", "4",
-             "--recall_max_new_tokens", "3", "--ood_max_new_tokens", "3", "--max_length", "256", "--seeds", "0",
-             "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--warmup_steps", "1"]
+TINY_ARGS = [
+    "--max_steps",
+    "4",
+    "--logging_steps",
+    "1",
+    "--probe_steps",
+    "2",
+    "--save_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "2",
+    "--n_people",
+    "1",
+    "--n_heldout_people",
+    "1",
+    "--n_recall_seen",
+    "4",
+    "--recall_max_new_tokens",
+    "3",
+    "--ood_max_new_tokens",
+    "3",
+    "--max_length",
+    "256",
+    "--seeds",
+    "0",
+    "--lora_r",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--learning_rate",
+    "1e-2",
+    "--warmup_steps",
+    "1",
+]
 
 
 @pytest.mark.slow
-def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_one(tiny_model_path, tmp_path,
-                                                                                   monkeypatch):
+def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_one(
+    tiny_model_path, tmp_path, monkeypatch
+):
     from transformers import TrainerCallback
 
     import asft_trl.diagnostics.drift as drift
@@ -216,8 +275,17 @@ def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_o
     doc.parent.mkdir()
     word_order = f"# Studies\n\nHand-written.\n\n{WORD_ORDER_BEGIN}\nword-order table\n<!-- study:end -->\n\nMore.\n"
     doc.write_text(word_order)
-    argv = ["study", "knowledge", "--model", tiny_model_path, "--output_dir", str(tmp_path / "runs"), "--doc", str(doc),
-            *TINY_ARGS]
+    argv = [
+        "study",
+        "knowledge",
+        "--model",
+        tiny_model_path,
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--doc",
+        str(doc),
+        *TINY_ARGS,
+    ]
 
     # The ASFT run is interrupted at step 3, after its checkpoint at step 2: the study stops there
     class Interrupted(Exception):
@@ -276,13 +344,19 @@ def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_o
         cli.main([*argv, "--lora_r", "2"])
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--seeds", "0,0"], "each once"), (["--seeds", "a"], "integers"), (["--methods", "sft,ppo"], "choose from"),
-    (["--max_steps", "0"], "max_steps must be > 0"), (["--kl_coef", "0"], "kl_coef must be > 0"),
-    (["--max_steps", "100", "--probe_steps", "30"], "multiple of --probe_steps"),
-    (["--probe_steps", "12", "--max_steps", "96"], "multiple of --logging_steps"),
-    (["--n_heldout_people", "0"], "guessing control"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--seeds", "0,0"], "each once"),
+        (["--seeds", "a"], "integers"),
+        (["--methods", "sft,ppo"], "choose from"),
+        (["--max_steps", "0"], "max_steps must be > 0"),
+        (["--kl_coef", "0"], "kl_coef must be > 0"),
+        (["--max_steps", "100", "--probe_steps", "30"], "multiple of --probe_steps"),
+        (["--probe_steps", "12", "--max_steps", "96"], "multiple of --logging_steps"),
+        (["--n_heldout_people", "0"], "guessing control"),
+    ],
+)
 def test_bad_arguments_are_refused(bad, message, capsys, monkeypatch):
     def accepted(args):  # an accepted case would otherwise run the real study with its defaults
         raise AssertionError(f"{bad} was not refused")
@@ -315,7 +389,7 @@ def test_banded_plot_draws_the_mean_and_the_min_max_of_each_group(tmp_path):
 def test_the_committed_report_holds_each_generated_part_once():
     from pathlib import Path
 
-    from asft_trl.study import END as WORD_ORDER_END
+    from asft_trl.scripts.study import END as WORD_ORDER_END
 
     text = (Path(__file__).parents[1] / "docs" / "study.md").read_text()
     for marker in (WORD_ORDER_BEGIN, WORD_ORDER_END, BEGIN, END):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asft_trl.losses import TopKReference, asft_loss, chunked_asft_loss, complete_log_probs, top_k_of
+from asft_trl.losses import TopKReference, asft_loss, chunked_asft_loss, complete_log_probs, topk_of
 
 N, H, V = 19, 12, 61
 
@@ -21,17 +21,17 @@ def _case(seed=0):
 
 
 def _reference(ref_hidden, weight, k) -> TopKReference:
-    return top_k_of(torch.log_softmax(ref_hidden @ weight.t(), -1), k)
+    return topk_of(torch.log_softmax(ref_hidden @ weight.t(), -1), k)
 
 
-def test_top_k_of_keeps_the_mass():
+def test_topk_of_keeps_the_mass():
     hidden, weight, ref_hidden, _ = _case()
     ref = _reference(ref_hidden, weight, 7)
     assert ref.ids.shape == (N, 7) and ref.log_probs.shape == (N, 7)
     total = torch.logsumexp(torch.cat([ref.log_probs, ref.tail_log_prob[:, None]], -1), -1)
     torch.testing.assert_close(total, torch.zeros(N), atol=1e-5, rtol=0)
     assert (ref.log_probs[:, :-1] >= ref.log_probs[:, 1:]).all()  # the most likely tokens, in order
-    assert top_k_of(torch.log_softmax(ref_hidden @ weight.t(), -1), 10 * V).ids.shape == (N, V)
+    assert topk_of(torch.log_softmax(ref_hidden @ weight.t(), -1), 10 * V).ids.shape == (N, V)
 
 
 def test_completion_keeps_the_top_k_and_spreads_the_tail_like_the_policy():
@@ -84,8 +84,9 @@ def test_gradient_is_that_of_the_coarsened_kl(kl_direction):
     hidden, weight, ref_hidden, labels = _case(seed=2)
     ref = _reference(ref_hidden, weight, 4)
     logits = (hidden @ weight.t()).requires_grad_()
-    asft_loss(logits, labels, ref_topk=ref, kl_coef=1.0, loss_type="nll", kl_direction=kl_direction,
-              num_items_in_batch=1)[0].backward()
+    asft_loss(
+        logits, labels, ref_topk=ref, kl_coef=1.0, loss_type="nll", kl_direction=kl_direction, num_items_in_batch=1
+    )[0].backward()
 
     direct = (hidden @ weight.t()).requires_grad_()
     log_p = torch.log_softmax(direct, -1)
@@ -122,7 +123,7 @@ def test_kl_against_itself_is_zero():
     hidden, weight, _, labels = _case()
     log_p = torch.log_softmax(hidden @ weight.t(), -1)
     for k in (1, 5, V):
-        _, terms = chunked_asft_loss(hidden, weight, labels, ref_topk=top_k_of(log_p, k), kl_coef=0.1)
+        _, terms = chunked_asft_loss(hidden, weight, labels, ref_topk=topk_of(log_p, k), kl_coef=0.1)
         assert terms.kl.max() < 1e-6
 
 

@@ -25,10 +25,18 @@ def num_items(batch):
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
 def test_kl_coef_zero_is_trls_own_loss(tiny_model_path, pc_dataset, tmp_path, loss_type):
-    asft = ASFTTrainer(tiny_model_path, args=make_args(tmp_path / "a", kl_coef=0.0, loss_type=loss_type),
-                       train_dataset=pc_dataset)
-    sft_args = SFTConfig(output_dir=str(tmp_path / "s"), loss_type=loss_type, per_device_train_batch_size=4,
-                         report_to="none", gradient_checkpointing=False, bf16=False, seed=0)
+    asft = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path / "a", kl_coef=0.0, loss_type=loss_type), train_dataset=pc_dataset
+    )
+    sft_args = SFTConfig(
+        output_dir=str(tmp_path / "s"),
+        loss_type=loss_type,
+        per_device_train_batch_size=4,
+        report_to="none",
+        gradient_checkpointing=False,
+        bf16=False,
+        seed=0,
+    )
     sft = SFTTrainer(tiny_model_path, args=sft_args, train_dataset=pc_dataset)
     assert asft.ref_model is None
     batch = first_batch(asft)
@@ -43,9 +51,14 @@ def test_kl_coef_zero_is_trls_own_loss(tiny_model_path, pc_dataset, tmp_path, lo
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
 @pytest.mark.parametrize("kl_direction", ["forward", "reverse"])
-def test_trainer_loss_is_the_formula_on_completion_tokens(tiny_model_path, pc_dataset, tmp_path, loss_type, kl_direction):
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, kl_coef=0.2, loss_type=loss_type,
-                                                          kl_direction=kl_direction), train_dataset=pc_dataset)
+def test_trainer_loss_is_the_formula_on_completion_tokens(
+    tiny_model_path, pc_dataset, tmp_path, loss_type, kl_direction
+):
+    trainer = ASFTTrainer(
+        tiny_model_path,
+        args=make_args(tmp_path, kl_coef=0.2, loss_type=loss_type, kl_direction=kl_direction),
+        train_dataset=pc_dataset,
+    )
     # Move the policy away from the reference so that the KL term is not zero
     with torch.no_grad():
         for p in trainer.model.parameters():
@@ -60,8 +73,15 @@ def test_trainer_loss_is_the_formula_on_completion_tokens(tiny_model_path, pc_da
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     assert mask.sum() < mask.numel()  # prompt and padding positions exist and are excluded
-    expected, terms = asft_loss(policy_logits[mask], labels[mask], ref_logits[mask], kl_coef=0.2,
-                                loss_type=loss_type, kl_direction=kl_direction, num_items_in_batch=50)
+    expected, terms = asft_loss(
+        policy_logits[mask],
+        labels[mask],
+        ref_logits[mask],
+        kl_coef=0.2,
+        loss_type=loss_type,
+        kl_direction=kl_direction,
+        num_items_in_batch=50,
+    )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert terms.kl.mean() > 1e-4
 
@@ -72,8 +92,9 @@ def train_and_history(trainer):
 
 
 def test_full_finetuning_reference_is_frozen_copy_and_never_changes(tiny_model_path, pc_dataset, tmp_path):
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, max_steps=4, learning_rate=5e-2),
-                          train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path, max_steps=4, learning_rate=5e-2), train_dataset=pc_dataset
+    )
     ref = trainer.ref_model
     assert isinstance(ref, LlamaForCausalLM) and ref is not trainer.model
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
@@ -98,9 +119,12 @@ def test_lora_uses_adapters_off_as_reference_and_no_second_model(tiny_model_path
     from peft import LoraConfig
 
     baseline = count_llamas()
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, max_steps=4, learning_rate=5e-2),
-                          train_dataset=pc_dataset,
-                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    trainer = ASFTTrainer(
+        tiny_model_path,
+        args=make_args(tmp_path, max_steps=4, learning_rate=5e-2),
+        train_dataset=pc_dataset,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+    )
     assert trainer.ref_model is None
     assert count_llamas() - baseline == 1  # the policy only
     base_before = {k: v.clone() for k, v in trainer.model.named_parameters() if "lora_" not in k}
@@ -114,8 +138,13 @@ def test_lora_uses_adapters_off_as_reference_and_no_second_model(tiny_model_path
 def test_explicit_reference_is_used_under_lora(tiny_model_path, pc_dataset, tmp_path):
     from peft import LoraConfig
 
-    trainer = ASFTTrainer(tiny_model_path, ref_model=tiny_model_path, args=make_args(tmp_path),
-                          train_dataset=pc_dataset, peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    trainer = ASFTTrainer(
+        tiny_model_path,
+        ref_model=tiny_model_path,
+        args=make_args(tmp_path),
+        train_dataset=pc_dataset,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+    )
     assert isinstance(trainer.ref_model, LlamaForCausalLM)
 
 
@@ -135,8 +164,11 @@ def test_reference_with_other_vocabulary_is_refused_before_tokenisation(
         with pytest.raises(ValueError, match="predicts over 300 tokens but the policy over 260"):
             ASFTTrainer(tiny_model_path, ref_model=ref, args=make_args(tmp_path), train_dataset=pc_dataset)
     with pytest.raises(ValueError, match="ref_model_name_or_path|same model family"):
-        ASFTTrainer(tiny_model_path, args=make_args(tmp_path, ref_model_name_or_path=other_vocab_model_path),
-                    train_dataset=pc_dataset)
+        ASFTTrainer(
+            tiny_model_path,
+            args=make_args(tmp_path, ref_model_name_or_path=other_vocab_model_path),
+            train_dataset=pc_dataset,
+        )
 
 
 def test_same_object_as_reference_is_refused(tiny_model_path, pc_dataset, tmp_path):
@@ -168,8 +200,9 @@ def test_chat_template_that_adds_tokens_keeps_reference_in_step(tiny_model_path,
     source.eos_token = "<|end|>"
     source_dir = tmp_path / "template_source"
     source.save_pretrained(source_dir)
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path / "out", chat_template_path=str(source_dir)),
-                          train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path / "out", chat_template_path=str(source_dir)), train_dataset=pc_dataset
+    )
     policy_rows = trainer.model.get_output_embeddings().weight.shape[0]
     assert policy_rows != 260  # TRL did resize the policy
     assert trainer.ref_model.get_output_embeddings().weight.shape[0] == policy_rows
@@ -194,8 +227,9 @@ def test_truncated_completions_are_counted_and_an_emptied_dataset_is_refused(tin
     rows = prompt_completion_rows(8)
     long_prompt = {"role": "user", "content": "hello world " * 40}
     rows += [{"prompt": [long_prompt], "completion": [{"role": "assistant", "content": "ok"}]}] * 3
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, max_length=48),
-                          train_dataset=Dataset.from_list(rows))
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path, max_length=48), train_dataset=Dataset.from_list(rows)
+    )
     assert trainer.dropped_examples["train"] == 3
     assert len(trainer.train_dataset) == 8
 
@@ -212,8 +246,9 @@ def test_model_card_names_asft_and_cites_the_paper(tiny_model_path, pc_dataset, 
 
 
 def test_eval_logs_the_asft_metrics(tiny_model_path, pc_dataset, tmp_path):
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path), train_dataset=pc_dataset,
-                          eval_dataset=pc_dataset.select(range(4)))
+    trainer = ASFTTrainer(
+        tiny_model_path, args=make_args(tmp_path), train_dataset=pc_dataset, eval_dataset=pc_dataset.select(range(4))
+    )
     metrics = trainer.evaluate()
     for key in ("eval_loss", "eval_kl", "eval_nll", "eval_dft_weight_ess", "eval_entropy", "eval_mean_token_accuracy"):
         assert key in metrics, key
@@ -222,8 +257,11 @@ def test_eval_logs_the_asft_metrics(tiny_model_path, pc_dataset, tmp_path):
 
 def test_padding_free_batches_give_the_reference_the_same_positions(tiny_model_path, pc_dataset, tmp_path):
     """Packing passes position_ids; with policy == reference the KL must still be exactly 0."""
-    trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path, packing=True, max_length=64,
-                                                          per_device_train_batch_size=2), train_dataset=pc_dataset)
+    trainer = ASFTTrainer(
+        tiny_model_path,
+        args=make_args(tmp_path, packing=True, max_length=64, per_device_train_batch_size=2),
+        train_dataset=pc_dataset,
+    )
     batch = first_batch(trainer)
     assert "position_ids" in batch
     trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items(batch))
@@ -235,8 +273,16 @@ def test_sft_config_as_args_is_converted_and_says_what_it_trains(tiny_model_path
     """`to_dict` masks every `*_token` field ('<EOS_TOKEN>'), so the conversion must read them from the config."""
     import logging
 
-    sft_args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
-                         bf16=False, hub_token="secret", eos_token="<|im_end|>", pad_token="<pad>")
+    sft_args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to="none",
+        bf16=False,
+        hub_token="secret",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+    )
     with caplog.at_level(logging.WARNING):
         trainer = ASFTTrainer(tiny_model_path, args=sft_args, train_dataset=pc_dataset)
     args = trainer.args
@@ -247,13 +293,20 @@ def test_sft_config_as_args_is_converted_and_says_what_it_trains(tiny_model_path
     trainer.train()
     assert [h["kl"] for h in trainer.state.log_history if "kl" in h] == [0.0]
     # an SFTConfig left at its defaults (eos_token=None) converts too
-    assert ASFTTrainer(tiny_model_path, args=SFTConfig(output_dir=str(tmp_path), bf16=False, report_to="none"),
-                       train_dataset=pc_dataset).args.eos_token is None
+    assert (
+        ASFTTrainer(
+            tiny_model_path,
+            args=SFTConfig(output_dir=str(tmp_path), bf16=False, report_to="none"),
+            train_dataset=pc_dataset,
+        ).args.eos_token
+        is None
+    )
 
 
 @pytest.mark.parametrize("where", ["ref_model", "ref_model_name_or_path", "model"])
-def test_path_that_is_neither_folder_nor_hub_id_is_named_before_loading(where, tiny_model_path, pc_dataset, tmp_path,
-                                                                         monkeypatch):
+def test_path_that_is_neither_folder_nor_hub_id_is_named_before_loading(
+    where, tiny_model_path, pc_dataset, tmp_path, monkeypatch
+):
     def no_tokenising(*args, **kwargs):
         raise AssertionError("the dataset was prepared before the path was checked")
 
@@ -273,8 +326,12 @@ def test_empty_completions_are_counted_and_reported(tiny_model_path, tmp_path, c
     rows[5]["completion"] = [{"role": "assistant", "content": "   "}]
     plain = [{"prompt": "q", "completion": ""}, {"prompt": "q", "completion": "a"}]
     with caplog.at_level(logging.WARNING):
-        trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path), train_dataset=Dataset.from_list(rows),
-                              eval_dataset=Dataset.from_list(plain))
+        trainer = ASFTTrainer(
+            tiny_model_path,
+            args=make_args(tmp_path),
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list(plain),
+        )
     assert trainer.empty_completions == {"train": 2, "eval": 1}
     assert "2 of 8 train examples have an empty completion (rows 2, 5)" in caplog.text
     assert "1 of 2 eval examples have an empty completion (rows 0)" in caplog.text
@@ -293,8 +350,10 @@ def test_model_card_links_only_what_is_on_the_hub(tiny_model_path, pc_dataset, t
     trainer.model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     trainer.create_model_card(model_name="tiny-asft", dataset_name="trl-lib/Capybara")
     card = (tmp_path / "README.md").read_text()
-    assert ("[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) on the "
-            "[trl-lib/Capybara](https://huggingface.co/datasets/trl-lib/Capybara) dataset.") in card
+    assert (
+        "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) on the "
+        "[trl-lib/Capybara](https://huggingface.co/datasets/trl-lib/Capybara) dataset."
+    ) in card
 
 
 def test_a_plain_cpu_config_raises_no_deprecation_or_pin_memory_warning(tiny_model_path, pc_dataset, tmp_path):
@@ -306,8 +365,13 @@ def test_a_plain_cpu_config_raises_no_deprecation_or_pin_memory_warning(tiny_mod
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        args = ASFTConfig(output_dir=str(tmp_path), report_to="none", max_steps=1, per_device_train_batch_size=4,
-                          dataset_num_proc=None)
+        args = ASFTConfig(
+            output_dir=str(tmp_path),
+            report_to="none",
+            max_steps=1,
+            per_device_train_batch_size=4,
+            dataset_num_proc=None,
+        )
         assert args.activation_checkpointing is True and args.gradient_checkpointing is True  # TRL's default
         trainer = ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset)
         next(iter(trainer.get_train_dataloader()))

@@ -19,8 +19,15 @@ def test_sft_trainer_private_hooks():
     assert params == ["self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name"]
     source = inspect.getsource(SFTTrainer.__init__)
     # Metrics mechanism, token counting, MoE aux loss and model tags that compute_loss reuses
-    for name in ("self._metrics", "self._total_train_tokens", "self._tp_size", "self.aux_loss_enabled",
-                 "self.router_aux_loss_coef", "self._tag_names", "add_fused_lm_head"):
+    for name in (
+        "self._metrics",
+        "self._total_train_tokens",
+        "self._tp_size",
+        "self.aux_loss_enabled",
+        "self.router_aux_loss_coef",
+        "self._tag_names",
+        "add_fused_lm_head",
+    ):
         assert name in source, name
     assert "_name" in vars(SFTTrainer) and "_tag_names" in vars(SFTTrainer)
     assert hasattr(SFTTrainer, "_paper") and hasattr(SFTTrainer, "get_tp_size")
@@ -54,11 +61,35 @@ def test_config_internals():
 
 
 def test_transformers_counts_items_for_models_that_accept_loss_kwargs():
-    """ASFTTrainer sets `model_accepts_loss_kwargs = True` so `num_items_in_batch` is always counted."""
+    """ASFTTrainer sets `model_accepts_loss_kwargs = True` so that the Trainer counts `num_items_in_batch` (the step's
+    scored tokens) for every model and does not divide the loss by the accumulation steps again. Both are checked on
+    the Trainer's own code: the count is run on a stub that has the flag, and not taken without it."""
+    from types import SimpleNamespace
+
+    import torch
     from transformers import Trainer
 
-    assert "self.model_accepts_loss_kwargs" in inspect.getsource(Trainer._get_num_items_in_batch) or \
-        "model_accepts_loss_kwargs" in inspect.getsource(Trainer)
+    def counted(accepts_loss_kwargs: bool):
+        stub = SimpleNamespace(
+            model_accepts_loss_kwargs=accepts_loss_kwargs,
+            compute_loss_func=None,
+            _loss_shifts_labels=True,
+            args=SimpleNamespace(average_tokens_across_devices=False, world_size=1, n_gpu=1),
+            # One process, no tensor/context/sequence parallelism: the count is not divided
+            get_tp_size=lambda: 1,
+            get_cp_size=lambda: 1,
+            get_sp_size=lambda: 1,
+        )
+        batches = [{"labels": torch.tensor([[-100, 5, 6, -100, 7]])}, {"labels": torch.tensor([[-100, 8, -100]])}]
+        return Trainer._get_num_items_in_batch(stub, batches, torch.device("cpu"))
+
+    # Position 0 is never a target (labels are shifted): 3 + 1 scored tokens
+    assert int(counted(True)) == 4
+    assert counted(False) is None
+    # The loss normalised by num_items_in_batch is not divided by the accumulation steps again
+    step = inspect.getsource(Trainer.training_step)
+    assert "self.model_accepts_loss_kwargs and num_items_in_batch is not None" in step
+    assert "loss / self.current_gradient_accumulation_steps" in step
     assert hasattr(Trainer, "loss_is_scaled_for_ga")
 
 
@@ -78,6 +109,13 @@ def test_the_last_micro_batch_is_marked_before_its_training_step_and_clipped_aft
     from transformers import Trainer
 
     source = inspect.getsource(Trainer._run_epoch)
-    order = [source.index(s) for s in ("_set_sync_gradients(do_sync_step)", "self.training_step(",
-                                       "self._clip_grad_norm(", "self.optimizer.step()")]
+    order = [
+        source.index(s)
+        for s in (
+            "_set_sync_gradients(do_sync_step)",
+            "self.training_step(",
+            "self._clip_grad_norm(",
+            "self.optimizer.step()",
+        )
+    ]
     assert order == sorted(order), order

@@ -20,7 +20,7 @@ CORPUS = [
 
 
 def build_tokenizer(vocab_size: int = 256):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
@@ -38,8 +38,14 @@ def build_tokenizer(vocab_size: int = 256):
     return fast
 
 
-def build_model(path: str | Path, vocab_size: int | None = None, hidden_size: int = 32, layers: int = 2, seed: int = 0,
-                tie_word_embeddings: bool = False) -> str:
+def build_model(
+    path: str | Path,
+    vocab_size: int | None = None,
+    hidden_size: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+) -> str:
     """Save a tiny Llama and its tokenizer to `path`; return the path as a string."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -72,21 +78,47 @@ def build_model(path: str | Path, vocab_size: int | None = None, hidden_size: in
 ARCHITECTURES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
-               {"head_dim": 8, "final_logit_softcapping": 2.0, "attn_logit_softcapping": 50.0,
-                "query_pre_attn_scalar": 8, "sliding_window": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "head_dim": 8,
+            "final_logit_softcapping": 2.0,
+            "attn_logit_softcapping": 50.0,
+            "query_pre_attn_scalar": 8,
+            "sliding_window": 16,
+        },
+    ),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
-    "granite": ("GraniteConfig", "GraniteForCausalLM",
-                {"logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
-                 "attention_multiplier": 0.125}),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
-                   "decoder_sparse_step": 1, "mlp_only_layers": []}),
+    "granite": (
+        "GraniteConfig",
+        "GraniteForCausalLM",
+        {
+            "logits_scaling": 4.0,
+            "embedding_multiplier": 2.0,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.125,
+        },
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {
+            "head_dim": 8,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
+    ),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
 }
 
 
-def build_arch_model(path: str | Path, architecture: str, hidden_size: int = 32, layers: int = 2, seed: int = 0) -> str:
+def build_arch_model(
+    path: str | Path, architecture: str, hidden_size: int = 32, layers: int = 2, seed: int = 0
+) -> str:
     """Save a tiny model of `architecture` (a key of ARCHITECTURES) and the tiny tokenizer to `path`; return the path.
 
     Same sizes as `build_model`'s Llama (4 heads, 2 key/value heads, MLP 2 x hidden), each architecture's own head.
@@ -115,3 +147,15 @@ def build_arch_model(path: str | Path, architecture: str, hidden_size: int = 32,
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def assert_every_parameter_moved(start: dict, end: dict) -> None:
+    """Every parameter in `start` (name -> tensor before training; pass the trainable ones) differs in `end`.
+
+    Per parameter, as TRL's trainer tests check: one global maximum would also pass if a bug froze every layer but
+    one (adapters never enabled, a head left out of the optimizer)."""
+    import torch
+
+    assert start, "no trainable parameters to compare"
+    still = [n for n in start if torch.equal(start[n], end[n])]
+    assert not still, f"{len(still)} of {len(start)} trainable parameters did not move: {still[:10]}"

@@ -3,7 +3,7 @@
 
 from .checks import check_dataset_format, report_dropped
 from .formatting import ALPACA_PROMPT_NO_INPUT, PROMPT_TEMPLATES, DatasetFormat, UnusableRow
-from .loading import GENERATED_DATASETS, load_training_data
+from .loading import GENERATED_DATASETS, load_training_data, register_generated_dataset
 from .prepare import PreparationReport, prepare_split, prepare_splits
 from .registry import DATASET_FORMATS, get_dataset_format
 
@@ -20,5 +20,6 @@ __all__ = [
     "load_training_data",
     "prepare_split",
     "prepare_splits",
+    "register_generated_dataset",
     "report_dropped",
 ]

@@ -62,7 +62,10 @@ def report_dropped(n_before: int | None, dataset, dataset_name: str, max_length:
         logger.warning(
             "%d of %d %s examples were dropped: with max_length=%s their completion was truncated to nothing, so they "
             "carry no training signal. Raise `max_length` or shorten the prompts to keep them.",
-            dropped, n_before, dataset_name, max_length,
+            dropped,
+            n_before,
+            dataset_name,
+            max_length,
         )
     if n_before > 0 and len(dataset) == 0:
         raise ValueError(
@@ -79,7 +82,9 @@ def _is_empty_completion(completion) -> bool:
     if isinstance(completion, str):
         return not completion.strip()
     if isinstance(completion, list):  # conversational: the assistant messages
-        return all(not str(message.get("content") or "").strip() for message in completion if isinstance(message, dict))
+        return all(
+            not str(message.get("content") or "").strip() for message in completion if isinstance(message, dict)
+        )
     return False
 
 
@@ -99,6 +104,9 @@ def report_empty_completions(dataset, dataset_name: str) -> int:
             "%d of %d %s examples have an empty completion (rows %s): they still train, teaching the model to end its "
             "answer right after the prompt (only the end-of-turn token is scored). If that is not meant, remove them, "
             "e.g. `dataset.filter(lambda row: row['completion'])`.",
-            len(empty), len(dataset), dataset_name, shown,
+            len(empty),
+            len(dataset),
+            dataset_name,
+            shown,
         )
     return len(empty)

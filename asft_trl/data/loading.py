@@ -3,23 +3,22 @@ package generates (no download). Only loading: formatting and checks live elsewh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 
-
-def _quickstart_splits(seed: int) -> DatasetDict:
-    from ..quickstart.task import make_splits
-
-    return make_splits(seed=seed)
-
+from ..utils.paths import DATA_FILE_FORMATS
 
 # Generated datasets, by the name a recipe uses as `dataset_name`. Each builder takes the seed and returns splits.
-GENERATED_DATASETS = {
-    "asft/quickstart": _quickstart_splits,
-}
+# Filled by the packages that generate them when they are imported (`asft_trl.quickstart` adds "asft/quickstart"; the
+# command line imports it), so this module names none of them.
+GENERATED_DATASETS: dict[str, Callable[..., DatasetDict]] = {}
 
-_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+def register_generated_dataset(name: str, build: Callable[..., DatasetDict]) -> None:
+    """Make `dataset_name: NAME` load `build(seed=training seed)` (a `DatasetDict`) instead of a file or Hub id."""
+    GENERATED_DATASETS[name] = build
 
 
 def check_dataset_given(script_args, dataset_args=None) -> None:
@@ -50,10 +49,10 @@ def load_training_data(script_args, dataset_args=None, seed: int = 42) -> Datase
         return GENERATED_DATASETS[name](seed=seed)
     path = Path(name)
     if path.is_file():
-        builder = _LOCAL_FORMATS.get(path.suffix.lower())
+        builder = DATA_FILE_FORMATS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(
-                f"dataset_name={name!r} is a file of an unknown type. Use one of {sorted(_LOCAL_FORMATS)}."
+                f"dataset_name={name!r} is a file of an unknown type. Use one of {sorted(DATA_FILE_FORMATS)}."
             )
         return load_dataset(builder, data_files={script_args.dataset_train_split: str(path)})
     if path.is_dir() and (path / "dataset_dict.json").exists():

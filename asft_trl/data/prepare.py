@@ -58,7 +58,9 @@ class PreparationReport:
                 f"{reason}: {count} (e.g. rows {self.unusable_examples.get(reason, [])}, 0-based)"
                 for reason, count in sorted(self.unusable.items())
             )
-            line += f"; {sum(self.unusable.values())} of {self.rows_read} rows read were unusable and skipped: {reasons}"
+            line += (
+                f"; {sum(self.unusable.values())} of {self.rows_read} rows read were unusable and skipped: {reasons}"
+            )
         if self.notes:
             line += "; " + ", ".join(f"{note}: {count}" for note, count in sorted(self.notes.items()))
         return line
@@ -86,8 +88,14 @@ def _output_features(prompt_template: str) -> Features:
     return Features({"prompt": text, "completion": text, **_BOOKKEEPING})
 
 
-def _format_rows(dataset: Dataset, dataset_format: DatasetFormat, prompt_template: str, source_indices: np.ndarray,
-                 desc: str, num_proc: int | None) -> Dataset:
+def _format_rows(
+    dataset: Dataset,
+    dataset_format: DatasetFormat,
+    prompt_template: str,
+    source_indices: np.ndarray,
+    desc: str,
+    num_proc: int | None,
+) -> Dataset:
     empty = "" if prompt_template == "alpaca" else []
 
     def format_row(row: dict, position: int) -> dict:
@@ -101,14 +109,25 @@ def _format_rows(dataset: Dataset, dataset_format: DatasetFormat, prompt_templat
         return {**to_prompt_completion(instruction, response, prompt_template), **out}
 
     return dataset.map(
-        format_row, with_indices=True, remove_columns=dataset.column_names,
-        features=_output_features(prompt_template), desc=desc, num_proc=num_proc,
+        format_row,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        features=_output_features(prompt_template),
+        desc=desc,
+        num_proc=num_proc,
     )
 
 
-def prepare_split(dataset: Dataset, dataset_format: str | None, prompt_template: str = "alpaca",
-                  size: int | None = None, seed: int = 42, split: str = "train", dataset_name: str | None = None,
-                  num_proc: int | None = None) -> tuple[Dataset, PreparationReport]:
+def prepare_split(
+    dataset: Dataset,
+    dataset_format: str | None,
+    prompt_template: str = "alpaca",
+    size: int | None = None,
+    seed: int = 42,
+    split: str = "train",
+    dataset_name: str | None = None,
+    num_proc: int | None = None,
+) -> tuple[Dataset, PreparationReport]:
     """Format one split (when `dataset_format` is given) and keep `size` usable rows of a seeded order (all when None).
 
     Returns the prepared split (prompt/completion columns when formatted) and its report.
@@ -124,10 +143,18 @@ def prepare_split(dataset: Dataset, dataset_format: str | None, prompt_template:
     if fmt is not None:
         check_columns(dataset, fmt, split, dataset_name)
         if prompt_template not in PROMPT_TEMPLATES:
-            raise ValueError(f"prompt_template={prompt_template!r} is not supported. Use one of {list(PROMPT_TEMPLATES)}.")
+            raise ValueError(
+                f"prompt_template={prompt_template!r} is not supported. Use one of {list(PROMPT_TEMPLATES)}."
+            )
     n = len(dataset)
-    report = PreparationReport(split=split, dataset_format=fmt and fmt.name, prompt_template=fmt and prompt_template,
-                               rows_available=n, rows_requested=size, seed=seed if size is not None else None)
+    report = PreparationReport(
+        split=split,
+        dataset_format=fmt and fmt.name,
+        prompt_template=fmt and prompt_template,
+        rows_available=n,
+        rows_requested=size,
+        seed=seed if size is not None else None,
+    )
     # One permutation of all rows, drawn from `seed` alone: the subset does not depend on the training seed
     order = np.random.default_rng(seed).permutation(n) if size is not None else np.arange(n)
     wanted = n if size is None else min(size, n)
@@ -171,15 +198,19 @@ def prepare_split(dataset: Dataset, dataset_format: str | None, prompt_template:
     if size is not None and report.rows_used < size:
         logger.warning(
             "The %s split has only %d usable rows; the recipe asks for %d (dataset_size). Training on %d.",
-            split, report.rows_used, size, report.rows_used,
+            split,
+            report.rows_used,
+            size,
+            report.rows_used,
         )
     if report.unusable:
         logger.warning("Data preparation skipped unusable rows. %s", report.summary())
     return prepared.remove_columns(list(_BOOKKEEPING)), report
 
 
-def prepare_splits(splits: DatasetDict, script_args, num_proc: int | None = None
-                   ) -> tuple[DatasetDict, list[PreparationReport]]:
+def prepare_splits(
+    splits: DatasetDict, script_args, num_proc: int | None = None
+) -> tuple[DatasetDict, list[PreparationReport]]:
     """Prepare the recipe's train split and, if the dataset has it, its test split, as the recipe's fields say:
     `dataset_format`, `prompt_template`, `dataset_size` / `dataset_test_size`, `dataset_seed`."""
     dataset_format = script_args.dataset_format
@@ -199,8 +230,14 @@ def prepare_splits(splits: DatasetDict, script_args, num_proc: int | None = None
         if split not in splits:
             continue
         prepared[split], report = prepare_split(
-            splits[split], dataset_format, script_args.prompt_template, size=size, seed=script_args.dataset_seed,
-            split=split, dataset_name=script_args.dataset_name, num_proc=num_proc,
+            splits[split],
+            dataset_format,
+            script_args.prompt_template,
+            size=size,
+            seed=script_args.dataset_seed,
+            split=split,
+            dataset_name=script_args.dataset_name,
+            num_proc=num_proc,
         )
         reports.append(report)
     return DatasetDict({k: v for k, v in prepared.items() if k in (train_split, test_split)}), reports

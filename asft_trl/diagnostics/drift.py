@@ -1,10 +1,10 @@
-"""Held-out drift: how far the policy has moved from the base model on general text that training never touches.
+"""Held-out drift: how far the policy has moved from the reference model on general text that training never touches.
 
 The training `kl` metric measures KL(reference || policy) on the fine-tuning data itself. This module measures the
 same per-token KL, with the same function (`asft_trl.losses.kl_per_token`), on a fixed set of general chat prompts
-with hand-written reference answers (`GENERAL_PROMPTS`), so forgetting outside the fine-tuning set shows as a number:
+with hand-written answers (`GENERAL_PROMPTS`), so forgetting outside the fine-tuning set shows as a number:
 
-    drift_kl  = mean over the answer tokens of KL(base || policy)     (0 before any update)
+    drift_kl  = mean over the answer tokens of KL(reference || policy)     (0 before any update)
     drift_nll = mean NLL of the hand-written answers under the policy
 
 With `low_p_threshold` set (off by default) a probe also logs `{name}_low_p`, the share of answer tokens whose
@@ -14,8 +14,8 @@ probabilities (the DFT weights p(y_t) on fixed tokens); `token_probs` returns th
 `DriftCallback` logs both at step 0 and at training log steps (every `every_steps`) into the trainer's
 `log_history`, so they land in `trainer_state.json` beside `kl`, `loss` and the rest, and `asft-trl plot` draws them.
 
-The base model is, in this order: the trainer's reference model when it has one; under PEFT, the policy network with
-its adapters switched off; otherwise a frozen copy of the policy taken when training begins. The base model's
+The reference is, in this order: the trainer's reference model when it has one; under PEFT, the policy network with
+its adapters switched off; otherwise a frozen copy of the policy taken when training begins. The reference's
 log-probabilities on the prompts are computed once, when training begins, and kept (a few [answer tokens x vocabulary]
 tensors), so each measurement costs one forward pass of the policy; the frozen copy is dropped right after. This
 module only measures; it never changes the policy or the training data.
@@ -32,7 +32,7 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
 from ..losses import kl_per_token, weight_stats
-from ..reference import adapters_disabled, freeze, frozen_copy
+from ..reference.loading import adapters_disabled, freeze, frozen_copy
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +40,31 @@ logger = logging.getLogger(__name__)
 # facts, short explanations, advice and a little code. Answers are short so the measure stays cheap on a CPU.
 GENERAL_PROMPTS: tuple[tuple[str, str], ...] = (
     ("What is the capital of Italy?", "The capital of Italy is Rome."),
-    ("Why is the sky blue?",
-     "Sunlight is scattered by the air, and blue light is scattered the most, so the sky looks blue."),
-    ("Give me a tip for sleeping better.",
-     "Go to bed at the same time every night and keep your bedroom dark and cool."),
+    (
+        "Why is the sky blue?",
+        "Sunlight is scattered by the air, and blue light is scattered the most, so the sky looks blue.",
+    ),
+    (
+        "Give me a tip for sleeping better.",
+        "Go to bed at the same time every night and keep your bedroom dark and cool.",
+    ),
     ("How many days are there in a week?", "There are seven days in a week."),
     ("What do bees make?", "Bees make honey and wax."),
     ("Write a Python function that adds two numbers.", "def add(a, b):\n    return a + b"),
     ("What is the freezing point of water?", "Water freezes at 0 degrees Celsius, or 32 degrees Fahrenheit."),
     ("Translate 'thank you' into Spanish.", "'Thank you' in Spanish is 'gracias'."),
     ("Name three primary colors.", "Red, blue and yellow are the three primary colors."),
-    ("What is photosynthesis?",
-     "Photosynthesis is how plants use sunlight, water and carbon dioxide to make sugar and oxygen."),
+    (
+        "What is photosynthesis?",
+        "Photosynthesis is how plants use sunlight, water and carbon dioxide to make sugar and oxygen.",
+    ),
     ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
     ("How do I boil an egg?", "Put the egg in boiling water for about nine minutes, then cool it in cold water."),
     ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system."),
-    ("Explain what a noun is.",
-     "A noun is a word that names a person, place, thing or idea, like 'teacher' or 'city'."),
+    (
+        "Explain what a noun is.",
+        "A noun is a word that names a person, place, thing or idea, like 'teacher' or 'city'.",
+    ),
     ("What should I pack for a day at the beach?", "Pack sunscreen, water, a towel, a hat and some snacks."),
     ("How many minutes are in an hour?", "There are sixty minutes in an hour."),
 )
@@ -65,8 +73,14 @@ GENERAL_PROMPTS: tuple[tuple[str, str], ...] = (
 class DriftProbe:
     """The general prompts, tokenised once with the policy's chat template, and the drift measured on them."""
 
-    def __init__(self, tokenizer, prompts=GENERAL_PROMPTS, batch_size: int = 8, name: str = "drift",
-                 low_p_threshold: float | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        prompts=GENERAL_PROMPTS,
+        batch_size: int = 8,
+        name: str = "drift",
+        low_p_threshold: float | None = None,
+    ):
         if low_p_threshold is not None and not 0 < low_p_threshold < 1:
             raise ValueError(f"low_p_threshold={low_p_threshold} must be a probability in (0, 1), or None (off).")
         self.name = name
@@ -84,12 +98,15 @@ class DriftProbe:
         for prompt, answer in prompts:
             user = [{"role": "user", "content": prompt}]
             head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
-            full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=True,
-                                                 return_dict=True)
+            full = tokenizer.apply_chat_template(
+                user + [{"role": "assistant", "content": answer}], tokenize=True, return_dict=True
+            )
             head_ids, full_ids = list(head["input_ids"]), list(full["input_ids"])
             if full_ids[: len(head_ids)] != head_ids or len(full_ids) <= len(head_ids):
-                raise ValueError(f"The chat template does not extend the prompt {prompt!r} with its answer; cannot "
-                                 "tell the answer tokens apart.")
+                raise ValueError(
+                    f"The chat template does not extend the prompt {prompt!r} with its answer; cannot "
+                    "tell the answer tokens apart."
+                )
             self.rows.append((full_ids, len(head_ids)))
 
     def _batches(self, device):
@@ -107,12 +124,13 @@ class DriftProbe:
             yield inputs, labels[:, 1:].to(device)  # targets: the next token at each position, -100 off the answer
 
     @torch.no_grad()
-    def base_log_probs(self, policy, reference=None) -> list[torch.Tensor]:
-        """Log-probabilities of the base model at the answer positions, one [tokens, vocab] tensor per batch.
+    def reference_log_probs(self, policy, reference=None) -> list[torch.Tensor]:
+        """Log-probabilities of the reference at the answer positions, one [tokens, vocab] tensor per batch.
 
-        `reference=None` means "the policy with its adapters switched off" (PEFT). The base never changes during
+        `reference=None` means "the policy with its adapters switched off" (PEFT). The reference never changes during
         training, so callers compute this once and pass it to `measure`.
         """
+
         def forward(model, inputs):
             was_training = model.training
             model.eval()
@@ -132,23 +150,27 @@ class DriftProbe:
         return out
 
     @torch.no_grad()
-    def measure(self, policy, reference=None, base: list[torch.Tensor] | None = None) -> dict[str, float]:
-        """Mean per-token KL(base || policy) and mean NLL of the answers under the policy, as `{name}_kl` and
+    def measure(
+        self, policy, reference=None, reference_log_probs: list[torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """Mean per-token KL(reference || policy) and mean NLL of the answers under the policy, as `{name}_kl` and
         `{name}_nll`.
 
-        The base is `base` (from `base_log_probs`) when given, else `reference`, else the policy with its adapters
-        switched off (PEFT). Models run in evaluation mode (no dropout), so an untouched policy gives exactly 0.
+        The reference is `reference_log_probs` (from the method of that name) when given, else `reference`, else the
+        policy with its adapters switched off (PEFT). Models run in evaluation mode (no dropout), so an untouched
+        policy gives exactly 0.
         """
-        if base is None:
-            base = self.base_log_probs(policy, reference)
+        if reference_log_probs is None:
+            reference_log_probs = self.reference_log_probs(policy, reference)
         was_training = policy.training
         policy.eval()
         kl_sum, nll_sum, count, gold = 0.0, 0.0, 0, []
         try:
-            for (inputs, targets), base_logp in zip(self._batches(next(policy.parameters()).device), base):
+            batches = self._batches(next(policy.parameters()).device)
+            for (inputs, targets), reference_logp in zip(batches, reference_log_probs):
                 mask = targets != -100
                 policy_logp = F.log_softmax(policy(**inputs).logits[:, :-1][mask].float(), dim=-1)
-                kl_sum += kl_per_token(base_logp, policy_logp).sum().item()
+                kl_sum += kl_per_token(reference_logp, policy_logp).sum().item()
                 gold_logp = policy_logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
                 nll_sum += -gold_logp.sum().item()
                 gold.append(gold_logp.exp())
@@ -189,8 +211,8 @@ class DriftCallback(TrainerCallback):
 
     Args:
         tokenizer: the trainer's tokenizer (its chat template formats the prompts).
-        ref_model: the base model to compare against. Default: none under PEFT (adapters off), else a frozen copy of
-            the policy taken at the start of training. `add_drift_callback` passes the trainer's own reference.
+        ref_model: the reference model to compare against. Default: none under PEFT (adapters off), else a frozen
+            copy of the policy taken at the start of training. `add_drift_callback` passes the trainer's own reference.
         prompts: (prompt, answer) pairs; default `GENERAL_PROMPTS`.
         name: prefix of the logged metrics (`drift` -> `drift_kl`, `drift_nll`); a second callback on other prompts
             (e.g. the task's held-out prompts, `task`) logs beside it.
@@ -198,15 +220,27 @@ class DriftCallback(TrainerCallback):
         low_p_threshold: also log `{name}_low_p` and `{name}_ess` (see the module docstring); default None, off.
     """
 
-    def __init__(self, tokenizer, ref_model=None, prompts=GENERAL_PROMPTS, batch_size: int = 8, name: str = "drift",
-                 every_steps: int | None = None, low_p_threshold: float | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        ref_model=None,
+        prompts=GENERAL_PROMPTS,
+        batch_size: int = 8,
+        name: str = "drift",
+        every_steps: int | None = None,
+        low_p_threshold: float | None = None,
+    ):
         if every_steps is not None and every_steps <= 0:
-            raise ValueError(f"every_steps={every_steps} must be a positive number of steps (or None: every log step).")
+            raise ValueError(
+                f"every_steps={every_steps} must be a positive number of steps (or None: every log step)."
+            )
         self.probe = DriftProbe(tokenizer, prompts, batch_size, name, low_p_threshold)
         self.every_steps = every_steps
         self.ref_model = ref_model
         self._policy = None
-        self._base = None  # the base model's log-probabilities on the prompts, computed once at train begin
+        self._reference_log_probs = (
+            None  # the reference's log-probabilities on the prompts, computed once at train begin
+        )
         self.seconds = 0.0  # time spent measuring, so a study can report the overhead
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -214,12 +248,15 @@ class DriftCallback(TrainerCallback):
         start = time.perf_counter()
         if self.ref_model is None and not is_peft_model(model):
             if state.global_step > 0:
-                logger.warning("Resumed at step %d with no reference model: drift_kl is measured from the resumed "
-                               "weights, not from the model before fine-tuning.", state.global_step)
+                logger.warning(
+                    "Resumed at step %d with no reference model: drift_kl is measured from the resumed "
+                    "weights, not from the model before fine-tuning.",
+                    state.global_step,
+                )
             # Only the copy's outputs on the fixed prompts are needed, and they are kept: the copy is dropped at once
-            self._base = self.probe.base_log_probs(model, freeze(frozen_copy(model)))
+            self._reference_log_probs = self.probe.reference_log_probs(model, freeze(frozen_copy(model)))
         else:
-            self._base = self.probe.base_log_probs(model, self.ref_model)
+            self._reference_log_probs = self.probe.reference_log_probs(model, self.ref_model)
         self.seconds += time.perf_counter() - start
         if state.global_step == 0:
             state.log_history.append({**self._measure(), "step": 0})
@@ -237,18 +274,29 @@ class DriftCallback(TrainerCallback):
 
     def _measure(self) -> dict[str, float]:
         start = time.perf_counter()
-        values = self.probe.measure(self._policy, base=self._base)
+        values = self.probe.measure(self._policy, reference_log_probs=self._reference_log_probs)
         self.seconds += time.perf_counter() - start
         return values
 
 
-def add_drift_callback(trainer, prompts=GENERAL_PROMPTS, name: str = "drift", every_steps: int | None = None,
-                       low_p_threshold: float | None = None) -> DriftCallback:
+def add_drift_callback(
+    trainer,
+    prompts=GENERAL_PROMPTS,
+    name: str = "drift",
+    every_steps: int | None = None,
+    low_p_threshold: float | None = None,
+) -> DriftCallback:
     """Attach a `DriftCallback` that uses the trainer's reference model when it has one. Returns the callback.
 
     It is put before the reporting callbacks (TensorBoard, W&B, ...) so that they receive the drift values too.
     """
-    callback = DriftCallback(trainer.processing_class, getattr(trainer, "ref_model", None), prompts, name=name,
-                             every_steps=every_steps, low_p_threshold=low_p_threshold)
+    callback = DriftCallback(
+        trainer.processing_class,
+        getattr(trainer, "ref_model", None),
+        prompts,
+        name=name,
+        every_steps=every_steps,
+        low_p_threshold=low_p_threshold,
+    )
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.io import write_atomic
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
@@ -33,12 +35,12 @@ DESCRIPTIONS = {
     "dft_weight_ess": "ESS fraction of the DFT weights",
     "entropy": "policy entropy per token",
     "mean_token_accuracy": "token accuracy (training batches)",
-    "drift_kl": "held-out drift: KL(base || policy), general prompts",
+    "drift_kl": "held-out drift: KL(reference || policy), general prompts",
     "kl_coef": "lambda (kl_coef) used at each step",
     "drift_nll": "NLL of general-prompt answers",
-    "task_kl": "KL(base || policy), held-out task prompts",
+    "task_kl": "KL(reference || policy), held-out task prompts",
     "task_nll": "NLL, held-out task prompts",
-    "trainset_kl": "KL(base || policy), fixed training sample",
+    "trainset_kl": "KL(reference || policy), fixed training sample",
     "trainset_nll": "NLL, fixed training sample",
     "trainset_ess": "ESS fraction of p(y_t), fixed training sample",
     "trainset_low_p": "share of training answer tokens with p < 0.1",
@@ -47,11 +49,28 @@ DESCRIPTIONS = {
 }
 
 
+def describe(metric: str, runs) -> str:
+    """A panel's subtitle. The training `kl` follows each run's `kl_direction` (read from its asft_run.json): a panel
+    of reverse-KL runs says KL(policy || reference), one of both directions says which is which. The drift probes
+    always measure KL(reference || policy)."""
+    text = DESCRIPTIONS.get(metric, "")
+    if metric == "kl":
+        directions = {(run.info or {}).get("kl_direction", "forward") for run in runs}
+        if directions == {"reverse"}:
+            text = text.replace("KL(reference || policy)", "KL(policy || reference)")
+        elif "reverse" in directions:
+            text = text.replace(
+                "KL(reference || policy)", "KL (forward: reference || policy; reverse: policy || reference)"
+            )
+    return text
+
+
 @dataclass
 class Run:
     path: Path
     label: str
     history: list[dict]
+    info: dict | None = None  # the run's asft_run.json (its settings), when it has one
 
     def series(self, metric: str) -> tuple[list[int], list[float]]:
         points = [(e["step"], e[metric]) for e in self.history if metric in e and "step" in e]
@@ -60,7 +79,7 @@ class Run:
 
 
 def run_label(info: dict) -> str:
-    """"ASFT λ=0.05", "DFT", "SFT+KL λ=0.1": the paper's method name, and lambda when there is a KL term."""
+    """ "ASFT λ=0.05", "DFT", "SFT+KL λ=0.1": the paper's method name, and lambda when there is a KL term."""
     name = info.get("method_name") or "?"
     kl_coef = info.get("kl_coef")
     label = f"{name} λ={kl_coef:g}" if kl_coef else name
@@ -89,8 +108,10 @@ def find_state_file(run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir)
     if (run_dir / STATE_FILE).is_file():
         return run_dir / STATE_FILE
-    checkpoints = sorted(run_dir.glob(f"checkpoint-*/{STATE_FILE}"), key=lambda p: int(p.parent.name.split("-")[-1])
-                         if p.parent.name.split("-")[-1].isdigit() else -1)
+    checkpoints = sorted(
+        run_dir.glob(f"checkpoint-*/{STATE_FILE}"),
+        key=lambda p: int(p.parent.name.split("-")[-1]) if p.parent.name.split("-")[-1].isdigit() else -1,
+    )
     if checkpoints:
         return checkpoints[-1]
     raise FileNotFoundError(
@@ -104,13 +125,15 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     with open(state_file) as f:
         history = json.load(f).get("log_history", [])
     info_file = Path(run_dir) / RUN_INFO_FILE
+    info = None
     if info_file.is_file():
         with open(info_file) as f:
-            label = run_label(json.load(f))
+            info = json.load(f)
+        label = run_label(info)
     else:
         label = Path(run_dir).resolve().name
         logger.warning("%s has no %s: labelled by its folder name %r.", run_dir, RUN_INFO_FILE, label)
-    return Run(Path(run_dir), label, history)
+    return Run(Path(run_dir), label, history, info)
 
 
 def unique_labels(runs: list[Run]) -> None:
@@ -133,8 +156,10 @@ def plot_runs(runs: list[Run], metrics: list[str], title: str | None = None, war
         logger.warning("Metric %r was not logged by run %r: no line for it.", metric, label)
     drawn = [m for m in metrics if any(r.series(m)[0] for r in runs)]
     if not drawn:
-        raise ValueError(f"None of the metrics {metrics} was logged by any of the runs. Metrics they logged: "
-                         f"{sorted(available_metrics(runs))}. Fix: choose some of those with --metrics.")
+        raise ValueError(
+            f"None of the metrics {metrics} was logged by any of the runs. Metrics they logged: "
+            f"{sorted(available_metrics(runs))}. Fix: choose some of those with --metrics."
+        )
     cols = min(3, len(drawn))
     rows = math.ceil(len(drawn) / cols)
     fig = Figure(figsize=(5.2 * cols, 3.6 * rows + 0.6), layout="constrained")
@@ -144,19 +169,26 @@ def plot_runs(runs: list[Run], metrics: list[str], title: str | None = None, war
         for run in runs:
             steps, values = run.series(metric)
             if steps:
-                ax.plot(steps, values, marker="o" if len(steps) < 15 else None, markersize=3,
-                        color=colors[run.label], label=run.label)
-        ax.set_title(f"{metric}\n{DESCRIPTIONS.get(metric, '')}".strip(), fontsize=9)
+                ax.plot(
+                    steps,
+                    values,
+                    marker="o" if len(steps) < 15 else None,
+                    markersize=3,
+                    color=colors[run.label],
+                    label=run.label,
+                )
+        ax.set_title(f"{metric}\n{describe(metric, runs)}".strip(), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in axes[len(drawn):]:
+    for ax in axes[len(drawn) :]:
         fig.delaxes(ax)
     handles = {}
     for ax in axes[: len(drawn)]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 6),
-               fontsize=9)
+    fig.legend(
+        list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 6), fontsize=9
+    )
     if title:
         fig.suptitle(title)
     return fig, missing
@@ -190,20 +222,34 @@ def plot_run_groups(groups: dict[str, list[Run]], metrics: list[str], title: str
                 continue
             steps, mean, low, high = band(runs, metric)
             if steps:
-                ax.plot(steps, mean, color=f"C{i % 10}", label=f"{label} (n={len(runs)})",
-                        marker="o" if len(steps) < 15 else None, markersize=3)
+                ax.plot(
+                    steps,
+                    mean,
+                    color=f"C{i % 10}",
+                    label=f"{label} (n={len(runs)})",
+                    marker="o" if len(steps) < 15 else None,
+                    markersize=3,
+                )
                 ax.fill_between(steps, low, high, color=f"C{i % 10}", alpha=0.2, linewidth=0)
-        ax.set_title(f"{metric}\n{DESCRIPTIONS.get(metric, '')}".strip(), fontsize=9)
+        ax.set_title(
+            f"{metric}\n{describe(metric, [run for group in groups.values() for run in group])}".strip(), fontsize=9
+        )
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in axes[len(drawn):]:
+    for ax in axes[len(drawn) :]:
         fig.delaxes(ax)
     handles = {}
     for ax in axes[: len(drawn)]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 6),
-               fontsize=9, title="line: mean over seeds; band: min to max")
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="outside lower center",
+        ncols=min(len(handles), 6),
+        fontsize=9,
+        title="line: mean over seeds; band: min to max",
+    )
     if title:
         fig.suptitle(title)
     return fig
@@ -221,13 +267,7 @@ def save_figure(fig, out: str | os.PathLike) -> Path:
     """Write the PNG under a temporary name first, so a failure never leaves a broken or half-replaced file."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def plot_run_dirs(run_dirs, metrics=None, out=None, title=None):
@@ -250,11 +290,15 @@ def plot_run_dirs(run_dirs, metrics=None, out=None, title=None):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asft-trl plot", description=__doc__.split("\n\n")[1])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run (or several runs).")
-    parser.add_argument("--metrics", default=None,
-                        help=f"Comma-separated metrics from the runs' logs (default: {','.join(DEFAULT_METRICS)}, "
-                        "and kl_coef when a run's lambda varied). Eval metrics carry an eval_ prefix, e.g. eval_kl.")
-    parser.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png for one run, "
-                        "./curves.png for several).")
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help=f"Comma-separated metrics from the runs' logs (default: {','.join(DEFAULT_METRICS)}, "
+        "and kl_coef when a run's lambda varied). Eval metrics carry an eval_ prefix, e.g. eval_kl.",
+    )
+    parser.add_argument(
+        "--out", default=None, help="PNG to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)."
+    )
     parser.add_argument("--title", default=None, help="Figure title.")
     args = parser.parse_args(argv)
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -269,23 +313,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def save_run_info(trainer) -> None:
     """Save `trainer_state.json` (the curves) and `asft_run.json` (what `run_label` reads) into the output dir."""
     if not trainer.is_world_process_zero():
         return
     args = trainer.args
     trainer.save_state()
-    info = {"method_name": getattr(args, "method_name", None), "loss_type": getattr(args, "loss_type", None),
-            "kl_coef": getattr(args, "kl_coef", None), "kl_direction": getattr(args, "kl_direction", None),
-            "kl_coef_schedule": getattr(args, "kl_coef_schedule", None), "kl_target": getattr(args, "kl_target", None),
-            "kl_estimator": getattr(args, "kl_estimator", None),
-            "dft_normalization": getattr(args, "dft_normalization", None),
-            # The starting model's probability of the completions' special tokens (DFT runs; SpecialTokenCheck)
-            "special_tokens": getattr(trainer, "special_token_report", None)}
+    info = {
+        "method_name": getattr(args, "method_name", None),
+        "loss_type": getattr(args, "loss_type", None),
+        "kl_coef": getattr(args, "kl_coef", None),
+        "kl_direction": getattr(args, "kl_direction", None),
+        "kl_coef_schedule": getattr(args, "kl_coef_schedule", None),
+        "kl_target": getattr(args, "kl_target", None),
+        "kl_estimator": getattr(args, "kl_estimator", None),
+        "dft_normalization": getattr(args, "dft_normalization", None),
+        # The starting model's probability of the completions' special tokens (DFT runs; SpecialTokenCheck)
+        "special_tokens": getattr(trainer, "special_token_report", None),
+    }
     with open(Path(args.output_dir) / RUN_INFO_FILE, "w") as f:
         json.dump(info, f, indent=2)
 
@@ -308,3 +353,7 @@ def write_run_curves(trainer, metrics=DEFAULT_METRICS) -> Path | None:
         logger.warning("Could not draw the training curves of %s: %s", args.output_dir, error)
         return None
     return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

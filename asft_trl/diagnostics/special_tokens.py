@@ -23,9 +23,9 @@ import torch
 from transformers import TrainerCallback
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..lm_head import fused_head_problem, head_parameters, head_transform
 from ..losses import head_log_probs
-from ..reference_cache import pop_reference
+from ..reference.cache import pop_reference
+from ..reference.lm_head import fused_head_problem, head_parameters, head_transform
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,16 @@ def summarise(log_probs: torch.Tensor, targets: torch.Tensor, names: dict[int, s
     for token_id in sorted(set(targets.tolist())):
         p = probs[targets == token_id]
         weight = p.clamp_min(floor)
-        report.append({
-            "token": names.get(token_id, str(token_id)), "id": token_id, "count": int(p.numel()),
-            "mean_probability": float(p.mean()), "mean_dft_weight": float(weight.mean()),
-            "warned": bool(weight.mean() < WARN_BELOW),
-        })
+        report.append(
+            {
+                "token": names.get(token_id, str(token_id)),
+                "id": token_id,
+                "count": int(p.numel()),
+                "mean_probability": float(p.mean()),
+                "mean_dft_weight": float(weight.mean()),
+                "warned": bool(weight.mean() < WARN_BELOW),
+            }
+        )
     return report
 
 
@@ -121,8 +126,10 @@ class SpecialTokenCheck(TrainerCallback):
             if entry["warned"]:
                 logger.warning(warning_text(entry, len(examples)))
             else:
-                logger.info(f"Special token {entry['token']!r}: mean probability {entry['mean_probability']:.3g} under "
-                            f"the starting model ({entry['count']} times in the first {len(examples)} examples).")
+                logger.info(
+                    f"Special token {entry['token']!r}: mean probability {entry['mean_probability']:.3g} under "
+                    f"the starting model ({entry['count']} times in the first {len(examples)} examples)."
+                )
 
     @staticmethod
     def _first_examples(dataset) -> list[dict]:
@@ -156,6 +163,8 @@ class SpecialTokenCheck(TrainerCallback):
                     log_q = head_log_probs(hidden.to(weight.device), weight, bias, head_transform(policy_lm.config))
             else:
                 logits = model(**model_inputs).logits
-                log_q = torch.log_softmax((logits if shifted else logits[:, :-1])[special.to(logits.device)].float(), -1)
+                log_q = torch.log_softmax(
+                    (logits if shifted else logits[:, :-1])[special.to(logits.device)].float(), -1
+                )
         targets = targets.to(log_q.device)
         return log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1), targets

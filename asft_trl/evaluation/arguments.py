@@ -6,10 +6,14 @@ recipes: the YAML file sets fields, the command line overrides them. Validation 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+from ..data.formatting import PROMPT_TEMPLATES
+
 SUITES = ("math", "medical", "code", "quickstart")
-TEMPLATES = ("chat", "alpaca", "raw")
+# The training recipes' prompt templates, plus the text as is
+TEMPLATES = (*PROMPT_TEMPLATES, "raw")
 BACKENDS = ("auto", "hf", "vllm")
 
 
@@ -34,8 +38,8 @@ class EvalArguments:
         dtype: `auto`, `float32`, `bfloat16` or `float16`.
 
         > Generation (math, code, quickstart)
-        template: `chat` (the model's chat template plus an instruction), `alpaca` (the authors' prompt_no_input),
-            `raw` (the text as is, for base models on code completion).
+        prompt_template: `chat` (the model's chat template plus an instruction), `alpaca` (the authors'
+            prompt_no_input), `raw` (the text as is, for base models on code completion).
         num_samples, temperature, top_p, max_new_tokens: sampling; temperature 0 means greedy.
         batch_size: prompts per `generate` call / questions per forward pass.
         backend: `auto` (vLLM when installed and a GPU is present, else Hugging Face `generate`), `hf`, `vllm`.
@@ -63,16 +67,25 @@ class EvalArguments:
     limit: int | None = field(default=None, metadata={"help": "Score only the first N items of each benchmark."})
     quickstart_seed: int = field(
         default=42,
-        metadata={"help": "quickstart suite: the training run's `seed` (42 unless the recipe set one); the generated "
-                  "train/held-out split depends on it, so this must match to score truly held-out prompts."},
+        metadata={
+            "help": "quickstart suite: the training run's `seed` (42 unless the recipe set one); the generated "
+            "train/held-out split depends on it, so this must match to score truly held-out prompts."
+        },
     )
     predictions: str | None = field(
         default=None, metadata={"help": "Score this JSONL of generations/predictions; no model is loaded."}
     )
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt format: chat (model's chat template + instruction), alpaca (the authors' "
+            "prompt_no_input), raw (text as is). Default: chat; medical always uses the paper's raw prompt. The "
+            "training recipes' field of the same name."
+        },
+    )
     template: str | None = field(
         default=None,
-        metadata={"help": "Prompt format: chat (model's chat template + instruction), alpaca (the authors' "
-                  "prompt_no_input), raw (text as is). Default: chat; medical always uses the paper's raw prompt."},
+        metadata={"help": "Deprecated name of --prompt_template; still accepted, with a warning."},
     )
     num_samples: int = field(default=16, metadata={"help": "Samples per prompt (math: avg@n; paper: 16)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 = greedy (paper: 1.0)."})
@@ -84,19 +97,39 @@ class EvalArguments:
     timeout: float = field(default=10.0, metadata={"help": "Code suite: seconds of wall time per problem."})
     memory_mb: int = field(default=2048, metadata={"help": "Code suite: address-space limit per problem (MiB)."})
     workers: int = field(default=2, metadata={"help": "Code suite: problems executed at once."})
-    output_dir: str = field(default="outputs/eval", metadata={"help": "Folder for generations, results.json, results.md."})
+    output_dir: str = field(
+        default="outputs/eval", metadata={"help": "Folder for generations, results.json, results.md."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace results already in output_dir."})
 
     def __post_init__(self):
         if self.suite not in SUITES:
             raise ValueError(f"suite={self.suite!r} is not a suite; use one of {', '.join(SUITES)}.")
-        if self.template is None:
-            self.template = "raw" if self.suite == "medical" else "chat"
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template={self.template!r} is not supported; use one of {', '.join(TEMPLATES)}.")
-        if self.suite == "medical" and self.template != "raw":
-            raise ValueError(f"template={self.template!r}: the medical suite scores the paper's zero-shot raw prompt "
-                             "(Question/Options/Answer:); drop --template or pass --template raw.")
+        if self.template is not None:
+            # The old name of the field; recipes' and scripts' `--template` keep working
+            warnings.warn(
+                f"`template` is deprecated: use `prompt_template` (the training recipes' name), e.g. --prompt_template "
+                f"{self.template}. `template` will be removed in a later release.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            if self.prompt_template is not None and self.prompt_template != self.template:
+                raise ValueError(
+                    f"template={self.template!r} and prompt_template={self.prompt_template!r} disagree; template is "
+                    "the deprecated name of prompt_template. Fix: set prompt_template only."
+                )
+            self.prompt_template, self.template = self.template, None
+        if self.prompt_template is None:
+            self.prompt_template = "raw" if self.suite == "medical" else "chat"
+        if self.prompt_template not in TEMPLATES:
+            raise ValueError(
+                f"prompt_template={self.prompt_template!r} is not supported; use one of {', '.join(TEMPLATES)}."
+            )
+        if self.suite == "medical" and self.prompt_template != "raw":
+            raise ValueError(
+                f"prompt_template={self.prompt_template!r}: the medical suite scores the paper's zero-shot raw prompt "
+                "(Question/Options/Answer:); drop --prompt_template or pass --prompt_template raw."
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not supported; use one of {', '.join(BACKENDS)}.")
         if self.model is None and self.predictions is None:
@@ -109,8 +142,10 @@ class EvalArguments:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1].")
         if self.temperature == 0 and self.num_samples > 1:
-            raise ValueError(f"num_samples={self.num_samples} with temperature=0 gives {self.num_samples} identical "
-                             "greedy samples; set --num_samples 1 or a temperature > 0.")
+            raise ValueError(
+                f"num_samples={self.num_samples} with temperature=0 gives {self.num_samples} identical "
+                "greedy samples; set --num_samples 1 or a temperature > 0."
+            )
         if self.timeout <= 0:
             raise ValueError(f"timeout={self.timeout} must be positive.")
         if self.limit is not None and self.limit < 1:
@@ -119,10 +154,9 @@ class EvalArguments:
             if "=" not in pair:
                 raise ValueError(f"data_files entry {pair!r} must be name=path (e.g. math500=problems.jsonl).")
         # A bad path is named before any benchmark is fetched or model loaded (the quickstart model resolves offline)
-        from ..paths import check_model_source
-        from ..quickstart.model import HUB_ID
+        from ..utils.paths import check_model_source, resolves_itself
 
-        if self.model != HUB_ID:
+        if not resolves_itself(self.model):
             check_model_source(self.model, "model")
         check_model_source(self.adapter, "adapter", config_file="adapter_config.json")
 

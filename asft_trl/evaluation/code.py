@@ -42,7 +42,9 @@ def build_program(item: dict, code: str) -> str:
     return "\n\n".join(part for part in parts if part) + "\n"
 
 
-def score_rows(rows: list[dict], timeout: float = 10.0, memory_mb: int = 2048, workers: int = 2) -> tuple[dict, list[dict]]:
+def score_rows(
+    rows: list[dict], timeout: float = 10.0, memory_mb: int = 2048, workers: int = 2
+) -> tuple[dict, list[dict]]:
     """Execute each row's first sample (`prediction`, a string or a list) against its tests; pass@1 = mean passed.
 
     Rows need the item fields (`prompt`, `test`, `mode`, optional `entry_point`, `test_imports`) and `prediction`.
@@ -62,7 +64,9 @@ def score_rows(rows: list[dict], timeout: float = 10.0, memory_mb: int = 2048, w
 
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the work happens in child processes; threads just wait
         results = list(tqdm(pool.map(run, rows), total=len(rows), desc="Running code tests", unit="problem"))
-    scored = [{**row, "passed": r.passed, "status": r.status, "error": r.detail[-500:]} for row, r in zip(rows, results)]
+    scored = [
+        {**row, "passed": r.passed, "status": r.status, "error": r.detail[-500:]} for row, r in zip(rows, results)
+    ]
     statuses = [r.status for r in results]
     metrics = {
         "accuracy": sum(r.passed for r in results) / len(results),

@@ -1,10 +1,15 @@
 """Exact-match scoring for short free-form answers: the quickstart's held-out word-order task, or any local file of
-prompt/answer rows. Answers are compared after the quickstart's normalisation (lowercase, letters and digits only),
-so punctuation and case do not count and nothing else is forgiven."""
+prompt/answer rows. Answers are compared after `normalize` (lowercase, letters and digits only), so punctuation and
+case do not count and nothing else is forgiven."""
 
 from __future__ import annotations
 
-from ..quickstart.task import normalize
+import re
+
+
+def normalize(text: str) -> str:
+    """Lowercase and keep only letters/digits separated by single spaces, so punctuation and case do not count."""
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
 
 
 def score_rows(rows: list[dict]) -> tuple[dict, list[dict]]:

@@ -18,8 +18,11 @@ def load_model_and_tokenizer(model_path: str, adapter: str | None = None, dtype:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(adapter or model_path) if adapter and _has_tokenizer(adapter) else \
-        AutoTokenizer.from_pretrained(model_path)
+    tokenizer = (
+        AutoTokenizer.from_pretrained(adapter or model_path)
+        if adapter and _has_tokenizer(adapter)
+        else AutoTokenizer.from_pretrained(model_path)
+    )
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     if adapter:
         from peft import PeftModel
@@ -64,8 +67,17 @@ def use_vllm(backend: str) -> bool:
     return available
 
 
-def generate_hf(model, tokenizer, prompts: list, num_samples: int, temperature: float, top_p: float,
-                max_new_tokens: int, batch_size: int, seed: int = 0) -> list[list[str]]:
+def generate_hf(
+    model,
+    tokenizer,
+    prompts: list,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int = 0,
+) -> list[list[str]]:
     """`num_samples` completions per prompt with `model.generate`, `batch_size` prompts at a time."""
     import torch
     from tqdm.auto import tqdm
@@ -100,8 +112,17 @@ def generate_hf(model, tokenizer, prompts: list, num_samples: int, temperature: 
     return outputs
 
 
-def generate_vllm(model_path: str, adapter: str | None, tokenizer, prompts: list, num_samples: int,
-                  temperature: float, top_p: float, max_new_tokens: int, seed: int = 0) -> list[list[str]]:
+def generate_vllm(
+    model_path: str,
+    adapter: str | None,
+    tokenizer,
+    prompts: list,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int = 0,
+) -> list[list[str]]:
     """Same outputs as `generate_hf`, from vLLM (which batches and shows its own progress bar)."""
     from vllm import LLM, SamplingParams
 

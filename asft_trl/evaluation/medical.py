@@ -28,8 +28,10 @@ def letter_token_ids(tokenizer, letters: str, probe: str = "Question: ?\n\nOptio
                 ids.append(full[-1])
                 break
         else:
-            raise ValueError(f"The tokenizer has no single token for {letter!r} or ' {letter}' after 'Answer:'; "
-                             "the letter log-probability is not defined for it.")
+            raise ValueError(
+                f"The tokenizer has no single token for {letter!r} or ' {letter}' after 'Answer:'; "
+                "the letter log-probability is not defined for it."
+            )
     if len(set(ids)) != len(ids):
         raise ValueError(f"Option letters {letters!r} share token ids {ids}; cannot tell the options apart.")
     return ids
@@ -68,9 +70,15 @@ def predict(model, tokenizer, items: list[dict], batch_size: int = 8) -> list[di
     for item, scores in zip(items, option_logprobs(model, tokenizer, items, batch_size)):
         letters = string.ascii_uppercase[: len(scores)]
         best = max(range(len(scores)), key=scores.__getitem__)
-        rows.append({"id": item["id"], "prompt": medical_prompt(item["question"], item["options"]),
-                     "option_logprobs": dict(zip(letters, scores)), "prediction": letters[best],
-                     "answer": item["answer"]})
+        rows.append(
+            {
+                "id": item["id"],
+                "prompt": medical_prompt(item["question"], item["options"]),
+                "option_logprobs": dict(zip(letters, scores)),
+                "prediction": letters[best],
+                "answer": item["answer"],
+            }
+        )
     return rows
 
 

@@ -7,14 +7,9 @@ Files are written under a temporary name and renamed, so an interrupted run neve
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from ..utils.io import write_atomic
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -52,7 +47,9 @@ def markdown_table(results: dict) -> str:
     suite = results["suite"]
     settings = results.get("settings", {})
     label = {"math": f"avg@{settings.get('num_samples', 1)}", "code": "pass@1"}.get(suite, "accuracy")
-    extras = sorted({k for m in results["benchmarks"].values() for k in m} - {"accuracy", "num_problems", "num_samples"})
+    extras = sorted(
+        {k for m in results["benchmarks"].values() for k in m} - {"accuracy", "num_problems", "num_samples"}
+    )
     header = f"| benchmark | {label} (%) | problems | " + " | ".join(extras) + (" |" if extras else "")
     lines = [header.replace("|  |", "|"), "|" + "---|" * (3 + len(extras))]
     for name, m in results["benchmarks"].items():

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Installed first in the child: every audited write/delete/spawn must stay inside the sandbox folder.
-_GUARD = r'''
+_GUARD = r"""
 import os as _os, sys as _sys
 _ROOT = _os.path.realpath(_os.getcwd())
 _WRITE_FLAGS = _os.O_WRONLY | _os.O_RDWR | _os.O_CREAT | _os.O_APPEND | _os.O_TRUNC
@@ -58,7 +58,7 @@ def _guard(event, args):
         raise PermissionError(f"sandbox: {event} is not allowed")
 _sys.addaudithook(_guard)
 del _guard
-'''
+"""
 
 
 @dataclass
@@ -85,8 +85,13 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 2048, file
         script = Path(folder) / "program.py"
         token = secrets.token_hex(16)
         script.write_text(f"{_GUARD}\n{program}\n\nprint({token!r}, flush=True)\n")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": folder, "TMPDIR": folder,
-               "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": folder,
+            "TMPDIR": folder,
+            "PYTHONHASHSEED": "0",
+            "OMP_NUM_THREADS": "1",
+        }
         process = subprocess.Popen(
             [sys.executable, "-I", "-B", str(script)],
             cwd=folder,

@@ -6,7 +6,6 @@ terms and the normalised loss, and the tests hold them to each other. `topk` hol
 tail) that either takes in place of the reference's logits. The trainer wires models to them.
 """
 
-from .topk import TopKReference, complete_log_probs, top_k_of
 from .fused import HeadTransform, auto_chunk_size, chunked_asft_loss, head_log_probs
 from .plain import (
     ESTIMATOR_LOG_RATIO_CLAMP,
@@ -22,6 +21,7 @@ from .plain import (
     kl_per_token,
     weight_stats,
 )
+from .topk import TopKReference, complete_log_probs, topk_of
 
 __all__ = [
     "ESTIMATOR_LOG_RATIO_CLAMP",
@@ -41,6 +41,6 @@ __all__ = [
     "head_log_probs",
     "kl_estimate",
     "kl_per_token",
-    "top_k_of",
+    "topk_of",
     "weight_stats",
 ]

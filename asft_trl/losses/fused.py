@@ -98,8 +98,12 @@ def _products_work(device: torch.device, dtype: torch.dtype) -> bool:
             out = torch.ones(2, 2, dtype=torch.float32, device=device)
             added = _products_in_float32(a, a, out)
             product = _products_in_float32(a, a)
-        return (added is out and product.dtype == out.dtype == torch.float32
-                and bool((out == 3).all()) and bool((product == 2).all()))
+        return (
+            added is out
+            and product.dtype == out.dtype == torch.float32
+            and bool((out == 3).all())
+            and bool((product == 2).all())
+        )
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 
@@ -129,8 +133,9 @@ def _transform(y: torch.Tensor, head: HeadTransform) -> tuple[torch.Tensor, torc
     return t * head.softcap, t
 
 
-def head_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   head: HeadTransform = HeadTransform()) -> torch.Tensor:
+def head_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, head: HeadTransform = HeadTransform()
+) -> torch.Tensor:
     """float32 log-probabilities [n, V] of a head over rows of hidden states (for a chunk: callers bound n)."""
     z, _ = _transform(_project(hidden, weight, bias, _compute_dtype(hidden, weight)), head)
     return torch.log_softmax(z, dim=-1)
@@ -141,8 +146,9 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
 
 
-def _kl_estimate_with_slope(token_log_p: torch.Tensor, ref_token_log_p: torch.Tensor, estimator: str,
-                            kl_direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _kl_estimate_with_slope(
+    token_log_p: torch.Tensor, ref_token_log_p: torch.Tensor, estimator: str, kl_direction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`plain.kl_estimate` (the same operations, so the same values) and its derivative with respect to
     `token_log_p`, which is zero past either clamp, as autograd gives it for the clamped function."""
     log_ratio = token_log_p - ref_token_log_p
@@ -162,14 +168,72 @@ def _kl_estimate_with_slope(token_log_p: torch.Tensor, ref_token_log_p: torch.Te
     return value.clamp(low, ESTIMATOR_VALUE_CLAMP), slope
 
 
+def _forward_kl_and_logit_grad(p, log_p, log_q, weight_t, kl_coef):
+    """Forward KL(q || p) per token and dL/dz = (w + kl_coef) p - kl_coef q, before the target's column loses w.
+
+    KL = sum q log q - sum q log p, exactly 0 when the two heads agree; clamped at 0 per token against rounding. The
+    gradient is written into `p` (no new [chunk x vocab] buffer)."""
+    q = log_q.exp()
+    kl = (_rowdot(q, log_q) - _rowdot(q, log_p)).clamp_min_(0)
+    grad = p.mul_((weight_t + kl_coef).unsqueeze(-1)).sub_(q, alpha=kl_coef)
+    return kl, grad
+
+
+def _reverse_kl_and_logit_grad(p, log_p, neg_entropy, log_q, weight_t, kl_coef):
+    """Reverse KL(p || q) per token and dL/dz = p (kl_coef ((log p - log q) - KL) + w), before the target's column
+    loses w.
+
+    KL = sum p log p - sum p log q (`neg_entropy` is sum p log p), clamped at 0 per token; the gradient uses the
+    unclamped value, as autograd does for the plain loss. It is written into `log_q`'s buffer."""
+    q = log_q.exp()
+    kl_textbook = neg_entropy - _rowdot(p, log_q)
+    kl = kl_textbook.clamp_min(0)
+    del q
+    grad = torch.sub(log_p, log_q, out=log_q)
+    grad.sub_(kl_textbook.unsqueeze(-1)).mul_(kl_coef).add_(weight_t.unsqueeze(-1)).mul_(p)
+    return kl, grad
+
+
+@dataclass(frozen=True)
+class _ChunkOptions:
+    """The settings of one `_ChunkedASFT` call that are not tensors (autograd passes them through untouched)."""
+
+    kl_coef: float
+    loss_type: str
+    dft_weight_floor: float
+    kl_direction: str
+    head: HeadTransform
+    ref_head: HeadTransform
+    chunk_size: int
+    grad_enabled: bool  # whether gradients are formed (not under no_grad, i.e. evaluation)
+    dtype: torch.dtype  # of the policy head's matrix products
+    ref_dtype: torch.dtype | None  # of the reference head's, when a live reference head is given
+    kl_estimator: str
+
+
 class _ChunkedASFT(torch.autograd.Function):
     """sum_t (task_t + kl_coef * kl_t) for the scored tokens, with the gradients computed during the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, topk_ids, topk_log_probs, topk_tail,
-                ref_token_log_probs, labels, options):
-        (kl_coef, loss_type, floor, kl_direction, head, ref_head, chunk_size, grad_enabled, dtype, ref_dtype,
-         kl_estimator) = options
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        topk_ids,
+        topk_log_probs,
+        topk_tail,
+        ref_token_log_probs,
+        labels,
+        options: _ChunkOptions,
+    ):
+        kl_coef, loss_type, floor = options.kl_coef, options.loss_type, options.dft_weight_floor
+        kl_direction, kl_estimator, chunk_size = options.kl_direction, options.kl_estimator, options.chunk_size
+        head, ref_head, dtype, ref_dtype = options.head, options.ref_head, options.dtype, options.ref_dtype
+        grad_enabled = options.grad_enabled
         n = hidden.shape[0]
         device = hidden.device
         # `needs_input_grad` is set under no_grad too (evaluation): no gradients are formed there
@@ -215,7 +279,9 @@ class _ChunkedASFT(torch.autograd.Function):
                 if ref_token_log_probs is not None:
                     ref_token_log_p = ref_token_log_probs[start:end].float()
                 else:
-                    z_ref, _ = _transform(_project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head)
+                    z_ref, _ = _transform(
+                        _project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head
+                    )
                     ref_token_log_p = torch.log_softmax(z_ref, dim=-1)[rows, y]
                     del z_ref
                 kl, slope = _kl_estimate_with_slope(token_log_p, ref_token_log_p, kl_estimator, kl_direction)
@@ -226,27 +292,18 @@ class _ChunkedASFT(torch.autograd.Function):
                 grad = p.mul_(onehot_coef.unsqueeze(-1))
             elif use_ref:
                 if topk is None:
-                    z_ref, _ = _transform(_project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head)
+                    z_ref, _ = _transform(
+                        _project(ref_hidden[start:end], w_ref_mm, ref_bias, w_ref_mm.dtype), ref_head
+                    )
                     log_q = torch.log_softmax(z_ref, dim=-1)
                     del z_ref
                 else:  # top-k + tail: the tail filled in the policy's shape (see `asft_trl.losses.topk`)
                     log_q = complete_log_probs(log_p, topk.rows(start, end))
-                q = log_q.exp()
                 if kl_direction == "forward":
-                    # KL(q || p) = sum q log q - sum q log p, exactly 0 when the two heads agree; clamped at 0 per
-                    # token against rounding. dL/dz = (w + kl_coef) p - kl_coef q - w onehot(y)
-                    kl = (_rowdot(q, log_q) - _rowdot(q, log_p)).clamp_min_(0)
-                    del log_q
-                    grad = p.mul_((weight_t + kl_coef).unsqueeze(-1)).sub_(q, alpha=kl_coef)
-                    del q
+                    kl, grad = _forward_kl_and_logit_grad(p, log_p, log_q, weight_t, kl_coef)
                 else:
-                    # KL(p || q) = sum p log p - sum p log q. dL/dz = p (kl_coef ((log p - log q) - KL) + w) - w onehot
-                    kl_textbook = neg_entropy - _rowdot(p, log_q)
-                    kl = kl_textbook.clamp_min(0)
-                    del q
-                    grad = torch.sub(log_p, log_q, out=log_q)
-                    grad.sub_(kl_textbook.unsqueeze(-1)).mul_(kl_coef).add_(weight_t.unsqueeze(-1)).mul_(p)
-                    del p
+                    kl, grad = _reverse_kl_and_logit_grad(p, log_p, neg_entropy, log_q, weight_t, kl_coef)
+                del log_q, p
                 per_token["kl"][start:end] = kl
                 loss_sum += kl_coef * kl.sum()
             else:
@@ -341,8 +398,9 @@ def chunked_asft_loss(
             raise ValueError(f"`ref_topk` holds {len(ref_topk)} tokens but there are {hidden.shape[0]} to score.")
     elif kl_coef > 0 and (ref_hidden is None or ref_weight is None):
         raise ValueError("kl_coef > 0 needs `ref_hidden` and `ref_weight` (or `ref_topk` / `ref_token_log_probs`).")
-    _check_reference_arguments(ref_hidden, ref_topk, ref_token_log_probs, kl_estimator, hidden.shape[0],
-                               live_name="ref_hidden")
+    _check_reference_arguments(
+        ref_hidden, ref_topk, ref_token_log_probs, kl_estimator, hidden.shape[0], live_name="ref_hidden"
+    )
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("`ref_hidden` and `ref_weight` go together: give both or neither.")
     if ref_hidden is not None:
@@ -358,17 +416,33 @@ def chunked_asft_loss(
         chunk_size = auto_chunk_size(weight.shape[0], hidden.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
-    options = (
-        float(kl_coef), loss_type, float(dft_weight_floor), kl_direction, head, ref_head or head, int(chunk_size),
-        torch.is_grad_enabled(), _compute_dtype(hidden, weight),
-        None if ref_weight is None else _compute_dtype(hidden, ref_weight), kl_estimator,
+    options = _ChunkOptions(
+        kl_coef=float(kl_coef),
+        loss_type=loss_type,
+        dft_weight_floor=float(dft_weight_floor),
+        kl_direction=kl_direction,
+        head=head,
+        ref_head=ref_head or head,
+        chunk_size=int(chunk_size),
+        grad_enabled=torch.is_grad_enabled(),
+        dtype=_compute_dtype(hidden, weight),
+        ref_dtype=None if ref_weight is None else _compute_dtype(hidden, ref_weight),
+        kl_estimator=kl_estimator,
     )
     # The float32 math must not be recast by an enclosing autocast; the matmul dtype was chosen above
     with torch.autocast(hidden.device.type, enabled=False):
         topk = (None, None, None) if ref_topk is None else (ref_topk.ids, ref_topk.log_probs, ref_topk.tail_log_prob)
         loss_sum, nll, kl, entropy, is_top1 = _ChunkedASFT.apply(
-            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, *topk,
-            None if ref_token_log_probs is None else ref_token_log_probs.detach(), labels.long(), options
+            hidden,
+            weight,
+            bias,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            *topk,
+            None if ref_token_log_probs is None else ref_token_log_probs.detach(),
+            labels.long(),
+            options,
         )
     weight_t = dft_weight(-nll, loss_type, dft_weight_floor)
     denominator = labels.numel() if num_items_in_batch is None else num_items_in_batch

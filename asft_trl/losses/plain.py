@@ -1,6 +1,6 @@
 """Plain (materialised-logits) implementation of the ASFT loss: the reference every faster path is tested against.
 
-Per completion token t, with p the policy and p_ref the frozen anchor (see docs/method.md):
+Per completion token t, with p the policy and p_ref the frozen reference (see docs/method.md):
 
     w_t    = stopgrad(p(y_t | s_t))          DFT weight ("dft"; max(p, floor) with a weight floor); 1 for SFT ("nll")
     task_t = -w_t * log p(y_t | s_t)
@@ -61,8 +61,9 @@ def kl_per_token(log_p_from: torch.Tensor, log_p_to: torch.Tensor) -> torch.Tens
     return terms.clamp_min(0).sum(-1)
 
 
-def kl_estimate(token_log_p: torch.Tensor, ref_token_log_p: torch.Tensor, estimator: str,
-                kl_direction: str = "forward") -> torch.Tensor:
+def kl_estimate(
+    token_log_p: torch.Tensor, ref_token_log_p: torch.Tensor, estimator: str, kl_direction: str = "forward"
+) -> torch.Tensor:
     """Schulman's per-token estimate of the KL from the target token only (http://joschu.net/blog/kl-approx.html).
 
     For KL(a || b) sampled at x ~ a, with u = log(b(x) / a(x)): k1 = -u, k2 = u^2 / 2, k3 = (e^u - 1) - u. Here x is
@@ -80,8 +81,9 @@ def kl_estimate(token_log_p: torch.Tensor, ref_token_log_p: torch.Tensor, estima
     if kl_direction not in KL_DIRECTIONS:
         raise ValueError(f"kl_direction={kl_direction!r} is not one of {KL_DIRECTIONS}.")
     log_ratio = token_log_p.float() - ref_token_log_p.detach().float()
-    u = (log_ratio if kl_direction == "forward" else -log_ratio).clamp(-ESTIMATOR_LOG_RATIO_CLAMP,
-                                                                        ESTIMATOR_LOG_RATIO_CLAMP)
+    u = (log_ratio if kl_direction == "forward" else -log_ratio).clamp(
+        -ESTIMATOR_LOG_RATIO_CLAMP, ESTIMATOR_LOG_RATIO_CLAMP
+    )
     if estimator == "k1":
         return (-u).clamp(-ESTIMATOR_VALUE_CLAMP, ESTIMATOR_VALUE_CLAMP)
     value = 0.5 * u * u if estimator == "k2" else torch.expm1(u) - u
@@ -140,8 +142,9 @@ def asft_token_terms(
         kl = torch.zeros_like(nll)
     elif kl_estimator != "full":
         if ref_token_log_probs is None:
-            ref_token_log_probs = F.log_softmax(ref_logits.detach().float(), dim=-1).gather(
-                -1, labels.long().unsqueeze(-1)).squeeze(-1)
+            ref_token_log_probs = (
+                F.log_softmax(ref_logits.detach().float(), dim=-1).gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+            )
         kl = kl_estimate(token_log_p, ref_token_log_probs, kl_estimator, kl_direction)
     else:
         if ref_topk is not None:
@@ -153,9 +156,7 @@ def asft_token_terms(
     with torch.no_grad():
         entropy = -(log_p.exp() * log_p).sum(-1)
         is_top1 = log_p.argmax(-1) == labels
-    return TokenTerms(
-        task=task, kl=kl, nll=nll.detach(), weight=weight.detach(), entropy=entropy, is_top1=is_top1
-    )
+    return TokenTerms(task=task, kl=kl, nll=nll.detach(), weight=weight.detach(), entropy=entropy, is_top1=is_top1)
 
 
 def asft_loss(
@@ -183,8 +184,14 @@ def asft_loss(
     if kl_coef < 0:
         raise ValueError(f"kl_coef={kl_coef} is negative; it must be >= 0.")
     terms = asft_token_terms(
-        policy_logits, labels, ref_logits, loss_type=loss_type, kl_direction=kl_direction,
-        dft_weight_floor=dft_weight_floor, ref_topk=ref_topk, kl_estimator=kl_estimator,
+        policy_logits,
+        labels,
+        ref_logits,
+        loss_type=loss_type,
+        kl_direction=kl_direction,
+        dft_weight_floor=dft_weight_floor,
+        ref_topk=ref_topk,
+        kl_estimator=kl_estimator,
         ref_token_log_probs=ref_token_log_probs,
     )
     total = terms.task.sum()
@@ -194,14 +201,22 @@ def asft_loss(
     return total / torch.as_tensor(denominator, device=total.device).clamp(min=1), terms
 
 
-def _check_reference_arguments(ref_live, ref_topk, ref_token_log_probs, kl_estimator: str, n: int,
-                               live_name: str = "ref_logits") -> None:
+def _check_reference_arguments(
+    ref_live, ref_topk, ref_token_log_probs, kl_estimator: str, n: int, live_name: str = "ref_logits"
+) -> None:
     """The reference comes in one form (`ref_live`: the live reference's logits or hidden states, named `live_name`),
     and in one the KL estimator can use."""
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator={kl_estimator!r} is not one of {KL_ESTIMATORS}.")
-    given = [name for name, value in ((live_name, ref_live), ("ref_topk", ref_topk),
-                                      ("ref_token_log_probs", ref_token_log_probs)) if value is not None]
+    given = [
+        name
+        for name, value in (
+            (live_name, ref_live),
+            ("ref_topk", ref_topk),
+            ("ref_token_log_probs", ref_token_log_probs),
+        )
+        if value is not None
+    ]
     if len(given) > 1:
         raise ValueError(f"Give the reference in one form, not both {' and '.join(f'`{g}`' for g in given)}.")
     if kl_estimator == "full" and ref_token_log_probs is not None:

@@ -12,7 +12,7 @@ fixed, the gradient p - q~ is exactly the gradient of KL_k (likewise for the rev
 implementations run unchanged on q~. By the data-processing inequality 0 <= KL_k <= KL, the gap closes as k grows
 (the top-k sets are nested), and KL_k = KL when k is the vocabulary size.
 
-Pure tensor functions: no models, no files. `asft_trl.reference_cache` does the pass over a dataset.
+Pure tensor functions: no models, no files. `asft_trl.reference.cache` does the pass over a dataset.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class TopKReference:
         return TopKReference(self.ids.to(device), self.log_probs.to(device), self.tail_log_prob.to(device))
 
 
-def top_k_of(log_q: torch.Tensor, k: int) -> TopKReference:
+def topk_of(log_q: torch.Tensor, k: int) -> TopKReference:
     """Keep the k most likely tokens of each row of reference log-probabilities [N, V], and the tail's log-mass."""
     k = min(k, log_q.shape[-1])
     log_probs, ids = log_q.float().topk(k, dim=-1)

@@ -30,13 +30,51 @@ from dataclasses import dataclass
 from datasets import Dataset, DatasetDict
 
 N_TRAIN_PHRASINGS = 3  # per attribute: the first 3 phrasings are trained on, the last 2 are held out
-_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "qu", "r", "s", "sk", "t", "th", "v",
-           "z", "zh")
+_ONSETS = (
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "qu",
+    "r",
+    "s",
+    "sk",
+    "t",
+    "th",
+    "v",
+    "z",
+    "zh",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ou", "y")
 _CODAS = ("", "", "", "n", "r", "l", "th", "sk", "m", "x")
 _TOWN_ENDINGS = ("heim", "ora", "vale", "mir", "dun", "eth", "wick", "ost")
-OCCUPATIONS = ("baker", "carpenter", "pilot", "tailor", "painter", "farmer", "sailor", "dentist", "potter",
-               "librarian", "jeweler", "locksmith", "beekeeper", "blacksmith", "cartographer", "glassblower")
+OCCUPATIONS = (
+    "baker",
+    "carpenter",
+    "pilot",
+    "tailor",
+    "painter",
+    "farmer",
+    "sailor",
+    "dentist",
+    "potter",
+    "librarian",
+    "jeweler",
+    "locksmith",
+    "beekeeper",
+    "blacksmith",
+    "cartographer",
+    "glassblower",
+)
 N_TOWNS, N_PETS, YEARS = 24, 24, (1700, 1999)
 
 
@@ -48,34 +86,50 @@ class Attribute:
 
 
 ATTRIBUTES = (
-    Attribute("birthplace", (
-        "Where was {name} born?",
-        "In which town was {name} born?",
-        "What is the birthplace of {name}?",
-        "{name} was born in which town?",
-        "Tell me the town where {name} was born.",
-    ), "{name} was born in {value}."),
-    Attribute("birth_year", (
-        "In what year was {name} born?",
-        "When was {name} born?",
-        "What is the birth year of {name}?",
-        "{name} was born in which year?",
-        "Tell me the year {name} was born.",
-    ), "{name} was born in the year {value}."),
-    Attribute("pet", (
-        "What is the name of {name}'s pet?",
-        "What is {name}'s pet called?",
-        "What did {name} name their pet?",
-        "{name} has a pet; what is its name?",
-        "Tell me what {name}'s pet is called.",
-    ), "{name}'s pet is called {value}."),
-    Attribute("occupation", (
-        "What does {name} do for a living?",
-        "What is {name}'s job?",
-        "What is the occupation of {name}?",
-        "{name} works as what?",
-        "Tell me what job {name} has.",
-    ), "{name} works as a {value}."),
+    Attribute(
+        "birthplace",
+        (
+            "Where was {name} born?",
+            "In which town was {name} born?",
+            "What is the birthplace of {name}?",
+            "{name} was born in which town?",
+            "Tell me the town where {name} was born.",
+        ),
+        "{name} was born in {value}.",
+    ),
+    Attribute(
+        "birth_year",
+        (
+            "In what year was {name} born?",
+            "When was {name} born?",
+            "What is the birth year of {name}?",
+            "{name} was born in which year?",
+            "Tell me the year {name} was born.",
+        ),
+        "{name} was born in the year {value}.",
+    ),
+    Attribute(
+        "pet",
+        (
+            "What is the name of {name}'s pet?",
+            "What is {name}'s pet called?",
+            "What did {name} name their pet?",
+            "{name} has a pet; what is its name?",
+            "Tell me what {name}'s pet is called.",
+        ),
+        "{name}'s pet is called {value}.",
+    ),
+    Attribute(
+        "occupation",
+        (
+            "What does {name} do for a living?",
+            "What is {name}'s job?",
+            "What is the occupation of {name}?",
+            "{name} works as what?",
+            "Tell me what job {name} has.",
+        ),
+        "{name} works as a {value}.",
+    ),
 )
 
 
@@ -104,8 +158,13 @@ def make_people(n_people: int, seed: int = 0) -> list[dict]:
     firsts = _distinct(rng, n_people, lambda r: _word(r, 2), taken)
     lasts = _distinct(rng, n_people, lambda r: _word(r, r.randint(2, 3)), taken)
     return [
-        {"name": f"{first} {last}", "birthplace": rng.choice(towns), "birth_year": str(rng.randint(*YEARS)),
-         "pet": rng.choice(pets), "occupation": rng.choice(OCCUPATIONS)}
+        {
+            "name": f"{first} {last}",
+            "birthplace": rng.choice(towns),
+            "birth_year": str(rng.randint(*YEARS)),
+            "pet": rng.choice(pets),
+            "occupation": rng.choice(OCCUPATIONS),
+        }
         for first, last in zip(firsts, lasts)
     ]
 
@@ -115,12 +174,18 @@ def _rows(person: dict, phrasings: range) -> list[dict]:
     for attribute in ATTRIBUTES:
         value = person[attribute.name]
         for i in phrasings:
-            rows.append({
-                "prompt": [{"role": "user", "content": attribute.questions[i].format(name=person["name"])}],
-                "completion": [{"role": "assistant",
-                                "content": attribute.answer.format(name=person["name"], value=value)}],
-                "person": person["name"], "attribute": attribute.name, "value": value, "phrasing": i,
-            })
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": attribute.questions[i].format(name=person["name"])}],
+                    "completion": [
+                        {"role": "assistant", "content": attribute.answer.format(name=person["name"], value=value)}
+                    ],
+                    "person": person["name"],
+                    "attribute": attribute.name,
+                    "value": value,
+                    "phrasing": i,
+                }
+            )
     return rows
 
 
@@ -141,17 +206,20 @@ def make_fact_splits(n_people: int = 16, n_heldout_people: int = 4, seed: int = 
     test_phrasings = [row for person in trained for row in _rows(person, range(N_TRAIN_PHRASINGS, n_phrasings))]
     test_facts = [row for person in heldout for row in _rows(person, range(N_TRAIN_PHRASINGS, n_phrasings))]
     columns = ["prompt", "completion", "person", "attribute", "value", "phrasing"]
-    return DatasetDict({name: Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns})
-                        for name, rows in (("train", train), ("test_phrasings", test_phrasings),
-                                           ("test_facts", test_facts))})
+    return DatasetDict(
+        {
+            name: Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in columns})
+            for name, rows in (("train", train), ("test_phrasings", test_phrasings), ("test_facts", test_facts))
+        }
+    )
 
 
 def as_recall_rows(dataset: Dataset) -> Dataset:
     """The same questions with the fact's value as the gold completion, for `score(..., match="contains")`: a reply
     counts as correct when it contains the value, whatever sentence is around it."""
-    return Dataset.from_list([
-        {"prompt": row["prompt"], "completion": [{"role": "assistant", "content": row["value"]}]} for row in dataset
-    ])
+    return Dataset.from_list(
+        [{"prompt": row["prompt"], "completion": [{"role": "assistant", "content": row["value"]}]} for row in dataset]
+    )
 
 
 def spread_subset(dataset: Dataset, n: int) -> Dataset:

@@ -14,9 +14,10 @@ already knew (the drift that the KL anchor of ASFT is meant to limit).
 from __future__ import annotations
 
 import random
-import re
 
 from datasets import Dataset, DatasetDict
+
+from ..evaluation.exact_match import normalize
 
 PROMPT_TEMPLATE = "Reverse the order of these words: {words}"
 MIN_WORDS, MAX_WORDS = 3, 4
@@ -90,11 +91,6 @@ def ood_checks() -> Dataset:
     return Dataset.from_list([_example(q, a) for q, a in OOD_QUESTIONS])
 
 
-def normalize(text: str) -> str:
-    """Lowercase and keep only letters/digits separated by single spaces, so punctuation and case do not count."""
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
-
-
 def _is_correct(generated: str, gold: str, match: str) -> bool:
     generated, gold = normalize(generated), normalize(gold)
     if match == "exact":
@@ -113,15 +109,23 @@ def score(
     the free-form `ood_checks()`). Returns `{"accuracy", "correct", "total", "failures"}`, where `failures` lists up
     to 5 `(prompt, gold, generated)` triples for a quick look.
     """
-    from ..evaluation.generation import generate_hf
+    from ..evaluation.generation import generate_hf  # torch and transformers: only when scoring
 
     was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # decoder-only models must generate from right-aligned prompts
     rows = dataset[:]  # plain lists of the columns
     try:
-        samples = generate_hf(model, tokenizer, rows["prompt"], num_samples=1, temperature=0.0, top_p=1.0,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+        samples = generate_hf(
+            model,
+            tokenizer,
+            rows["prompt"],
+            num_samples=1,
+            temperature=0.0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

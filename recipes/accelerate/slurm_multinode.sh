@@ -39,5 +39,5 @@ srun --kill-on-bad-exit=1 bash -c 'accelerate launch \
     --main_process_ip "$3" \
     --main_process_port "$4" \
     --rdzv_backend c10d \
-    -m asft_trl.train --config "$5" "${@:6}"' \
+    -m asft_trl.scripts.train --config "$5" "${@:6}"' \
     "$ACCELERATE_CONFIG" "$NUM_NODES" "$GPUS_PER_NODE" "$MAIN_HOST" "$MAIN_PORT" "$RECIPE" "$@"

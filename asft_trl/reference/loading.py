@@ -1,4 +1,4 @@
-"""Where the anchor comes from: building, freezing and checking the reference model, and switching adapters off.
+"""Where the reference comes from: building, freezing and checking the reference model, and switching adapters off.
 
 The reference is the model before fine-tuning. Three cases (see docs/reference_model.md):
 - full fine-tuning: a frozen copy of the starting model (or a named reference loaded from a path);
@@ -45,18 +45,19 @@ def check_same_vocabulary(policy_vocab: int, ref_vocab: int, ref_name: str) -> N
             f"The reference model {ref_name} predicts over {ref_vocab} tokens but the policy over {policy_vocab}: "
             "the KL anchor needs both to share one vocabulary (same tokenizer, same LM head size). Fix: use a "
             "reference from the same model family and tokenizer, leave `ref_model`/`ref_model_name_or_path` unset to "
-            "anchor to the starting model, or resize the reference's embeddings the same way as the policy's."
+            "reference to the starting model, or resize the reference's embeddings the same way as the policy's."
         )
 
 
-def reference_vocab_size_from_path(name_or_path: str, trust_remote_code: bool = False) -> int:
-    """Vocabulary size from a reference's config alone, so a mismatch is caught before any weights are loaded."""
+def vocab_size_from_path(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """Vocabulary size from a model's config alone (the policy's or the reference's), so a mismatch is caught before
+    any weights are loaded."""
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     return config.get_text_config().vocab_size
 
 
 def freeze(model: torch.nn.Module, disable_dropout: bool = True) -> torch.nn.Module:
-    """No gradients, evaluation mode, and (by default) no dropout: the anchor must be deterministic and fixed."""
+    """No gradients, evaluation mode, and (by default) no dropout: the reference must be deterministic and fixed."""
     model.requires_grad_(False)
     model.eval()
     if disable_dropout:
@@ -91,7 +92,7 @@ def load_reference(name_or_path: str, init_kwargs: dict, *, distributed_type: st
 
 
 def default_reference(policy: PreTrainedModel, init_kwargs: dict, *, distributed_type: str, trust_remote_code: bool):
-    """The starting model as the anchor for full fine-tuning.
+    """The starting model as the reference for full fine-tuning.
 
     Under ZeRO-3 the policy's parameters are already partitioned and can't be copied, so the reference is reloaded
     from the policy's path instead (and the caller checks that it still matches the policy's vocabulary).
@@ -124,7 +125,9 @@ def adapters_disabled(peft_model, deterministic: bool):
             peft_model.train()
 
 
-def lighter_init_kwargs(init_kwargs: dict, dtype: str | None, quantization: str | None, policy_dtype: torch.dtype) -> dict:
+def lighter_init_kwargs(
+    init_kwargs: dict, dtype: str | None, quantization: str | None, policy_dtype: torch.dtype
+) -> dict:
     """`from_pretrained` keyword arguments for a reference in `dtype` and/or quantised with bitsandbytes.
 
     A 4-bit reference computes in `dtype` (default: the policy's dtype), which is also the dtype of the modules
@@ -187,21 +190,21 @@ def check_syncable(policy: torch.nn.Module, ref_model: torch.nn.Module, ref_name
 
 
 def refuse_options_without_separate_reference(dtype: str | None, quantization: str | None, sync: bool) -> None:
-    """Under PEFT with no named reference the anchor is the policy's own base weights (adapters off): there is no
+    """Under PEFT with no reference named, the reference is the policy's own base weights (adapters off): there is no
     second model to keep in another dtype or quantise. And TRL's sync pairs the whole policy's parameters, adapters
     included, with the reference's, so it can't sync any reference under PEFT."""
     if dtype is not None or quantization is not None:
         name, value = ("ref_model_dtype", dtype) if dtype is not None else ("ref_model_quantization", quantization)
         raise ValueError(
-            f"{name}={value!r} applies to a separate reference model, but under PEFT with no reference named the "
-            "anchor is the policy's own base weights with the adapters switched off. Fix: to make both lighter, "
+            f"{name}={value!r} applies to a separate reference model, but under PEFT with no reference named, the "
+            "reference is the policy's own base weights with the adapters switched off. Fix: to make both lighter, "
             "quantise the policy itself (QLoRA: `load_in_4bit: true` / a `quantization_config`); or name a reference "
             "(`ref_model_name_or_path`) to load it in that form; or unset " + name + "."
         )
     if sync:
         raise ValueError(
-            "sync_ref_model=True is not supported with PEFT: with no reference named the anchor is the policy's own "
-            "base weights (adapters off), so there is nothing to sync; and TRL's SyncRefModelCallback pairs the "
+            "sync_ref_model=True is not supported with PEFT: with no reference named, the reference is the policy's "
+            "own base weights (adapters off), so there is nothing to sync; and TRL's SyncRefModelCallback pairs the "
             "policy's parameters, adapters included, with a named reference's, which don't match. Fix: full "
             "fine-tuning (no peft_config / use_peft: false), or sync_ref_model=False."
         )
@@ -214,19 +217,20 @@ REFERENCE_ADAPTER = "reference"
 
 
 def add_reference_adapter(peft_model) -> str:
-    """Anchor a `PeftModel` passed in with its adapter to the model as it was given: its active adapter is copied into
-    a second, frozen adapter named `reference`, as TRL's DPO does (`ref`). Returns the name of the adapter trained.
+    """Make the model as it was given the reference of a `PeftModel` passed in with its adapter: its active adapter is
+    copied into a second, frozen adapter named `reference`, as TRL's DPO does (`ref`). Returns the name of the adapter
+    trained.
 
     A PeftModel given to the trainer may carry a trained adapter (or one whose initialisation changes the model), so
-    switching its adapters off would anchor to another model than the one training starts from. The copy costs one
-    adapter's memory, no second model. A `reference` adapter left on the model by an earlier trainer is replaced, so
-    the anchor is always the model as this trainer received it. Each copied tensor keeps its source's dtype and
+    switching its adapters off would make the reference another model than the one training starts from. The copy costs
+    one adapter's memory, no second model. A `reference` adapter left on the model by an earlier trainer is replaced,
+    so the reference is always the model as this trainer received it. Each copied tensor keeps its source's dtype and
     device (QLoRA keeps adapters in bfloat16), and the copy's dropout is off.
     """
     if len(peft_model.active_adapters) != 1:
         raise ValueError(
             f"The PeftModel passed as `model` has {len(peft_model.active_adapters)} active adapters "
-            f"({peft_model.active_adapters}); the anchor is the model as given, with its one trained adapter. Fix: "
+            f"({peft_model.active_adapters}); the reference is the model as given, with its one trained adapter. Fix: "
             "activate one adapter (`model.set_adapter(name)`), or merge them into the base model first."
         )
     active = peft_model.active_adapter
@@ -241,7 +245,7 @@ def add_reference_adapter(peft_model) -> str:
         # Loaded under ZeRO-3's zero.Init: each process holds a shard, and a copy of `.data` would copy no weights
         raise ValueError(
             "The PeftModel passed as `model` is already partitioned by DeepSpeed ZeRO-3, so its adapter can't be "
-            "copied into the frozen reference adapter that anchors it. Fix: build the PeftModel before the ZeRO-3 "
+            "copied into the frozen reference adapter. Fix: build the PeftModel before the ZeRO-3 "
             "TrainingArguments/ASFTConfig (so it is partitioned when training starts), use ZeRO-2 or FSDP2, or name "
             "the reference (`ref_model_name_or_path`, e.g. the model with this adapter merged and saved)."
         )
@@ -278,8 +282,11 @@ def reference_adapter_active(peft_model, deterministic: bool):
     """Run the PeftModel with its frozen `reference` adapter instead of the trained one (and, when asked, in evaluation
     mode). PEFT's `set_adapter` sets the gradients of the adapters it switches; every flag is put back afterwards."""
     previous = peft_model.active_adapter
-    flags = [(p, p.requires_grad) for n, p in peft_model.named_parameters()
-             if previous in n.split(".") or REFERENCE_ADAPTER in n.split(".")]
+    flags = [
+        (p, p.requires_grad)
+        for n, p in peft_model.named_parameters()
+        if previous in n.split(".") or REFERENCE_ADAPTER in n.split(".")
+    ]
     was_training = peft_model.training
     if deterministic and was_training:
         peft_model.eval()

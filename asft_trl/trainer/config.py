@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from trl import SFTConfig
 
+from ..losses import KL_DIRECTIONS, KL_ESTIMATORS, LOSS_TYPES
+from ..reference.loading import REF_MODEL_DTYPES, REF_MODEL_QUANTIZATIONS
 from .kl_control import KL_COEF_SCHEDULES, parse_milestones
-from .losses import KL_DIRECTIONS, KL_ESTIMATORS, LOSS_TYPES
-from .reference import REF_MODEL_DTYPES, REF_MODEL_QUANTIZATIONS
 
 
 def _accelerator_available() -> bool:
@@ -29,6 +29,12 @@ def _bf16_accelerator_available() -> bool:
 
 
 DFT_NORMALIZATIONS = ("tokens", "weights")
+
+
+def _check_choice(name: str, value, choices, fix: str) -> None:
+    """Refuse a value outside `choices`: the message names the field and the value, and `fix` says what to use."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported. {fix}")
 
 
 def method_name(loss_type: str, kl_coef: float) -> str:
@@ -58,6 +64,8 @@ class ASFTConfig(SFTConfig):
         kl_direction (`str`, *optional*, defaults to `"forward"`):
             `"forward"` computes KL(reference || policy) over the full vocabulary, as every public ASFT
             implementation does; `"reverse"` computes KL(policy || reference), the paper's ablation.
+        loss_type (`str`, *optional*, defaults to `"dft"`):
+            Task term: `"dft"` weights each token's NLL by its detached probability (DFT), `"nll"` is plain SFT.
 
         > Parameters that schedule or adapt lambda (all off by default: lambda stays `kl_coef`, the paper's method)
 
@@ -87,8 +95,8 @@ class ASFTConfig(SFTConfig):
         kl_error_clip (`float`, *optional*, defaults to `0.2`):
             Clip of the controller's proportional error kl/kl_target - 1 (0.2 as in Ziegler et al. and TRL's old
             controller), so that one outlying batch cannot move lambda far. In (0, 1).
-        loss_type (`str`, *optional*, defaults to `"dft"`):
-            Task term: `"dft"` weights each token's NLL by its detached probability (DFT), `"nll"` is plain SFT.
+
+        > Parameters of the task term and of how the loss is computed
 
         dft_weight_floor (`float`, *optional*, defaults to `0.0`):
             Floor of the DFT weight: each token's NLL is weighted by max(p(y_t), floor) instead of p(y_t), the known fix
@@ -98,12 +106,16 @@ class ASFTConfig(SFTConfig):
         use_fused_loss (`bool`, *optional*, defaults to `True`):
             Compute the ASFT loss from hidden states in chunks, never building the [tokens x vocabulary] logits of the
             policy or the reference (`asft_trl.losses.fused`). `False` uses the plain implementation, which builds
-            both models' full logits. Only used when `kl_coef > 0`; with `kl_coef=0` the loss is TRL's own.
+            both models' full logits. Used whenever the loss is this package's: `kl_coef > 0`, a `dft_weight_floor`,
+            or `dft_normalization="weights"`; without any of those the loss is TRL's own. Where the fused loss can't
+            run it falls back to the plain one with a warning: an LM head that is not a plain linear layer (adapted or
+            trained by PEFT, or quantised), in the policy or a separate reference; the MoE router's auxiliary loss;
+            FSDP1.
         loss_chunk_size (`int`, *optional*):
             Completion tokens per chunk of the fused loss. Its extra memory is a few [chunk x vocabulary] float32
             buffers. Default: as many tokens as fit 16M (CPU) or 64M (GPU) logits per buffer.
 
-        > Parameters that control the reference (anchor) model
+        > Parameters that control the reference model
 
         ref_model_name_or_path (`str`, *optional*):
             Path or Hub id of the reference model. By default the reference is the starting model itself: a frozen
@@ -132,6 +144,19 @@ class ASFTConfig(SFTConfig):
         ref_model_sync_steps (`int`, *optional*, defaults to `512`):
             Optimizer steps between two syncs of the reference (TR-DPO's tau, as in `DPOConfig`). Only used with
             `sync_ref_model=True`.
+        precompute_ref_log_probs (`bool`, *optional*, defaults to `False`):
+            Run the reference once over the datasets before training and store, per completion token, its
+            `precompute_ref_topk` most likely tokens with their log-probabilities and the mass of the rest; training
+            then keeps no reference model in memory and runs no reference forward. The KL is then taken against the
+            top-k plus one tail bucket, a lower bound of the exact KL. With a per-token `kl_estimator`, one
+            log-probability per token (the target's) is stored instead. Needs `kl_coef > 0`; not under ZeRO-3.
+        precompute_ref_topk (`int`, *optional*, defaults to `64`):
+            Reference tokens stored per completion token (k). Disk: 8 k + 4 bytes per completion token.
+        precompute_ref_batch_size (`int`, *optional*):
+            Batch size of the precomputing pass. Defaults to `per_device_train_batch_size`.
+        precompute_ref_cache_dir (`str`, *optional*):
+            Folder of the precomputed reference's files, named by a fingerprint of the data, the reference's weights
+            and k, so later runs on the same data and reference reuse them. Defaults to `<output_dir>/reference_cache`.
         bf16 (`bool`, *optional*):
             As in TRL (on by default), except that it defaults to `False` where no bf16-capable GPU is present, so a
             CPU-only run works without extra flags.
@@ -139,6 +164,9 @@ class ASFTConfig(SFTConfig):
             As in TRL (on by default). `gradient_checkpointing`, transformers' deprecated name for it, is unset by
             default, so that a config which does not use the old name raises no deprecation warning; setting it still
             works, with transformers' warning.
+        gradient_checkpointing (`bool`, *optional*):
+            transformers' deprecated name for `activation_checkpointing`; unset by default. Set, it must agree with
+            `activation_checkpointing`.
         dataloader_pin_memory (`bool`, *optional*, defaults to `True`):
             As in transformers, except that it is switched off where no accelerator is present: pinned memory then
             serves nothing, and PyTorch warns about it on every run.
@@ -267,7 +295,11 @@ class ASFTConfig(SFTConfig):
         metadata={
             "help": "Compute the ASFT loss from hidden states in chunks, never building the [tokens x vocabulary] "
             "logits of the policy or the reference. False uses the plain implementation, which builds both models' "
-            "full logits. Only used when kl_coef > 0; with kl_coef=0 the loss is TRL's own."
+            "full logits. Used whenever the loss is this package's: kl_coef > 0, a dft_weight_floor, or "
+            "dft_normalization='weights'; without any of those the loss is TRL's own. Where the fused loss can't run "
+            "it falls back to the plain one with a warning: an LM head that is not a plain linear layer (adapted or "
+            "trained by PEFT, or quantised), in the policy or a separate reference; the MoE router's auxiliary loss; "
+            "FSDP1."
         },
     )
     loss_chunk_size: int | None = field(
@@ -353,7 +385,9 @@ class ASFTConfig(SFTConfig):
     )
     precompute_ref_topk: int = field(
         default=64,
-        metadata={"help": "Reference tokens stored per completion token (k). Disk: 8 k + 4 bytes per completion token."},
+        metadata={
+            "help": "Reference tokens stored per completion token (k). Disk: 8 k + 4 bytes per completion token."
+        },
     )
     precompute_ref_batch_size: int | None = field(
         default=None,
@@ -396,35 +430,59 @@ class ASFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        # Checked before SFTConfig's own post-init so that a bad ASFT field fails before anything else is set up
+        # Checked before SFTConfig's own post-init, so that a bad ASFT field fails before anything else is set up. One
+        # method per concern, in this order: the first problem found is the one reported
+        self._check_objective()
+        self._check_kl_coef_control()
+        self._check_task_loss()
+        self._check_reference_model()
+        self._check_precomputed_reference()
+        self._check_liger()
+        self._check_estimator_and_normalization()
+        self._set_machine_defaults()
+        super().__post_init__()
+        if self.ref_model_init_kwargs is not None and not isinstance(self.ref_model_init_kwargs, dict):
+            raise ValueError(
+                f"ref_model_init_kwargs={self.ref_model_init_kwargs!r} must be a dict (or a JSON object string)."
+            )
+
+    def _check_objective(self) -> None:
+        """`kl_coef` (a number >= 0; YAML may give a string) and `kl_direction`."""
         if isinstance(self.kl_coef, str):
             try:
                 self.kl_coef = float(self.kl_coef)
             except ValueError:
-                raise ValueError(f"kl_coef={self.kl_coef!r} is not a number. Set kl_coef to a float >= 0, e.g. 0.05.")
+                raise ValueError(
+                    f"kl_coef={self.kl_coef!r} is not a number. Set kl_coef to a float >= 0, e.g. 0.05."
+                ) from None
         if not math.isfinite(self.kl_coef) or self.kl_coef < 0:
             raise ValueError(
                 f"kl_coef={self.kl_coef} is invalid: it must be a finite number >= 0. Use 0 for no anchor (SFT/DFT), "
                 "or the paper's 0.05 (0.1 in the authors' code)."
             )
-        if self.kl_direction not in KL_DIRECTIONS:
-            raise ValueError(
-                f"kl_direction={self.kl_direction!r} is not supported. Use 'forward' for KL(reference || policy) "
-                "(the default) or 'reverse' for KL(policy || reference)."
-            )
-        # lambda schedules and adaptive anchoring: all need an anchor, and at most one of them drives lambda
-        if self.kl_coef_schedule not in KL_COEF_SCHEDULES:
-            raise ValueError(
-                f"kl_coef_schedule={self.kl_coef_schedule!r} is not supported. Use one of "
-                f"{', '.join(repr(n) for n in KL_COEF_SCHEDULES)}."
-            )
+        _check_choice(
+            "kl_direction",
+            self.kl_direction,
+            KL_DIRECTIONS,
+            "Use 'forward' for KL(reference || policy) (the default) or 'reverse' for KL(policy || reference).",
+        )
+
+    def _check_kl_coef_control(self) -> None:
+        """lambda schedules and adaptive anchoring: known names, numbers where numbers go, all need an anchor, and at
+        most one of them drives lambda."""
+        _check_choice(
+            "kl_coef_schedule",
+            self.kl_coef_schedule,
+            KL_COEF_SCHEDULES,
+            f"Use one of {', '.join(repr(n) for n in KL_COEF_SCHEDULES)}.",
+        )
         for name in ("kl_coef_warmup_steps", "kl_coef_final", "kl_horizon", "kl_error_clip") + (
             ("kl_target",) if self.kl_target is not None else ()
         ):
             try:
                 setattr(self, name, float(getattr(self, name)))
             except (TypeError, ValueError):
-                raise ValueError(f"{name}={getattr(self, name)!r} is not a number.")
+                raise ValueError(f"{name}={getattr(self, name)!r} is not a number.") from None
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number.")
         scheduled = self.kl_coef_schedule != "constant"
@@ -462,7 +520,11 @@ class ASFTConfig(SFTConfig):
                 f"kl_coef_final={self.kl_coef_final} only applies to kl_coef_schedule='cosine' (it is "
                 f"{self.kl_coef_schedule!r}). Set the schedule to 'cosine', or leave kl_coef_final at 0."
             )
-        if isinstance(self.kl_coef_milestones, str) and self.kl_coef_milestones.strip().lower() in ("", "none", "null"):
+        if isinstance(self.kl_coef_milestones, str) and self.kl_coef_milestones.strip().lower() in (
+            "",
+            "none",
+            "null",
+        ):
             self.kl_coef_milestones = None  # unset from the command line, over a recipe's milestones
         if self.kl_coef_milestones is not None:
             if self.kl_coef_schedule != "by_step":
@@ -474,7 +536,7 @@ class ASFTConfig(SFTConfig):
         elif self.kl_coef_schedule == "by_step":
             raise ValueError(
                 "kl_coef_schedule='by_step' needs kl_coef_milestones: {step: lambda}, e.g. "
-                '--kl_coef_milestones \'{"100": 0.02}\' or a mapping in YAML.'
+                "--kl_coef_milestones '{\"100\": 0.02}' or a mapping in YAML."
             )
         if self.kl_target is not None and self.kl_target <= 0:
             raise ValueError(
@@ -487,12 +549,12 @@ class ASFTConfig(SFTConfig):
             raise ValueError(
                 f"kl_error_clip={self.kl_error_clip} must be in (0, 1) so that lambda stays positive (default 0.2)."
             )
-        if self.loss_type == "chunked_nll":  # TRL's deprecated alias, renamed by SFTConfig below
-            pass
-        elif self.loss_type not in LOSS_TYPES:
-            raise ValueError(
-                f"loss_type={self.loss_type!r} is not supported. Use 'dft' (DFT/ASFT, the default) or 'nll' "
-                "(SFT / SFT+KL)."
+
+    def _check_task_loss(self) -> None:
+        """`loss_type`, `dft_weight_floor` and the fused loss's `loss_chunk_size`."""
+        if self.loss_type != "chunked_nll":  # TRL's deprecated alias, renamed by SFTConfig's own post-init
+            _check_choice(
+                "loss_type", self.loss_type, LOSS_TYPES, "Use 'dft' (DFT/ASFT, the default) or 'nll' (SFT / SFT+KL)."
             )
         if not 0 <= self.dft_weight_floor < 1:
             raise ValueError(
@@ -509,19 +571,32 @@ class ASFTConfig(SFTConfig):
                 f"loss_chunk_size={self.loss_chunk_size} is invalid: it must be a positive number of tokens, or unset "
                 "for the automatic size."
             )
-        if self.ref_model_dtype is not None and self.ref_model_dtype not in REF_MODEL_DTYPES:
-            raise ValueError(
-                f"ref_model_dtype={self.ref_model_dtype!r} is not supported. Use one of {list(REF_MODEL_DTYPES)}, or "
-                "leave it unset for the policy's dtype."
+
+    def _check_reference_model(self) -> None:
+        """The reference's dtype, quantisation and syncing: known values, and only where a separate reference exists."""
+        if self.ref_model_dtype is not None:
+            _check_choice(
+                "ref_model_dtype",
+                self.ref_model_dtype,
+                REF_MODEL_DTYPES,
+                f"Use one of {list(REF_MODEL_DTYPES)}, or leave it unset for the policy's dtype.",
             )
-        if self.ref_model_quantization is not None and self.ref_model_quantization not in REF_MODEL_QUANTIZATIONS:
-            raise ValueError(
-                f"ref_model_quantization={self.ref_model_quantization!r} is not supported. Use '8bit' or '4bit' "
-                "(bitsandbytes), or leave it unset for an unquantised reference."
+        if self.ref_model_quantization is not None:
+            _check_choice(
+                "ref_model_quantization",
+                self.ref_model_quantization,
+                REF_MODEL_QUANTIZATIONS,
+                "Use '8bit' or '4bit' (bitsandbytes), or leave it unset for an unquantised reference.",
             )
-        lighter = {k: v for k, v in (("ref_model_dtype", self.ref_model_dtype),
-                                      ("ref_model_quantization", self.ref_model_quantization),
-                                      ("sync_ref_model", self.sync_ref_model or None)) if v is not None}
+        lighter = {
+            k: v
+            for k, v in (
+                ("ref_model_dtype", self.ref_model_dtype),
+                ("ref_model_quantization", self.ref_model_quantization),
+                ("sync_ref_model", self.sync_ref_model or None),
+            )
+            if v is not None
+        }
         if lighter and self.kl_coef == 0:
             name, value = next(iter(lighter.items()))
             raise ValueError(
@@ -544,40 +619,48 @@ class ASFTConfig(SFTConfig):
                 f"ref_model_sync_steps={self.ref_model_sync_steps} is invalid: it must be a positive number of "
                 "optimizer steps between syncs (TRL's default is 512)."
             )
-        if self.precompute_ref_log_probs:
-            if self.kl_coef == 0:
+
+    def _check_precomputed_reference(self) -> None:
+        """`precompute_ref_*`: an anchor to precompute, sizes >= 1, and no option that needs a reference model kept."""
+        if not self.precompute_ref_log_probs:
+            return
+        if self.kl_coef == 0:
+            raise ValueError(
+                "precompute_ref_log_probs=True needs a KL anchor, but kl_coef=0 (no reference is used). Set "
+                "kl_coef > 0, or precompute_ref_log_probs to False."
+            )
+        if int(self.precompute_ref_topk) < 1:
+            raise ValueError(
+                f"precompute_ref_topk={self.precompute_ref_topk} is invalid: it must be >= 1 (e.g. 64); larger k "
+                "makes the KL closer to the exact one."
+            )
+        if self.precompute_ref_batch_size is not None and int(self.precompute_ref_batch_size) < 1:
+            raise ValueError(
+                f"precompute_ref_batch_size={self.precompute_ref_batch_size} must be >= 1, or unset to use "
+                "per_device_train_batch_size."
+            )
+        for name in ("sync_ref_model", "ref_model_dtype", "ref_model_quantization"):
+            if getattr(self, name) not in (None, False):
                 raise ValueError(
-                    "precompute_ref_log_probs=True needs a KL anchor, but kl_coef=0 (no reference is used). Set "
-                    "kl_coef > 0, or precompute_ref_log_probs to False."
+                    f"{name}={getattr(self, name)!r} does not go with precompute_ref_log_probs=True: no reference "
+                    "model is kept during training (to sync, cast or quantise). Unset one of the two."
                 )
-            if int(self.precompute_ref_topk) < 1:
-                raise ValueError(
-                    f"precompute_ref_topk={self.precompute_ref_topk} is invalid: it must be >= 1 (e.g. 64); larger k "
-                    "makes the KL closer to the exact one."
-                )
-            if self.precompute_ref_batch_size is not None and int(self.precompute_ref_batch_size) < 1:
-                raise ValueError(
-                    f"precompute_ref_batch_size={self.precompute_ref_batch_size} must be >= 1, or unset to use "
-                    "per_device_train_batch_size."
-                )
-        if self.precompute_ref_log_probs:
-            for name in ("sync_ref_model", "ref_model_dtype", "ref_model_quantization"):
-                if getattr(self, name) not in (None, False):
-                    raise ValueError(
-                        f"{name}={getattr(self, name)!r} does not go with precompute_ref_log_probs=True: no reference "
-                        "model is kept during training (to sync, cast or quantise). Unset one of the two."
-                    )
+
+    def _check_liger(self) -> None:
+        """Liger's kernels only with TRL's own loss."""
         if self.use_liger_kernel and (self.kl_coef > 0 or self.dft_weight_floor > 0):
             raise ValueError(
                 "use_liger_kernel=True does not go with the ASFT loss (kl_coef > 0 or a dft_weight_floor): Liger's "
                 "fused linear cross-entropy, the part that saves memory, computes SFT's loss, not this one (TRL "
                 "switches it off anyway), and its layer kernels are applied to the policy only when training starts, "
-                "after the reference was copied, so the anchor would run other kernels than the policy and the KL "
+                "after the reference was copied, so the reference would run other kernels than the policy and the KL "
                 "would not start at 0. The ASFT loss is already chunked (use_fused_loss: no [tokens x vocabulary] "
                 "logits). Fix: unset use_liger_kernel (TRL deprecates it for Hub kernels, "
                 "model_init_kwargs={'use_kernels': True}), or kl_coef=0 for TRL's own SFT/DFT loss with Liger."
             )
-        self._check_estimator_and_normalization()
+
+    def _set_machine_defaults(self) -> None:
+        """Defaults that depend on the machine (bf16, pinned memory) and transformers' two checkpointing names."""
         if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
             # TRL turns bf16 on by default, which stops a CPU-only run before it starts; keep it on where it works
             self.bf16 = False
@@ -595,19 +678,15 @@ class ASFTConfig(SFTConfig):
             self.activation_checkpointing = True  # TRL's default, under the name transformers keeps
         if self.dataloader_pin_memory and not _accelerator_available():
             self.dataloader_pin_memory = False  # nothing to pin for; PyTorch would warn on every run
-        super().__post_init__()
-        if self.ref_model_init_kwargs is not None and not isinstance(self.ref_model_init_kwargs, dict):
-            raise ValueError(
-                f"ref_model_init_kwargs={self.ref_model_init_kwargs!r} must be a dict (or a JSON object string)."
-            )
 
     def _check_estimator_and_normalization(self) -> None:
         """`kl_estimator` and `dft_normalization`: known values, and only in combinations that mean something."""
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(
-                f"kl_estimator={self.kl_estimator!r} is not supported. Use 'full' (the exact KL, the default) or a "
-                "per-token estimator 'k1', 'k2' or 'k3'."
-            )
+        _check_choice(
+            "kl_estimator",
+            self.kl_estimator,
+            KL_ESTIMATORS,
+            "Use 'full' (the exact KL, the default) or a per-token estimator 'k1', 'k2' or 'k3'.",
+        )
         if self.kl_estimator != "full":
             if self.kl_coef == 0:
                 raise ValueError(
@@ -626,11 +705,13 @@ class ASFTConfig(SFTConfig):
                     f"{self.kl_estimator!r}: the precomputed reference then stores one log-probability per token (the "
                     "target's), not a top-k. Remove precompute_ref_topk, or set kl_estimator to 'full'."
                 )
-        if self.dft_normalization not in DFT_NORMALIZATIONS:
-            raise ValueError(
-                f"dft_normalization={self.dft_normalization!r} is not supported. Use 'tokens' (the default: divide by "
-                "the step's completion tokens) or 'weights' (by the step's sum of DFT weights)."
-            )
+        _check_choice(
+            "dft_normalization",
+            self.dft_normalization,
+            DFT_NORMALIZATIONS,
+            "Use 'tokens' (the default: divide by the step's completion tokens) or 'weights' (by the step's sum of DFT "
+            "weights).",
+        )
         if self.dft_normalization == "weights":
             if self.loss_type != "dft":
                 raise ValueError(

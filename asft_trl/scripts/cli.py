@@ -1,11 +1,11 @@
 """`asft-trl` command line. `asft-trl train --config recipes/X.yaml [--field value ...] [accelerate launch flags]`;
-`asft-trl eval SUITE --model PATH [...]` (asft_trl/evaluation/cli.py), `asft-trl plot RUN_DIR ...` (training curves)
+`asft-trl eval SUITE --model PATH [...]` (asft_trl/scripts/evaluate.py), `asft-trl plot RUN_DIR ...` (training curves)
 and `asft-trl study` (the drift study) run in this process.
 
 Like `trl sft`: the recipe is parsed and validated here first (every config field, an earlier run in `output_dir`, the
-dataset, the model and reference paths: `asft_trl.train.check_run`), so a bad recipe ends in seconds with one line and
-exit status 2; then the training script is started through `accelerate launch`, with the recipe's or the command
-line's `accelerate_config` and any flags that are not recipe fields (e.g. `--num_processes 2`) passed on to
+dataset, the model and reference paths: `asft_trl.scripts.train.check_run`), so a bad recipe ends in seconds with one
+line and exit status 2; then the training script is started through `accelerate launch`, with the recipe's or the
+command line's `accelerate_config` and any flags that are not recipe fields (e.g. `--num_processes 2`) passed on to
 accelerate.
 """
 
@@ -32,8 +32,11 @@ TRAIN_USAGE = "usage: asft-trl train --config RECIPE.yaml [--field value ...] [a
 
 def _train(argv: list[str]) -> int:
     if not argv:
-        print(f"{TRAIN_USAGE}\nasft-trl train: error: no recipe given, e.g. `asft-trl train --config "
-              "recipes/quickstart.yaml`; `asft-trl train --help` lists every field.", file=sys.stderr)
+        print(
+            f"{TRAIN_USAGE}\nasft-trl train: error: no recipe given, e.g. `asft-trl train --config "
+            "recipes/quickstart.yaml`; `asft-trl train --help` lists every field.",
+            file=sys.stderr,
+        )
         return 2
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
@@ -53,14 +56,15 @@ def _train(argv: list[str]) -> int:
         script_args = dataclasses_[0]
         script_argv = _without_subsequence(argv, launch_args)
         if script_args.accelerate_config:
-            launch_args = resolve_accelerate_config_argument(
-                ["--accelerate_config", script_args.accelerate_config]
-            ) + launch_args
+            launch_args = (
+                resolve_accelerate_config_argument(["--accelerate_config", script_args.accelerate_config])
+                + launch_args
+            )
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         print(f"asft-trl train: error: {error}", file=sys.stderr)
         return 2
     accelerate_args = launch_command_parser().parse_args(
-        launch_args + ["--module", "asft_trl.train"] + script_argv
+        launch_args + ["--module", "asft_trl.scripts.train"] + script_argv
     )
     _fill_launch_defaults(accelerate_args)
     launch_command(accelerate_args)
@@ -87,10 +91,13 @@ def _fill_launch_defaults(accelerate_args) -> None:
 
 # Commands that run in this process: name -> (help, module with `main(argv) -> int`)
 _IN_PROCESS_COMMANDS = {
-    "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", ".evaluation.cli"),
-    "plot": ("Draw the training curves of one or more runs into a PNG.", ".diagnostics.plot"),
-    "study": ("Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep (`study knowledge`: the knowledge study, several "
-              "seeds); write docs/study.md.", ".study"),
+    "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", "asft_trl.scripts.evaluate"),
+    "plot": ("Draw the training curves of one or more runs into a PNG.", "asft_trl.diagnostics.plot"),
+    "study": (
+        "Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep (`study knowledge`: the knowledge study, several "
+        "seeds); write docs/study.md.",
+        "asft_trl.scripts.study",
+    ),
 }
 
 
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return _train(argv[1:])
     if args.command in _IN_PROCESS_COMMANDS:
-        module = importlib.import_module(_IN_PROCESS_COMMANDS[args.command][1], __package__)
+        module = importlib.import_module(_IN_PROCESS_COMMANDS[args.command][1])
         return module.main(argv[1:])
     parser.print_help()
     return 0 if not argv else 2

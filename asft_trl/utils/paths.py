@@ -2,16 +2,42 @@
 loads: a local folder (or file), or a Hub id. A value that is neither gets an error that says so, instead of
 `huggingface_hub`'s "Repo id must be in the form 'repo_name'..." half a minute into a run.
 
-Only looks at the file system, the id's form and (offline) the local Hub cache; never downloads, never loads.
+Only looks at the file system, the id's form and (offline) the local Hub cache; never downloads, never loads (a
+registered model's `resolve_model` is the provider's own code, run only when asked).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-# Endings of data files `dataset_name` may name (asft_trl.data.loading reads them)
-DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+# Local data files, by ending: the `datasets` builder that reads each. `dataset_name` (asft_trl.data.loading) and
+# `asft-trl eval --data_files` (asft_trl.evaluation.benchmarks) accept these.
+DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+DATA_FILE_SUFFIXES = tuple(DATA_FILE_FORMATS)
+
+
+# Models that resolve themselves, by the name a recipe or the command line gives: `resolve(cache_dir)` returns what
+# `from_pretrained` loads (the quickstart's SmolLM2: the Hub id when reachable, else an offline copy it writes under
+# `cache_dir`). Filled by the package that provides the model when it is imported (`asft_trl.quickstart`).
+_MODEL_RESOLVERS: dict[str, Callable[[str | os.PathLike], str]] = {}
+DEFAULT_MODEL_CACHE_DIR = os.path.join("outputs", "models")
+
+
+def register_model_resolver(name: str, resolve: Callable[[str | os.PathLike], str]) -> None:
+    _MODEL_RESOLVERS[name] = resolve
+
+
+def resolves_itself(name: str | None) -> bool:
+    """Whether `name` is a registered model that finds its own files (so `check_model_source` does not apply)."""
+    return name in _MODEL_RESOLVERS
+
+
+def resolve_model(name: str, cache_dir: str | os.PathLike = DEFAULT_MODEL_CACHE_DIR) -> str:
+    """What `from_pretrained` should load for `name`: a registered model's resolution, anything else unchanged."""
+    resolve = _MODEL_RESOLVERS.get(name)
+    return name if resolve is None else resolve(cache_dir)
 
 
 def is_hub_id(value: str) -> bool:
@@ -37,8 +63,14 @@ def _in_hub_cache(repo_id: str, filename: str, cache_dir: str | None, revision: 
     return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision), str)
 
 
-def check_model_source(value: str | None, field: str, *, config_file: str = "config.json",
-                       cache_dir: str | None = None, revision: str | None = None) -> None:
+def check_model_source(
+    value: str | None,
+    field: str,
+    *,
+    config_file: str = "config.json",
+    cache_dir: str | None = None,
+    revision: str | None = None,
+) -> None:
     """Refuse a model (or adapter) source that is neither a local folder nor a Hub id, naming `field` and the fix.
 
     A Hub-shaped id is accepted as it is online (only the Hub can say whether it exists); offline

@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from .arguments import SUITES, EvalArguments
-from .benchmarks import load_benchmark, suite_benchmarks
-from .report import build_results, compare_table, markdown_table, read_jsonl, write_atomic, write_jsonl
+from ..evaluation.arguments import SUITES, EvalArguments
+from ..evaluation.benchmarks import load_benchmark, suite_benchmarks
+from ..evaluation.report import build_results, compare_table, markdown_table, read_jsonl, write_jsonl
+from ..utils.io import write_atomic
 
 OUTPUT_FILES = ("generations.jsonl", "scored.jsonl", "results.json", "results.md")
 
@@ -37,46 +38,53 @@ def _check_output_dir(args: EvalArguments) -> Path:
     writes = OUTPUT_FILES[1:] if args.predictions else OUTPUT_FILES
     existing = [name for name in writes if (out / name).exists()]
     if existing and not args.overwrite:
-        raise FileExistsError(f"{out} already holds {', '.join(existing)}. Choose another --output_dir or pass "
-                              "--overwrite true to replace them.")
+        raise FileExistsError(
+            f"{out} already holds {', '.join(existing)}. Choose another --output_dir or pass "
+            "--overwrite true to replace them."
+        )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def _score(suite: str, rows: list[dict], args: EvalArguments):
     if suite == "math":
-        from .math import score_rows
+        from ..evaluation.math import score_rows
 
         return score_rows(rows)
     if suite == "medical":
-        from .medical import score_rows
+        from ..evaluation.medical import score_rows
 
         return score_rows(rows)
     if suite == "code":
-        from .code import score_rows
+        from ..evaluation.code import score_rows
 
         return score_rows(rows, timeout=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
-    from .exact_match import score_rows
+    from ..evaluation.exact_match import score_rows
 
     return score_rows(rows)
 
 
 def _generate_rows(args: EvalArguments, name: str, items: list[dict], model, tokenizer) -> list[dict]:
     """Generation rows of one benchmark: prompt, samples (`prediction`), gold answer (and a code item's tests)."""
-    from . import generation, prompts
+    from ..evaluation import generation, prompts
 
     if args.suite == "medical":
-        from .medical import predict
+        from ..evaluation.medical import predict
 
         return [{"benchmark": name, **row} for row in predict(model, tokenizer, items, args.batch_size)]
     if args.suite == "math":
-        chats = [prompts.math_prompt(item["question"], args.template) for item in items]
+        chats = [prompts.math_prompt(item["question"], args.prompt_template) for item in items]
     elif args.suite == "code":
-        chats = [prompts.code_prompt(item, args.template) for item in items]
+        chats = [prompts.code_prompt(item, args.prompt_template) for item in items]
     else:
-        chats = [prompts.quickstart_prompt(item["prompt"], args.template) for item in items]
-    sampling = dict(num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+        chats = [prompts.quickstart_prompt(item["prompt"], args.prompt_template) for item in items]
+    sampling = dict(
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
     if generation.use_vllm(args.backend):
         samples = generation.generate_vllm(args.model, args.adapter, tokenizer, chats, **sampling)
     else:
@@ -85,8 +93,11 @@ def _generate_rows(args: EvalArguments, name: str, items: list[dict], model, tok
     for item, chat, outs in zip(items, chats, samples):
         row = {"benchmark": name, "id": item["id"], "prompt": chat, "prediction": outs, "answer": item.get("answer")}
         if args.suite == "code":  # what --predictions needs to rerun the tests without the Hub
-            row.update({k: item[k] for k in ("test", "entry_point", "test_imports", "mode")}, prompt=item["prompt"],
-                       model_prompt=chat)
+            row.update(
+                {k: item[k] for k in ("test", "entry_point", "test_imports", "mode")},
+                prompt=item["prompt"],
+                model_prompt=chat,
+            )
         rows.append(row)
     return rows
 
@@ -106,13 +117,14 @@ def run(args: EvalArguments) -> dict:
         files = args.local_files()
         names = args.benchmarks or list(files) or suite_benchmarks(args.suite)
         # Every benchmark is loaded and checked before the model: a bad file fails in seconds, not after an hour.
-        items = {name: load_benchmark(name, args.suite, files.get(name), args.limit, args.quickstart_seed)
-                 for name in names}
-        from ..quickstart.model import HUB_ID, resolve_quickstart_model
-        from .generation import load_model_and_tokenizer
+        items = {
+            name: load_benchmark(name, args.suite, files.get(name), args.limit, args.quickstart_seed) for name in names
+        }
+        from ..evaluation.generation import load_model_and_tokenizer
+        from ..utils.paths import resolve_model
 
-        if args.model == HUB_ID:  # the quickstart model: the Hub when reachable, else the offline GGUF copy
-            args.model = resolve_quickstart_model(args.model, cache_dir=Path("outputs") / "models")
+        # A registered model (the quickstart's: the Hub when reachable, else the offline GGUF copy) resolves itself
+        args.model = resolve_model(args.model, cache_dir=Path("outputs") / "models")
         model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.dtype)
         by_benchmark, seconds = {}, {}
         for name, bench_items in items.items():

@@ -1,7 +1,7 @@
 """The training script: parse the recipe -> load model and data -> ASFTTrainer -> train -> save -> summary + curves.
 
 Run it as `asft-trl train --config recipes/X.yaml [--field value ...]`, or under accelerate/torchrun as
-`accelerate launch [--config_file ...] -m asft_trl.train --config recipes/X.yaml`.
+`accelerate launch [--config_file ...] -m asft_trl.scripts.train --config recipes/X.yaml`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from .config import ASFTConfig
+from ..data.formatting import PROMPT_TEMPLATES
+from ..trainer.config import ASFTConfig
 
 
 @dataclass
@@ -41,7 +42,7 @@ class ASFTScriptArguments(ScriptArguments):
         metadata={
             "help": "How a formatted row is presented: 'alpaca' (the authors' Alpaca prompt_no_input, plain-text "
             "prompt/completion; TRL appends EOS) or 'chat' (the model's chat template, conversational rows).",
-            "choices": ["alpaca", "chat"],
+            "choices": list(PROMPT_TEMPLATES),
         },
     )
     dataset_size: int | None = field(
@@ -74,8 +75,8 @@ class ASFTScriptArguments(ScriptArguments):
     log_drift: bool = field(
         default=False,
         metadata={
-            "help": "Log drift_kl: the per-token KL(base || policy) on a fixed set of general prompts the training data "
-            "never touches (asft_trl.diagnostics.drift), at step 0 and every log step. Costs a forward pass per log."
+            "help": "Log drift_kl: the per-token KL(reference || policy) on a fixed set of general prompts the training "
+            "data never touches (asft_trl.diagnostics.drift), at step 0 and every log step. Costs a forward pass per log."
         },
     )
     accelerate_config: str | None = field(
@@ -87,16 +88,17 @@ class ASFTScriptArguments(ScriptArguments):
         },
     )
 
-
     def __post_init__(self):
         if isinstance(self.dataset_format, str) and self.dataset_format.lower() in ("", "none", "null"):
             self.dataset_format = None
         if self.dataset_format is not None:
-            from .data.registry import get_dataset_format
+            from ..data.registry import get_dataset_format
 
             get_dataset_format(self.dataset_format)  # an unknown name fails here, before anything is loaded
-        if self.prompt_template not in ("alpaca", "chat"):
-            raise ValueError(f"prompt_template={self.prompt_template!r} is not supported. Use 'alpaca' or 'chat'.")
+        if self.prompt_template not in PROMPT_TEMPLATES:
+            raise ValueError(
+                f"prompt_template={self.prompt_template!r} is not supported. Use one of {list(PROMPT_TEMPLATES)}."
+            )
         for name in ("dataset_size", "dataset_test_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -119,8 +121,13 @@ def check_output_dir(output_dir: str, resume_from_checkpoint, overwrite: bool) -
     path = Path(output_dir)
     if resume_from_checkpoint or overwrite or not path.is_dir():
         return
-    previous = sorted(p.name for p in path.iterdir() if p.name.startswith("checkpoint-") or p.suffix in (
-        ".safetensors", ".bin") or p.name in ("trainer_state.json", "adapter_config.json", "config.json"))
+    previous = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.name.startswith("checkpoint-")
+        or p.suffix in (".safetensors", ".bin")
+        or p.name in ("trainer_state.json", "adapter_config.json", "config.json")
+    )
     if previous:
         raise FileExistsError(
             f"output_dir={output_dir!r} already holds a run ({', '.join(previous[:4])}). Fix: resume it with "
@@ -144,7 +151,7 @@ def prepare_training_data(splits, script_args: ASFTScriptArguments, training_arg
     """
     from accelerate import PartialState
 
-    from .data.prepare import prepare_splits
+    from ..data.prepare import prepare_splits
 
     if not (script_args.dataset_format or script_args.dataset_size or script_args.dataset_test_size):
         return splits
@@ -154,34 +161,46 @@ def prepare_training_data(splits, script_args: ASFTScriptArguments, training_arg
         print("Data: " + "\n      ".join(report.summary() for report in reports))
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "data_preparation.json"), "w") as f:
-            json.dump({"dataset_name": script_args.dataset_name, "splits": [r.to_dict() for r in reports]}, f, indent=2)
+            json.dump(
+                {"dataset_name": script_args.dataset_name, "splits": [r.to_dict() for r in reports]}, f, indent=2
+            )
     return splits
 
 
-def check_run(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig,
-              dataset_args=None) -> None:
+def check_run(
+    script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig, dataset_args=None
+) -> None:
     """What can be checked about a run without loading anything: an earlier run in `output_dir`, a dataset named and
     where it comes from, the model's and the reference's paths. The config fields themselves were checked when they
     were parsed. `asft-trl train` calls this before it launches anything, so a bad recipe fails in seconds."""
-    from .data.loading import check_dataset_given
-    from .paths import check_dataset_source, check_model_source
-    from .quickstart.model import HUB_ID
+    from ..data.loading import check_dataset_given
+    from ..utils.paths import check_dataset_source, check_model_source, resolves_itself
 
-    check_output_dir(training_args.output_dir, _resume_value(training_args.resume_from_checkpoint),
-                     script_args.overwrite_output_dir)
+    check_output_dir(
+        training_args.output_dir, _resume_value(training_args.resume_from_checkpoint), script_args.overwrite_output_dir
+    )
     check_dataset_given(script_args, dataset_args)
     if not (dataset_args is not None and getattr(dataset_args, "datasets", None)):
         check_dataset_source(script_args.dataset_name, "dataset_name")
     if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path is not set. Fix: name the model to fine-tune in the recipe "
-                         "(`model_name_or_path: Qwen/Qwen2.5-0.5B`, or a local folder) or with --model_name_or_path.")
-    if model_args.model_name_or_path != HUB_ID:  # the quickstart model falls back to its offline copy
-        check_model_source(model_args.model_name_or_path, "model_name_or_path",
-                           cache_dir=(training_args.model_init_kwargs or {}).get("cache_dir"),
-                           revision=model_args.model_revision)
+        raise ValueError(
+            "model_name_or_path is not set. Fix: name the model to fine-tune in the recipe "
+            "(`model_name_or_path: Qwen/Qwen2.5-0.5B`, or a local folder) or with --model_name_or_path."
+        )
+    if not resolves_itself(model_args.model_name_or_path):  # the quickstart model falls back to its offline copy
+        check_model_source(
+            model_args.model_name_or_path,
+            "model_name_or_path",
+            cache_dir=(training_args.model_init_kwargs or {}).get("cache_dir"),
+            revision=model_args.model_revision,
+        )
     ref_kwargs = training_args.ref_model_init_kwargs or training_args.model_init_kwargs or {}
-    check_model_source(training_args.ref_model_name_or_path, "ref_model_name_or_path",
-                       cache_dir=ref_kwargs.get("cache_dir"), revision=ref_kwargs.get("revision"))
+    check_model_source(
+        training_args.ref_model_name_or_path,
+        "ref_model_name_or_path",
+        cache_dir=ref_kwargs.get("cache_dir"),
+        revision=ref_kwargs.get("revision"),
+    )
 
 
 def check_launch(training_args: ASFTConfig) -> None:
@@ -221,10 +240,10 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     from accelerate.logging import get_logger
     from trl import get_peft_config, get_quantization_config
 
-    from .data import load_training_data
-    from .quickstart.model import HUB_ID, resolve_quickstart_model
+    from ..data import load_training_data
+    from ..trainer.trainer import ASFTTrainer
+    from ..utils.paths import resolve_model, resolves_itself
     from .summary import held_out_missing_note, held_out_report, print_summary
-    from .trainer import ASFTTrainer
 
     logger = get_logger(__name__)
     check_launch(training_args)
@@ -240,9 +259,9 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
     model_path = model_args.model_name_or_path
-    if model_path == HUB_ID:  # the quickstart model: the Hub when reachable, else the offline GGUF copy
+    if resolves_itself(model_path):  # the quickstart model: the Hub when reachable, else the offline GGUF copy
         with PartialState().main_process_first():
-            model_path = resolve_quickstart_model(model_path, cache_dir=os.path.join("outputs", "models"))
+            model_path = resolve_model(model_path)
 
     with PartialState().main_process_first():  # the main process fills datasets' cache; the others read it
         splits = load_training_data(script_args, dataset_args, seed=training_args.seed)
@@ -258,9 +277,11 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
-    logger.info(f"Method: {training_args.method_name} (loss_type={training_args.loss_type}, kl_coef={training_args.kl_coef})")
+    logger.info(
+        f"Method: {training_args.method_name} (loss_type={training_args.loss_type}, kl_coef={training_args.kl_coef})"
+    )
     if script_args.log_drift:
-        from .diagnostics.drift import add_drift_callback
+        from ..diagnostics.drift import add_drift_callback
 
         add_drift_callback(trainer)
 
@@ -271,14 +292,19 @@ def main(script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(model_name=Path(training_args.output_dir).name, dataset_name=script_args.dataset_name)
     if trainer.accelerator.is_main_process:
-        report = {"method": training_args.method_name, "before": before, "after": after,
-                  "dropped_examples": trainer.dropped_examples, "empty_completions": trainer.empty_completions}
+        report = {
+            "method": training_args.method_name,
+            "before": before,
+            "after": after,
+            "dropped_examples": trainer.dropped_examples,
+            "empty_completions": trainer.empty_completions,
+        }
         if eval_split is None:
             report["note"] = held_out_missing_note(script_args.dataset_test_split, splits)
         with open(os.path.join(training_args.output_dir, "held_out.json"), "w") as f:
             json.dump(report, f, indent=2)
         print_summary(trainer, before, after, note=report.get("note"))
-    from .diagnostics.plot import write_run_curves
+    from ..diagnostics.plot import write_run_curves
 
     write_run_curves(trainer)  # trainer_state.json, asft_run.json and curves.png in the output dir (main process)
     trainer.accelerator.wait_for_everyone()
@@ -293,4 +319,4 @@ def parse(argv: list[str] | None = None, prog: str | None = None):
 
 
 if __name__ == "__main__":
-    main(*parse(prog="python -m asft_trl.train"))
+    main(*parse(prog="python -m asft_trl.scripts.train"))

@@ -2,7 +2,7 @@
 a target.
 
 Pure Python: functions of the step and a small controller object with a state it can export and load. No trainer,
-no tensors; the trainer (`asft_trl.trainer`) decides when to read and update them.
+no tensors; the trainer (`asft_trl.trainer.trainer`) decides when to read and update them.
 
 Steps are counted as the Trainer counts them: `step` is the number of optimizer steps already taken (the Trainer's
 `global_step` while it computes the next one), so the first optimizer step has `step == 0`, as in transformers'
@@ -12,8 +12,9 @@ learning-rate schedules. The step logged as `step: s` used lambda(s - 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 KL_COEF_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "by_step")
 
@@ -74,14 +75,17 @@ class KLCoefSchedule:
         if self.name == "constant_with_warmup":
             return constant_with_warmup(step, self.kl_coef, warmup_step_count(self.warmup_steps, total_steps))
         if self.name == "cosine":
-            return cosine(step, total_steps, self.kl_coef, self.final, warmup_step_count(self.warmup_steps, total_steps))
+            return cosine(
+                step, total_steps, self.kl_coef, self.final, warmup_step_count(self.warmup_steps, total_steps)
+            )
         if self.name == "by_step":
             return by_step(step, self.kl_coef, self.milestones)
         raise ValueError(f"Unknown kl_coef_schedule {self.name!r}; use one of {', '.join(KL_COEF_SCHEDULES)}.")
 
 
-def adaptive_update(kl_coef: float, kl: float, target: float, horizon: float, error_clip: float,
-                    n_steps: int = 1) -> float:
+def adaptive_update(
+    kl_coef: float, kl: float, target: float, horizon: float, error_clip: float, n_steps: int = 1
+) -> float:
     """One step of the proportional controller of Ziegler et al. (2019), as in the old TRL `AdaptiveKLController`:
 
         lambda <- lambda * (1 + clip(kl / target - 1, -error_clip, error_clip) * n_steps / horizon)
@@ -133,7 +137,9 @@ def parse_milestones(value: Any) -> dict[int, float]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise ValueError(f"kl_coef_milestones={value!r} is not a JSON object ({error}). Give {example}.")
+            raise ValueError(
+                f"kl_coef_milestones={value!r} is not a JSON object ({error}). Give {example}."
+            ) from error
     if not isinstance(value, Mapping) or not value:
         raise ValueError(f"kl_coef_milestones={value!r} must be a non-empty mapping of step to lambda: {example}.")
     milestones = {}
@@ -142,8 +148,9 @@ def parse_milestones(value: Any) -> dict[int, float]:
             step_int = int(step)
             coef_float = float(coef)
         except (TypeError, ValueError):
-            raise ValueError(f"kl_coef_milestones entry {step!r}: {coef!r} is not (whole step number): (number). "
-                             f"Give {example}.")
+            raise ValueError(
+                f"kl_coef_milestones entry {step!r}: {coef!r} is not (whole step number): (number). Give {example}."
+            ) from None
         if str(step).strip() != str(step_int) or step_int < 0:
             raise ValueError(f"kl_coef_milestones step {step!r} must be a whole number of optimizer steps >= 0.")
         if not math.isfinite(coef_float) or coef_float < 0:

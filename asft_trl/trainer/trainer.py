@@ -4,13 +4,13 @@ What this module adds to SFTTrainer, and nothing else:
 - the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT, or
   a frozen copy of the adapter a given `PeftModel` carries; or, with `precompute_ref_log_probs`, one pass of it before
   training whose top-k log-probs ride in the batches);
-- `compute_loss` for `kl_coef > 0` (or a DFT weight floor): by default the chunked, fused loss from both models'
-  hidden states (`asft_trl.losses.fused`, reached through `asft_trl.lm_head`), else the plain one from full logits;
-  with `kl_coef == 0` (and no floor) the loss is TRL's own, untouched;
+- `compute_loss` for `kl_coef > 0` (or a DFT weight floor, or `dft_normalization="weights"`): by default the chunked,
+  fused loss from both models' hidden states (`asft_trl.losses.fused`, reached through `asft_trl.reference.lm_head`'s
+  `FusedHeadLoss`), else the plain one from full logits; otherwise the loss is TRL's own, untouched;
 - the ASFT metrics (`kl`, `nll`, `dft_weight_mean`, `dft_weight_ess`) through TRL's `_metrics` mechanism;
-- lambda by step: a schedule, or the adaptive controller (`asft_trl.kl_control`) held by `AdaptiveKLCallback`,
+- lambda by step: a schedule, or the adaptive controller (`asft_trl.trainer.kl_control`) held by `AdaptiveKLCallback`,
   which updates it once per optimizer step and saves it with every checkpoint;
-- early, explanatory errors for paths and data TRL would fail on later (`asft_trl.paths`, `asft_trl.data.checks`);
+- early, explanatory errors for paths and data TRL would fail on later (`asft_trl.utils.paths`, `asft_trl.data.checks`);
 - a model card that links to the Hub only what is there.
 Nothing it attaches to the model holds the trainer, so a trainer is freed with its last reference (a notebook cell
 run again), however many are built on one model object.
@@ -27,24 +27,23 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import disable_dropout_in_model, maybe_gather_lm_head_ctx
+from trl.trainer.utils import disable_dropout_in_model
 
-from . import lm_head
-from . import reference as ref_utils
-from . import reference_cache
+from ..data.checks import check_dataset_format, report_dropped, report_empty_completions
+from ..diagnostics.special_tokens import SpecialTokenCheck
+from ..losses import asft_loss, asft_token_terms, weight_stats
+from ..reference import cache as reference_cache
+from ..reference import lm_head, precompute
+from ..reference import loading as ref_utils
+from ..utils.paths import check_model_source, is_hub_id
+from .callbacks import AdaptiveKLCallback
 from .config import ASFTConfig
-from .data.checks import check_dataset_format, report_dropped, report_empty_completions
-from .diagnostics.special_tokens import SpecialTokenCheck
-from .kl_control import AdaptiveKLController, KLCoefSchedule
-from .losses import asft_loss, asft_token_terms, chunked_asft_loss, weight_stats
-from .paths import check_model_source, is_hub_id
+from .kl_control import KLCoefSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class ASFTTrainer(SFTTrainer):
 
     Args:
         model: the model to fine-tune, as a path/Hub id or a loaded model (a `PeftModel` included).
-        ref_model: the anchor, as a model or a path/Hub id. Default: the starting model (a frozen copy for full
+        ref_model: the reference, as a model or a path/Hub id. Default: the starting model (a frozen copy for full
             fine-tuning; under PEFT the same network with its adapters switched off, and no second model).
         args: an [`ASFTConfig`]. Any other `TrainingArguments` is converted, as SFTTrainer does.
         **kwargs: passed on to [`~trl.SFTTrainer`] (`train_dataset`, `eval_dataset`, `processing_class`,
@@ -94,7 +93,7 @@ class ASFTTrainer(SFTTrainer):
             args = _as_asft_config(args)
         if ref_model is not None and not isinstance(ref_model, str) and ref_model is model:
             raise ValueError(
-                "`model` and `ref_model` are the same object, so the anchor would move with the policy. Omit "
+                "`model` and `ref_model` are the same object, so the reference would move with the policy. Omit "
                 "`ref_model`: a frozen copy of the starting model (or, under PEFT, the adapters switched off) is used."
             )
         if ref_model is None and args.ref_model_name_or_path is not None:
@@ -102,17 +101,19 @@ class ASFTTrainer(SFTTrainer):
         # A path that is neither a folder nor a Hub id fails here, by name, not inside a loader half a minute later
         if isinstance(model, str):
             init_kwargs = args.model_init_kwargs or {}
-            check_model_source(model, "model", cache_dir=init_kwargs.get("cache_dir"),
-                               revision=init_kwargs.get("revision"))
+            check_model_source(
+                model, "model", cache_dir=init_kwargs.get("cache_dir"), revision=init_kwargs.get("revision")
+            )
         if isinstance(ref_model, str):
             field = "ref_model_name_or_path" if ref_model == args.ref_model_name_or_path else "ref_model"
             ref_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs or {}
-            check_model_source(ref_model, field, cache_dir=ref_kwargs.get("cache_dir"),
-                               revision=ref_kwargs.get("revision"))
+            check_model_source(
+                ref_model, field, cache_dir=ref_kwargs.get("cache_dir"), revision=ref_kwargs.get("revision")
+            )
         # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
         self.dropped_examples: dict[str, int] = {}
         self.empty_completions: dict[str, int] = {}
-        # A PeftModel given as is may carry a trained adapter: its anchor is then a frozen copy of that adapter
+        # A PeftModel given as is may carry a trained adapter: its reference is then a frozen copy of that adapter
         self._given_peft_model = not isinstance(model, str) and is_peft_model(model)
         self._reference_adapter: str | None = None
         self._early_reference_check(model, ref_model, args)
@@ -144,7 +145,10 @@ class ASFTTrainer(SFTTrainer):
         self._kl_coef_schedule = None
         if args.kl_coef > 0 and args.kl_coef_schedule != "constant":
             self._kl_coef_schedule = KLCoefSchedule(
-                args.kl_coef_schedule, args.kl_coef, args.kl_coef_warmup_steps, args.kl_coef_final,
+                args.kl_coef_schedule,
+                args.kl_coef,
+                args.kl_coef_warmup_steps,
+                args.kl_coef_final,
                 args.kl_coef_milestones or {},
             )
         if args.kl_coef > 0 and args.kl_target is not None:
@@ -162,15 +166,16 @@ class ASFTTrainer(SFTTrainer):
         if args.kl_coef == 0 or ref_model is None or args.chat_template_path is not None:
             return
         if isinstance(model, str):
-            policy_vocab = ref_utils.reference_vocab_size_from_path(model, args.trust_remote_code)
+            policy_vocab = ref_utils.vocab_size_from_path(model, args.trust_remote_code)
         else:
             policy_vocab = ref_utils.output_vocab_size(model)
         if isinstance(ref_model, str):
-            ref_vocab = ref_utils.reference_vocab_size_from_path(ref_model, args.trust_remote_code)
+            ref_vocab = ref_utils.vocab_size_from_path(ref_model, args.trust_remote_code)
         else:
             ref_vocab = ref_utils.output_vocab_size(ref_model)
-        ref_utils.check_same_vocabulary(policy_vocab, ref_vocab, repr(ref_model if isinstance(ref_model, str) else
-                                                                   type(ref_model).__name__))
+        ref_utils.check_same_vocabulary(
+            policy_vocab, ref_vocab, repr(ref_model if isinstance(ref_model, str) else type(ref_model).__name__)
+        )
 
     def _build_reference(self, ref_model, args: ASFTConfig):
         """Return the reference model to keep, or None when the adapters-off policy (or nothing) is the reference."""
@@ -180,7 +185,7 @@ class ASFTTrainer(SFTTrainer):
                 logger.warning("kl_coef=0: the reference model given is not used (no KL term), and is not loaded.")
             return None
         if is_peft_model(policy):
-            # Without a named reference the anchor is the policy's own base weights: nothing separate to lighten or
+            # With no reference named, the reference is the policy's own base weights: nothing separate to lighten or
             # sync; and TRL's sync pairs the policy's parameters (adapters included) with the reference's
             ref_utils.refuse_options_without_separate_reference(
                 args.ref_model_dtype if ref_model is None else None,
@@ -189,7 +194,7 @@ class ASFTTrainer(SFTTrainer):
             )
         if ref_model is None and is_peft_model(policy):
             if self._given_peft_model:
-                # The model as given, adapter included: a frozen copy of its adapter runs as the anchor
+                # The model as given, adapter included: a frozen copy of its adapter runs as the reference
                 ref_utils.add_reference_adapter(policy)
                 self._reference_adapter = ref_utils.REFERENCE_ADAPTER
             return None  # same network: adapters switched off (or the reference adapter on) in `_run_reference`
@@ -206,7 +211,7 @@ class ASFTTrainer(SFTTrainer):
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     def _separate_reference(self, ref_model, args: ASFTConfig, policy) -> tuple[torch.nn.Module, str]:
-        """The anchor as a model of its own, and its name for messages: loaded from a path (`ref_model`, or the
+        """The reference as a model of its own, and its name for messages: loaded from a path (`ref_model`, or the
         policy's own path for a quantised copy of the starting model), a frozen copy of the starting model, or the
         model given; in `ref_model_dtype` / `ref_model_quantization`; checked against the policy's vocabulary, frozen,
         and able to run its backbone alone (`lm_head.patch_forward`)."""
@@ -238,15 +243,17 @@ class ASFTTrainer(SFTTrainer):
                     "or `ref_model_name_or_path`), or load it yourself with a `BitsAndBytesConfig`."
                 )
             ref_model = ref_utils.cast_reference(ref_model, args.ref_model_dtype)
-        ref_utils.check_same_vocabulary(ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), name)
+        ref_utils.check_same_vocabulary(
+            ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), name
+        )
         ref_utils.freeze(ref_model, disable_dropout=True)
         lm_head.patch_forward(ref_model)
         return ref_model, name
 
     def _precompute_reference(self, ref_model, args: ASFTConfig) -> None:
-        """One pass of the anchor over the datasets (`asft_trl.reference_cache`); afterwards no reference is kept.
+        """One pass of the reference over the datasets (`asft_trl.reference.cache`); afterwards no reference is kept.
 
-        The default anchor is the starting model, which is the policy itself before its first update (adapters off
+        The default reference is the starting model, which is the policy itself before its first update (adapters off
         under PEFT, or, for a PeftModel given with its adapter, the policy as given), so no second model is loaded at
         all; a named reference is loaded for the pass and freed.
         """
@@ -257,89 +264,42 @@ class ASFTTrainer(SFTTrainer):
             )
         policy = self.accelerator.unwrap_model(self.model)
         if ref_model is None:
-            anchor_lm, runner = self._policy_lm, policy
+            reference_lm, runner = self._policy_lm, policy
             name = ref_utils.get_config_model_id(self._policy_lm.config) or "the starting model"
         else:
             ref_model, name = self._separate_reference(ref_model, args, policy)
-            anchor_lm = runner = ref_model.to(self.args.device)
-        weight, bias = lm_head.head_parameters(anchor_lm)
-        head = (weight, bias, lm_head.head_transform(anchor_lm.config))
-        # Adapters switched off for the pass are left out of the fingerprint; a given PeftModel runs as is, adapter on
+            reference_lm = runner = ref_model.to(self.args.device)
+        # A PeftModel given as is runs with its adapter on; otherwise the policy's adapters are off for the pass
         adapters_off = runner is policy and is_peft_model(policy) and not self._given_peft_model
-        adapters = tuple(policy.peft_config) if adapters_off else ()
-        reference_id = f"{name}:{reference_cache.weights_fingerprint(anchor_lm, skip_adapters=adapters)}"
-
-        def run_backbone(inputs):
-            with self.accelerator.autocast():
-                if adapters_off:
-                    with ref_utils.adapters_disabled(policy, deterministic=True):
-                        return policy(**inputs, asft_hidden_states=True).last_hidden_state
-                return runner(**inputs, asft_hidden_states=True).last_hidden_state
-
-        cache_dir = args.precompute_ref_cache_dir or f"{args.output_dir}/reference_cache"
-        # A per-token KL estimator needs only the anchor's log-probability of each target: one float per token
-        store = "topk" if args.kl_estimator == "full" else "token"
-        options = dict(
-            run_backbone=run_backbone, head=head, collator=self.data_collator, k=args.precompute_ref_topk,
-            batch_size=args.precompute_ref_batch_size or args.per_device_train_batch_size, cache_dir=cache_dir,
-            reference_id=reference_id, device=self.args.device, store=store,
+        result = precompute.precompute_reference(
+            reference_lm,
+            runner,
+            name,
+            adapters_off=adapters_off,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            collator=self.data_collator,
+            args=args,
+            device=self.args.device,
+            autocast=self.accelerator.autocast,
+            main_process_first=self.accelerator.main_process_first,
         )
-        was_training = runner.training
-        runner.eval()
-        try:
-            with self.accelerator.main_process_first():
-                self.train_dataset = self._with_reference_columns(self.train_dataset, "train", options)
-                if isinstance(self.eval_dataset, dict):
-                    self.eval_dataset = {
-                        key: self._with_reference_columns(dataset, f"eval {key}", options)
-                        for key, dataset in self.eval_dataset.items()
-                    }
-                else:
-                    self.eval_dataset = self._with_reference_columns(self.eval_dataset, "eval", options)
-        finally:
-            runner.train(was_training)
-        self.data_collator = reference_cache.ReferenceColumnsCollator(self.data_collator, store=store)
-        if store == "token":
-            logger.info(f"Precomputed the reference ({name}) into {cache_dir}: its log-probability of each completion "
-                        f"token, for kl_estimator={args.kl_estimator!r}.")
-            return
-        self.precomputed_top_k_mass = reference_cache.mean_top_k_mass(self.train_dataset)
-        message = (
-            f"Precomputed the reference ({name}) into {cache_dir}: its top-{args.precompute_ref_topk} tokens hold "
-            f"{100 * self.precomputed_top_k_mass:.1f}% of its probability mass on average over the training tokens."
-        )
-        if self.precomputed_top_k_mass < 0.9:
-            # Measured on SmolLM2 (docs/benchmarks.md): the KL's relative gap is of the order of the mass left out
-            logger.warning(
-                f"{message} The top-k KL then falls well short of the exact KL (by roughly the mass left out), so "
-                "the anchor is weaker than the paper's: raise precompute_ref_topk, or use the live reference."
-            )
-        else:
-            logger.info(message)
-
-    @staticmethod
-    def _with_reference_columns(dataset, split: str, options: dict):
-        if dataset is None:
-            return None
-        if not isinstance(dataset, Dataset):
-            raise ValueError(
-                f"precompute_ref_log_probs=True needs a map-style `datasets.Dataset` for {split} (got "
-                f"{type(dataset).__name__}): the stored reference is added to it as columns. Load the data without "
-                "streaming, or set precompute_ref_log_probs to False."
-            )
-        what = "top-k log-probs" if options["store"] == "topk" else "log-probs of the targets"
-        return reference_cache.add_reference_columns(
-            dataset, desc=f"Precomputing the reference's {what} ({split})", **options
-        )
+        self.train_dataset, self.eval_dataset, self.data_collator = result.datasets()
+        if result.topk_mass is not None:
+            self.precomputed_topk_mass = result.topk_mass
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self.args.precompute_ref_log_probs and reference_cache.COLUMNS[0] not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, *reference_cache.COLUMNS, reference_cache.TOKEN_COLUMN]
+            self._signature_columns = [
+                *self._signature_columns,
+                *reference_cache.COLUMNS,
+                reference_cache.TOKEN_COLUMN,
+            ]
 
     @staticmethod
     def _uses_own_loss(args: ASFTConfig) -> bool:
-        """Whether the loss is this package's rather than TRL's own SFT/DFT loss: with an anchor, a weight floor, or
+        """Whether the loss is this package's rather than TRL's own SFT/DFT loss: with a KL term, a weight floor, or
         the DFT weight normalisation."""
         return args.kl_coef > 0 or args.dft_weight_floor > 0 or args.dft_normalization == "weights"
 
@@ -363,7 +323,11 @@ class ASFTTrainer(SFTTrainer):
             problem = lm_head.fused_head_problem(self._ref_lm)
         if problem is None and self.aux_loss_enabled:
             problem = "the MoE router's auxiliary loss is enabled"
-        if problem is None and self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1:
+        if (
+            problem is None
+            and self.is_fsdp_enabled
+            and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1
+        ):
             problem = "FSDP1 keeps the head's parameters flattened outside the forward (FSDP2 is supported)"
         if problem is not None:
             logger.warning(f"The fused ASFT loss is not used because {problem}; the plain loss builds full logits.")
@@ -371,7 +335,7 @@ class ASFTTrainer(SFTTrainer):
         return True
 
     def _run_reference(self, model, model_inputs: dict[str, Any], **kwargs):
-        """The anchor's forward on exactly the policy's inputs (same positions, same packing information)."""
+        """The reference's forward on exactly the policy's inputs (same positions, same packing information)."""
         with torch.no_grad():
             if self.ref_model is not None:
                 return self.ref_model(**model_inputs, **kwargs)
@@ -385,12 +349,13 @@ class ASFTTrainer(SFTTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save as SFTTrainer does, leaving out the frozen reference adapter: the output holds the trained adapter
-        alone, as it would without the anchor."""
+        alone, as it would without the reference."""
         if self._reference_adapter is None or not is_peft_model(self.model):
             return super()._save(output_dir, state_dict)
         trained = [name for name in self.model.peft_config if name != self._reference_adapter]
-        self.model.save_pretrained = functools.partial(type(self.model).save_pretrained, self.model,
-                                                       selected_adapters=trained)
+        self.model.save_pretrained = functools.partial(
+            type(self.model).save_pretrained, self.model, selected_adapters=trained
+        )
         try:
             super()._save(output_dir, state_dict)
         finally:
@@ -411,10 +376,20 @@ class ASFTTrainer(SFTTrainer):
             lines = f.read().split("\n")
         base = ref_utils.get_config_model_id(self.model.config)
         hub_base = bool(base) and not os.path.isdir(base)
-        base_text = f"[{base}](https://huggingface.co/{base})" if hub_base else (
-            f"the local model `{base}`" if base else "a model built in memory")
-        data_text = f" on the local data `{dataset_name}`" if local_data else (
-            f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset" if dataset_name else "")
+        base_text = (
+            f"[{base}](https://huggingface.co/{base})"
+            if hub_base
+            else (f"the local model `{base}`" if base else "a model built in memory")
+        )
+        data_text = (
+            f" on the local data `{dataset_name}`"
+            if local_data
+            else (
+                f" on the [{dataset_name}](https://huggingface.co/datasets/{dataset_name}) dataset"
+                if dataset_name
+                else ""
+            )
+        )
         for i, line in enumerate(lines):
             if line.startswith("This model is a fine-tuned version of "):
                 lines[i] = f"This model is a fine-tuned version of {base_text}{data_text}."
@@ -485,51 +460,20 @@ class ASFTTrainer(SFTTrainer):
             if anchored and stored is None:
                 ref_hidden = self._run_reference(model, model_inputs, asft_hidden_states=True).last_hidden_state
                 ref_hidden = ref_hidden if shifted else ref_hidden[:, :-1]
-            result = {}
-
-            def fused_loss(policy_lm, backbone_outputs):
-                hidden = backbone_outputs.last_hidden_state
-                hidden = hidden if shifted else hidden[:, :-1]
-                weight, bias = lm_head.head_parameters(policy_lm)
-                # With the model split across devices (`device_map`) the backbone can end where the head is not
-                on_head = mask.to(weight.device)
-                ref_weight = ref_bias = None
-                if ref_hidden is not None:
-                    # Under PEFT the anchor is the same network with adapters off, so its head is the policy's own.
-                    # A sharded reference head is gathered in the dtype the policy's head has here (FSDP2 mixed
-                    # precision), so that at step 0 both are the same matrix
-                    ref_weight, ref_bias = (
-                        (weight, bias) if self._ref_lm is None
-                        else lm_head.head_parameters(self._ref_lm, dtype=weight.dtype)
-                    )
-                heads = {id(t): t for t in (weight, bias, ref_weight, ref_bias) if t is not None}
-                fused_inputs = dict(
-                    hidden=hidden.to(weight.device)[on_head],
-                    weight=weight,
-                    labels=labels.to(weight.device)[on_head],
-                    ref_hidden=None if ref_hidden is None else ref_hidden.to(weight.device)[on_head],
-                    ref_weight=ref_weight,
-                    bias=bias,
-                    ref_bias=ref_bias,
-                    head=lm_head.head_transform(policy_lm.config),
-                    # None: the same head (and transform) as the policy's
-                    ref_head=None if self._ref_lm is None else lm_head.head_transform(self._ref_lm.config),
-                    chunk_size=self.args.loss_chunk_size,
-                )
-                with maybe_gather_lm_head_ctx(*heads.values()):
-                    result["loss"], result["terms"] = chunked_asft_loss(
-                        **fused_inputs,
-                        ref_topk=None if ref_topk is None else ref_topk.to(weight.device),
-                        ref_token_log_probs=None if ref_token_log_probs is None else ref_token_log_probs.to(weight.device),
-                        **loss_kwargs,
-                    )
-                    if measure_full_kl:
-                        result["full_kl"] = chunked_asft_loss(
-                            **fused_inputs, **{**loss_kwargs, "kl_estimator": "full", "kl_coef": 0.0})[1].kl
-                return CausalLMOutputWithPast(loss=result["loss"])
-
+            fused_loss = lm_head.FusedHeadLoss(
+                labels=labels,
+                mask=mask,
+                shifted=shifted,
+                ref_hidden=ref_hidden,
+                ref_lm=self._ref_lm,
+                ref_topk=ref_topk,
+                ref_token_log_probs=ref_token_log_probs,
+                chunk_size=self.args.loss_chunk_size,
+                loss_kwargs=loss_kwargs,
+                measure_full_kl=measure_full_kl,
+            )
             outputs = model(**model_inputs, asft_loss_fn=fused_loss)
-            loss, terms, full_kl = outputs.loss, result["terms"], result.get("full_kl")
+            loss, terms, full_kl = outputs.loss, fused_loss.terms, fused_loss.full_kl
             if return_outputs:  # the logits were never built; only `compute_metrics` users ask for them
                 with torch.no_grad():
                     outputs = model(**model_inputs)
@@ -540,12 +484,19 @@ class ASFTTrainer(SFTTrainer):
             if anchored and stored is None:
                 ref_logits = self._run_reference(model, model_inputs).logits
                 ref_logits = (ref_logits if shifted else ref_logits[:, :-1])[mask]
-            loss, terms = asft_loss(policy_logits[mask], labels[mask], ref_logits, ref_topk=ref_topk,
-                                    ref_token_log_probs=ref_token_log_probs, **loss_kwargs)
+            loss, terms = asft_loss(
+                policy_logits[mask],
+                labels[mask],
+                ref_logits,
+                ref_topk=ref_topk,
+                ref_token_log_probs=ref_token_log_probs,
+                **loss_kwargs,
+            )
             if measure_full_kl:
                 with torch.no_grad():
-                    full_kl = asft_token_terms(policy_logits[mask], labels[mask], ref_logits,
-                                               kl_direction=self.args.kl_direction).kl
+                    full_kl = asft_token_terms(
+                        policy_logits[mask], labels[mask], ref_logits, kl_direction=self.args.kl_direction
+                    ).kl
         # Like TRL: `num_items_in_batch` counts the tokens of every process, and DDP averages gradients across them
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -667,7 +618,9 @@ class ASFTTrainer(SFTTrainer):
                 local = inputs["attention_mask"].sum()
             else:  # padding-free: one row of packed tokens
                 local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-            self._total_train_tokens += self.accelerator.gather_for_metrics(local.reshape(1)).sum().item() // self._tp_size
+            self._total_train_tokens += (
+                self.accelerator.gather_for_metrics(local.reshape(1)).sum().item() // self._tp_size
+            )
         metrics["num_tokens"] = [self._total_train_tokens]
 
     # ------------------------------------------------------------------ lambda schedules and adaptive anchoring
@@ -731,57 +684,3 @@ class _FusedOutputsRecorder:
 
     def __getattr__(self, name):
         return getattr(self.model, name)
-
-
-class AdaptiveKLCallback(TrainerCallback, ExportableState):
-    """Holds the adaptive KL controller of `ASFTTrainer`: updates lambda once per optimizer step from the mean KL of
-    all the step's micro-batches, and carries its state through checkpoints.
-
-    As an `ExportableState` callback, its state is written into every checkpoint's `trainer_state.json`
-    (`stateful_callbacks`). On resume it restores that state itself in `on_train_begin`, so no flag is needed; with
-    `restore_callback_states_from_checkpoint=True` transformers rebuilds it from the same state, to the same effect.
-    The controller's settings are the current run's; only lambda (and the counters) come from the checkpoint.
-    """
-
-    def __init__(self, kl_coef: float, target: float, horizon: float, error_clip: float,
-                 controller_state: dict | None = None):
-        self.controller = AdaptiveKLController(kl_coef, target, horizon, error_clip)
-        if controller_state is not None:
-            self.controller.load_state_dict(controller_state)
-        self._kl_sum = 0.0
-        self._count = 0.0
-
-    def add_kl(self, kl_sum: float, count: float) -> None:
-        self._kl_sum += kl_sum
-        self._count += count
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # Runs before the step's logging and checkpoint, so a checkpoint holds lambda for the next step
-        if self._count > 0:
-            self.controller.update(self._kl_sum / self._count)
-        self._kl_sum = self._count = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        name = type(self).__name__
-        saved = state.stateful_callbacks.get(name)
-        if isinstance(saved, dict) and "controller_state" in saved.get("args", {}):
-            self.controller.load_state_dict(saved["args"]["controller_state"])
-        elif state.global_step > 0:
-            logger.warning(
-                f"The checkpoint resumed from has no adaptive KL controller state: lambda starts again from "
-                f"kl_coef={self.controller.kl_coef} at step {state.global_step}."
-            )
-        # The settings are this run's (a resume may change the target); lambda is the checkpoint's
-        self.controller.target, self.controller.horizon = args.kl_target, args.kl_horizon
-        self.controller.error_clip = args.kl_error_clip
-        self._kl_sum = self._count = 0.0
-        # A checkpoint written by a run without the controller has no entry, and transformers' save expects one
-        state.stateful_callbacks[name] = self.state()
-
-    def state(self) -> dict:
-        controller = self.controller
-        return {
-            "args": {"kl_coef": controller.kl_coef, "target": controller.target, "horizon": controller.horizon,
-                     "error_clip": controller.error_clip, "controller_state": controller.state_dict()},
-            "attributes": {},
-        }

@@ -1,12 +1,12 @@
-"""The precomputed reference: one pass of the anchor over the prepared datasets before training, so that training
+"""The precomputed reference: one pass of the reference over the prepared datasets before training, so that training
 keeps no reference model in memory and runs no reference forward.
 
-For every completion token the pass stores, for the exact KL (`store="topk"`), the anchor's top-k token ids, their
+For every completion token the pass stores, for the exact KL (`store="topk"`), the reference's top-k token ids, their
 log-probabilities and the log-mass of the rest (`asft_trl.losses.topk` defines the KL against them) as three extra
-dataset columns; for a per-token KL estimator (`store="token"`), only the anchor's log-probability of the target token,
-one float per token in one column. The rows are written to an Arrow file named by a fingerprint of the dataset, the
-anchor's weights and what is stored (k, or the target's log-probability), so an interrupted pass leaves nothing
-half-written, and a second run over the same data and anchor (a lambda sweep, a resumed run) reuses the file.
+dataset columns; for a per-token KL estimator (`store="token"`), only the reference's log-probability of the target
+token, one float per token in one column. The rows are written to an Arrow file named by a fingerprint of the dataset,
+the reference's weights and what is stored (k, or the target's log-probability), so an interrupted pass leaves nothing
+half-written, and a second run over the same data and reference (a lambda sweep, a resumed run) reuses the file.
 
 At training time `ReferenceColumnsCollator` takes the columns out of each example before the usual collator sees
 them and hands them on as [N, k] (or [N]) tensors for the batch's N completion tokens, in the order the loss visits
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from datasets import Dataset, Features, List, Value
 
-from .losses import HeadTransform, TopKReference, head_log_probs, top_k_of
+from ..losses import HeadTransform, TopKReference, head_log_probs, topk_of
 
 COLUMNS = ("ref_topk_ids", "ref_topk_log_probs", "ref_tail_log_prob")
-TOKEN_COLUMN = "ref_token_log_prob"  # store="token": the anchor's log-probability of each target token
+TOKEN_COLUMN = "ref_token_log_prob"  # store="token": the reference's log-probability of each target token
 STORES = ("topk", "token")
 _FORMAT_VERSION = 1
 # Completion tokens projected over the vocabulary at once during the pass
@@ -39,8 +39,8 @@ _TOKENS_PER_CHUNK_ELEMENTS = 1 << 24
 def weights_fingerprint(model: torch.nn.Module, skip_adapters: tuple[str, ...] = ()) -> str:
     """A short digest of a model's weights, so that a cache made with other weights is never reused.
 
-    `skip_adapters`: PEFT adapter names whose weights are left out (the anchor runs with them off, and a fresh
-    adapter's random initialisation must not make the same anchor look different).
+    `skip_adapters`: PEFT adapter names whose weights are left out (the reference runs with them off, and a fresh
+    adapter's random initialisation must not make the same reference look different).
     """
     digest = hashlib.sha256()
     with torch.no_grad():
@@ -50,8 +50,10 @@ def weights_fingerprint(model: torch.nn.Module, skip_adapters: tuple[str, ...] =
             if skip_adapters and any(part in skip_adapters for part in name.split(".")):
                 continue
             values = param.detach().double()
-            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{values.sum().item():.10e}:"
-                          f"{values.abs().sum().item():.10e};".encode())
+            digest.update(
+                f"{name}:{tuple(param.shape)}:{param.dtype}:{values.sum().item():.10e}:"
+                f"{values.abs().sum().item():.10e};".encode()
+            )
     return digest.hexdigest()[:16]
 
 
@@ -76,10 +78,10 @@ def add_reference_columns(
     desc: str,
     store: str = "topk",
 ) -> Dataset:
-    """`dataset` with the anchor's columns added (see the module docstring), computed or read from `cache_dir`.
+    """`dataset` with the reference's columns added (see the module docstring), computed or read from `cache_dir`.
 
-    `run_backbone(model_inputs)` returns the anchor's final hidden states [B, T, H] for a collated batch; `head` is
-    the anchor's (weight, bias, transform). `store`: "topk" (k tokens and the tail, for the exact KL) or "token" (the
+    `run_backbone(model_inputs)` returns the reference's final hidden states [B, T, H] for a collated batch; `head` is
+    the reference's (weight, bias, transform). `store`: "topk" (k tokens and the tail, for the exact KL) or "token" (the
     target's log-probability, for a per-token KL estimator; `k` is then unused).
     """
     if store not in STORES:
@@ -93,8 +95,14 @@ def add_reference_columns(
     # The top-k key is the one earlier versions used (their files stay valid); the token store's differs by `store`
     stored = {"k": k} if store == "topk" else {"store": "token_log_prob"}
     key = json.dumps(
-        {"dataset": dataset._fingerprint, "reference": reference_id, **stored, "head": repr(transform),
-         "version": _FORMAT_VERSION}, sort_keys=True,
+        {
+            "dataset": dataset._fingerprint,
+            "reference": reference_id,
+            **stored,
+            "head": repr(transform),
+            "version": _FORMAT_VERSION,
+        },
+        sort_keys=True,
     )
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:20]
     os.makedirs(cache_dir, exist_ok=True)
@@ -118,7 +126,7 @@ def add_reference_columns(
             for i in range(0, max(1, hidden.shape[0]), chunk):
                 log_q = head_log_probs(hidden[i : i + chunk], weight, bias, transform)
                 if store == "topk":
-                    parts.append(top_k_of(log_q, k))
+                    parts.append(topk_of(log_q, k))
                 else:
                     parts.append(log_q.gather(-1, targets[i : i + chunk, None]).squeeze(-1))
         if sum(counts) != hidden.shape[0]:
@@ -141,20 +149,27 @@ def add_reference_columns(
     if store == "token":
         features = Features({**dataset.features, TOKEN_COLUMN: List(Value("float32"))})
     else:
-        features = Features({
-            **dataset.features,
-            "ref_topk_ids": List(List(Value("int32"))),
-            "ref_topk_log_probs": List(List(Value("float32"))),
-            "ref_tail_log_prob": List(Value("float32")),
-        })
+        features = Features(
+            {
+                **dataset.features,
+                "ref_topk_ids": List(List(Value("int32"))),
+                "ref_topk_log_probs": List(List(Value("float32"))),
+                "ref_tail_log_prob": List(Value("float32")),
+            }
+        )
     return dataset.map(
-        add_columns, batched=True, batch_size=batch_size, features=features, cache_file_name=cache_file,
-        new_fingerprint=fingerprint, desc=desc,
+        add_columns,
+        batched=True,
+        batch_size=batch_size,
+        features=features,
+        cache_file_name=cache_file,
+        new_fingerprint=fingerprint,
+        desc=desc,
     )
 
 
-def mean_top_k_mass(dataset: Dataset) -> float:
-    """The share of the anchor's probability mass its stored top-k holds, averaged over the completion tokens: how
+def mean_topk_mass(dataset: Dataset) -> float:
+    """The share of the reference's probability mass its stored top-k holds, averaged over the completion tokens: how
     close the top-k KL is to the exact one (the KL's relative gap is of the order of the mass left out)."""
     import pyarrow.compute as pc
 
@@ -201,12 +216,16 @@ class ReferenceColumnsCollator:
             stripped.append(example)
         batch = self.collator(stripped)
         if self.store == "token":
-            batch[TOKEN_COLUMN] = torch.cat([torch.as_tensor(rows, dtype=torch.float32).reshape(-1)
-                                             for rows in columns[TOKEN_COLUMN]])
+            batch[TOKEN_COLUMN] = torch.cat(
+                [torch.as_tensor(rows, dtype=torch.float32).reshape(-1) for rows in columns[TOKEN_COLUMN]]
+            )
             return batch
         # k from any example with completion tokens (an example may have none)
         k = next((len(rows[0]) for rows in columns["ref_topk_ids"] if len(rows)), 1)
-        for name, dtype, shape in (("ref_topk_ids", torch.long, (-1, k)), ("ref_topk_log_probs", torch.float32, (-1, k)),
-                                   ("ref_tail_log_prob", torch.float32, (-1,))):
+        for name, dtype, shape in (
+            ("ref_topk_ids", torch.long, (-1, k)),
+            ("ref_topk_log_probs", torch.float32, (-1, k)),
+            ("ref_tail_log_prob", torch.float32, (-1,)),
+        ):
             batch[name] = torch.cat([torch.as_tensor(rows, dtype=dtype).reshape(shape) for rows in columns[name]])
         return batch

@@ -5,6 +5,8 @@ Only reads the trainer's state and runs evaluation; it never changes the model o
 
 from __future__ import annotations
 
+from ..evaluation.benchmarks import TASK_METRICS
+
 # eval_kl is the KL term as trained (the exact KL, or a kl_estimator's estimate); eval_kl_full the exact KL beside an
 # estimate
 HELD_OUT_KEYS = ("eval_loss", "eval_nll", "eval_kl", "eval_kl_full", "eval_mean_token_accuracy")
@@ -14,11 +16,10 @@ def held_out_report(trainer, eval_dataset, script_args) -> dict:
     """Evaluate on the held-out split: the trainer's eval metrics, plus the task metric when the recipe names one."""
     metrics = trainer.evaluate()
     report = {key: metrics[key] for key in HELD_OUT_KEYS if key in metrics}
-    if getattr(script_args, "held_out_metric", None) == "quickstart":
-        from .quickstart.task import score
-
+    metric = TASK_METRICS.get(getattr(script_args, "held_out_metric", None))
+    if metric is not None:
         subset = eval_dataset.select(range(min(script_args.held_out_size, len(eval_dataset))))
-        result = score(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, subset)
+        result = metric(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, subset)
         report["task_accuracy"] = result["accuracy"]
         report["task_examples_wrong"] = [list(f) for f in result["failures"]]
     return report
@@ -26,8 +27,10 @@ def held_out_report(trainer, eval_dataset, script_args) -> dict:
 
 def held_out_missing_note(test_split: str, splits) -> str:
     """Why a run has no held-out numbers before and after training: the split it names is not in the data."""
-    return (f"No held-out evaluation: the dataset has no {test_split!r} split (its splits: {sorted(splits)}), so "
-            "nothing was evaluated before and after training. Fix: set dataset_test_split to one of its splits.")
+    return (
+        f"No held-out evaluation: the dataset has no {test_split!r} split (its splits: {sorted(splits)}), so "
+        "nothing was evaluated before and after training. Fix: set dataset_test_split to one of its splits."
+    )
 
 
 def _last(history: list[dict], key: str):
@@ -50,8 +53,11 @@ def print_summary(trainer, before: dict, after: dict, note: str | None = None) -
     ]
     unlearnable = [e for e in getattr(trainer, "special_token_report", None) or [] if e["warned"]]
     if unlearnable:
-        lines.append("  special tokens DFT may not learn (starting model's mean probability): " + ", ".join(
-            f"{e['token']!r} {e['mean_probability']:.2g}" for e in unlearnable) + " -- see the warning at the start")
+        lines.append(
+            "  special tokens DFT may not learn (starting model's mean probability): "
+            + ", ".join(f"{e['token']!r} {e['mean_probability']:.2g}" for e in unlearnable)
+            + " -- see the warning at the start"
+        )
     dropped = {k: v for k, v in getattr(trainer, "dropped_examples", {}).items() if v}
     if dropped:
         lines.append(f"  examples dropped (completion truncated to nothing): {dropped}")
