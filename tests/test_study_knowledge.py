@@ -333,9 +333,12 @@ def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_o
     assert text.count(BEGIN) == 1 and text.count(END) == 1 and "| ASFT λ=0.05 |" in text and "| H10 |" in text
 
     # The generated part is replaced in place; text written after it survives
+    first = json.loads((tmp_path / "docs" / "study_knowledge_results.json").read_text())
     doc.write_text(text + "\nReading of the results.\n")
     assert cli.main(argv) == 0
-    assert json.loads((tmp_path / "docs" / "study_knowledge_results.json").read_text())["reused_runs"] == 4
+    again = json.loads((tmp_path / "docs" / "study_knowledge_results.json").read_text())
+    assert again["reused_runs"] == 4
+    assert again["runs_seconds"] == first["runs_seconds"] > 0  # what the runs cost survives a re-render
     text = doc.read_text()
     assert text.count(BEGIN) == 1 and text.endswith("Reading of the results.\n")
 
