@@ -451,9 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == [
-        "knowledge"
-    ]:  # the second study: `asft-trl study knowledge ...` (asft_trl/scripts/study_knowledge.py)
+    # The second study: `asft-trl study knowledge ...` (asft_trl/scripts/study_knowledge.py)
+    if argv[:1] == ["knowledge"]:
         from . import study_knowledge
 
         return study_knowledge.main(argv[1:])
