@@ -146,11 +146,39 @@ def unique_labels(runs: list[Run]) -> None:
             run.label = f"{run.label} ({run.path.resolve().name})"
 
 
+def _panels(n: int):
+    """A figure with `n` panels, three to a row, and its axes in reading order (spare ones removed by `_finish`)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed (Agg canvas)
+
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(5.2 * cols, 3.6 * rows + 0.6), layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False).ravel()
+
+
+def _finish(fig, axes, n: int, title: str | None, legend_title: str | None = None) -> None:
+    """Remove the spare panels and draw one legend (each label once) below the first `n`, and the title."""
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    handles = {}
+    for ax in axes[:n]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="outside lower center",
+        ncols=min(len(handles), 6),
+        fontsize=9,
+        title=legend_title,
+    )
+    if title:
+        fig.suptitle(title)
+
+
 def plot_runs(runs: list[Run], metrics: list[str], title: str | None = None, warn_missing: bool = True):
     """One panel per metric that at least one run logged, one line per run. Returns (figure, missing), where
     `missing` lists (metric, run label) pairs that were not logged (also logged as warnings, with `warn_missing`)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed (Agg canvas)
-
     missing = [(m, r.label) for m in metrics for r in runs if not r.series(m)[0]]
     for metric, label in missing if warn_missing else ():
         logger.warning("Metric %r was not logged by run %r: no line for it.", metric, label)
@@ -160,10 +188,7 @@ def plot_runs(runs: list[Run], metrics: list[str], title: str | None = None, war
             f"None of the metrics {metrics} was logged by any of the runs. Metrics they logged: "
             f"{sorted(available_metrics(runs))}. Fix: choose some of those with --metrics."
         )
-    cols = min(3, len(drawn))
-    rows = math.ceil(len(drawn) / cols)
-    fig = Figure(figsize=(5.2 * cols, 3.6 * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig, axes = _panels(len(drawn))
     colors = {run.label: f"C{i % 10}" for i, run in enumerate(runs)}
     for ax, metric in zip(axes, drawn):
         for run in runs:
@@ -180,17 +205,7 @@ def plot_runs(runs: list[Run], metrics: list[str], title: str | None = None, war
         ax.set_title(f"{metric}\n{describe(metric, runs)}".strip(), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in axes[len(drawn) :]:
-        fig.delaxes(ax)
-    handles = {}
-    for ax in axes[: len(drawn)]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    fig.legend(
-        list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 6), fontsize=9
-    )
-    if title:
-        fig.suptitle(title)
+    _finish(fig, axes, len(drawn), title)
     return fig, missing
 
 
@@ -201,7 +216,6 @@ def plot_run_groups(groups: dict[str, list[Run]], metrics: list[str], title: str
     A step some run of a group did not log is left out for that group (a band needs every run); a metric no group
     logged gets no panel, as in `plot_runs`.
     """
-    from matplotlib.figure import Figure
 
     def band(runs: list[Run], metric: str):
         series = [dict(zip(*run.series(metric))) for run in runs]
@@ -212,10 +226,7 @@ def plot_run_groups(groups: dict[str, list[Run]], metrics: list[str], title: str
     drawn = [m for m in metrics if any(band(runs, m)[0] for runs in groups.values() if runs)]
     if not drawn:
         raise ValueError(f"None of the metrics {metrics} was logged by every run of any group.")
-    cols = min(3, len(drawn))
-    rows = math.ceil(len(drawn) / cols)
-    fig = Figure(figsize=(5.2 * cols, 3.6 * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig, axes = _panels(len(drawn))
     for ax, metric in zip(axes, drawn):
         for i, (label, runs) in enumerate(groups.items()):
             if not runs:
@@ -236,22 +247,7 @@ def plot_run_groups(groups: dict[str, list[Run]], metrics: list[str], title: str
         )
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in axes[len(drawn) :]:
-        fig.delaxes(ax)
-    handles = {}
-    for ax in axes[: len(drawn)]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    fig.legend(
-        list(handles.values()),
-        list(handles),
-        loc="outside lower center",
-        ncols=min(len(handles), 6),
-        fontsize=9,
-        title="line: mean over seeds; band: min to max",
-    )
-    if title:
-        fig.suptitle(title)
+    _finish(fig, axes, len(drawn), title, legend_title="line: mean over seeds; band: min to max")
     return fig
 
 

@@ -387,15 +387,10 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def make_parser() -> argparse.ArgumentParser:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """`--model` and `--model_cache_dir`, as both studies take them."""
     from ..quickstart.model import HUB_ID
 
-    p = argparse.ArgumentParser(
-        prog="asft-trl study",
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        epilog="`asft-trl study knowledge --help`: the second study (generated knowledge, "
-        "several seeds, verdicts by fixed rules).",
-    )
     p.add_argument(
         "--model",
         default=HUB_ID,
@@ -407,6 +402,27 @@ def make_parser() -> argparse.ArgumentParser:
         default=os.path.join("outputs", "models"),
         help="Where the offline quickstart model is (or is materialised).",
     )
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """`--num_threads`, as both studies take it."""
+    p.add_argument(
+        "--num_threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs, 1 avoids the "
+        "threads of one process waiting on each other and can be several times faster.",
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="asft-trl study",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        epilog="`asft-trl study knowledge --help`: the second study (generated knowledge, "
+        "several seeds, verdicts by fixed rules).",
+    )
+    add_model_arguments(p)
     p.add_argument("--output_dir", default=os.path.join("outputs", "study"), help="One sub-folder per run.")
     p.add_argument(
         "--doc",
@@ -437,13 +453,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_length", type=int, default=64)
     p.add_argument("--ood_max_new_tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--num_threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs, 1 avoids the "
-        "threads of one process waiting on each other and can be several times faster.",
-    )
+    add_threads_argument(p)
     return p
 
 
