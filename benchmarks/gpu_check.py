@@ -45,7 +45,11 @@ SHAPE_05B = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864,
 
 
 def _env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # Offline, so transformers' Hub kernels (on by default on CUDA since 5.x, fetched at from_pretrained) can't load:
+    # USE_HUB_KERNELS=NO keeps from_pretrained on the model's own layers instead of failing.
+    return dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", USE_HUB_KERNELS="NO"
+    )
 
 
 def _run(cmd: list[str], timeout: int) -> None:
@@ -175,6 +179,7 @@ def check_qlora(device, dry: bool, workdir: Path) -> dict:
         per_device_train_batch_size=cfg["batch"],
         max_steps=cfg["steps"],
         max_length=cfg["seq"],
+        completion_only_loss=True,
         learning_rate=1e-3,
         logging_steps=1,
         save_strategy="no",

@@ -58,7 +58,8 @@ def _tokenizer():
 
 
 def _dataset(cfg):
-    """Pre-tokenised random rows: the first half of each sequence is prompt, the second half completion."""
+    """Pre-tokenised random rows: the first half of each sequence is prompt, the second half completion (scored only
+    with `completion_only_loss=True`, which every trainer here is given)."""
     import torch
     from datasets import Dataset
 
@@ -124,6 +125,9 @@ def _worker(cfg) -> dict:
         per_device_train_batch_size=cfg["batch"],
         max_steps=cfg["steps"] + 1,  # the first step warms up and is not timed
         max_length=cfg["seq"],
+        # The rows are pre-tokenised (no prompt/completion columns), where TRL would score every position unless
+        # told to read the completion mask: score the completion half only, as a fine-tuning run does.
+        completion_only_loss=True,
         learning_rate=1e-5,
         logging_steps=1,
         save_strategy="no",
