@@ -64,3 +64,25 @@ def test_gpu_check_without_a_gpu_says_how_to_dry_run():
         timeout=300,
     )
     assert proc.returncode != 0 and "--dry-run" in proc.stderr
+
+
+def test_fused_loss_speed_runs_and_times_every_variant(tmp_path):
+    """`benchmarks/fused_loss_speed.py` at a toy shape on the CPU: every variant is timed and the JSON holds them."""
+    out = tmp_path / "speed.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "fused_loss_speed.py"),
+            *("--device", "cpu", "--dtype", "float32", "--tokens", "64", "--hidden", "16", "--vocab", "256"),
+            *("--chunk-sizes", "0", "16", "--warmup", "1", "--repeats", "2", "--out", str(out)),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    variants = [row["variant"] for row in rows]
+    assert variants == ["cross_entropy", "plain", "fused chunk auto", "fused chunk 16", "fused_no_reference"]
+    assert all(row["ms"] > 0 for row in rows) and rows[2]["chunk"] > 0
