@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from asft_trl.evaluation.benchmarks import SchemaError, load_benchmark
-from asft_trl.evaluation.medical import letter_token_ids, predict, score_rows
+from asft_trl.evaluation.medical import authors_letter, letter_token_ids, predict, score_rows
 from asft_trl.evaluation.prompts import medical_prompt
 
 FIXTURE = Path(__file__).parent / "fixtures" / "eval" / "medical.jsonl"
@@ -71,3 +71,55 @@ def test_loader_names_the_missing_fields(tmp_path):
     bad.write_text('{"question": "q", "options": ["x", "y"], "answer": "E"}\n')
     with pytest.raises(SchemaError, match="neither an option letter"):
         load_benchmark("bad", "medical", str(bad))
+
+
+# ---------------------------------------------------------------------------------------------------- authors' rule
+
+
+@pytest.mark.parametrize(
+    "top, expected",
+    [
+        ([[" B", -0.5], ["\n", -1.0], [" A", -2.0]], ("B", False)),  # the best letter among the top tokens
+        ([["\n", -0.1], [" C", -3.0], [" D", -2.5]], ("D", False)),  # not the first letter met: the best one
+        ([[" A", -1.0], [" B", -1.5], ["A", -3.0]], ("B", False)),  # a later variant of A replaces the earlier one
+        ([[" a", -0.9], [" b", -1.2]], ("A", False)),  # upper-cased, as theirs
+        ([["\n", -0.1], [" The", -1.0]], ("A", True)),  # no letter: their fallback answers "A"
+        ([[" (C", -0.1], [" The", -1.0]], ("C", True)),  # no letter token, but a standalone letter in the greedy text
+        ([[" E", -0.1], [" B", -2.0]], ("B", False)),  # E is not an option of a four-option question
+    ],
+)
+def test_authors_rule(top, expected):
+    assert authors_letter(top, "ABCD") == expected
+
+
+def test_authors_rule_on_the_tiny_model_reads_the_top_ten_of_the_same_distribution(tiny_model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    items = load_benchmark("medical_fixture", "medical", str(FIXTURE))
+    ours = predict(model, tokenizer, items, batch_size=3)
+    theirs = predict(model, tokenizer, items, batch_size=2, scoring="authors")
+    for a, b in zip(ours, theirs):
+        with torch.no_grad():
+            logits = model(**tokenizer(a["prompt"], return_tensors="pt")).logits[0, -1]
+        top = torch.log_softmax(logits.float(), dim=-1).topk(10)
+        assert [t for t, _ in b["top_logprobs"]] == [tokenizer.decode([i]) for i in top.indices.tolist()]
+        assert [v for _, v in b["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert a["option_logprobs"] == pytest.approx(b["option_logprobs"], abs=1e-5)  # one pass serves both rules
+        assert (b["prediction"], b["fallback"]) == authors_letter(b["top_logprobs"], "ABCD")
+        assert "fallback" not in a
+    metrics, _ = score_rows(theirs)
+    assert metrics["fallbacks"] == sum(r["fallback"] for r in theirs)
+    # Saved rows rescored by either rule give what generating with that rule gave
+    assert [r["prediction"] for r in score_rows(ours, "authors")[1]] == [r["prediction"] for r in theirs]
+    assert [r["prediction"] for r in score_rows(theirs, "letters")[1]] == [r["prediction"] for r in ours]
+    assert "fallbacks" not in score_rows(theirs, "letters")[0]
+
+
+def test_rescoring_the_authors_way_needs_the_top_tokens():
+    rows = [{"prediction": "B", "answer": "B", "option_logprobs": {"A": -1.0, "B": -0.5}}]
+    assert score_rows(rows, "letters")[0]["accuracy"] == 1.0
+    assert score_rows([{"prediction": "B", "answer": "B"}], "letters")[0]["accuracy"] == 1.0  # another tool's rows
+    with pytest.raises(ValueError, match="top_logprobs.*medical_scoring='authors'"):
+        score_rows(rows, "authors")
