@@ -35,7 +35,7 @@ from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model
 
 from ..data.checks import check_dataset_format, report_dropped, report_empty_completions
-from ..diagnostics.special_tokens import SpecialTokenCheck
+from ..diagnostics.preflight import PreflightCheck
 from ..losses import asft_loss, asft_token_terms, weight_stats
 from ..reference import cache as reference_cache
 from ..reference import lm_head, precompute
@@ -512,8 +512,9 @@ class ASFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ DFT: weight normalisation, special tokens
 
     def _set_up_dft_options(self, args: ASFTConfig) -> None:
-        """Refuse what `dft_normalization="weights"` can't run under, and, for a DFT loss, check before training that
-        the starting model can learn the special tokens the completions hold (`SpecialTokenCheck`)."""
+        """Refuse what `dft_normalization="weights"` can't run under, and, for a DFT loss, check before training how
+        strong the starting model's prior on the completions is and whether it can learn the special tokens they hold
+        (`PreflightCheck`)."""
         if args.dft_normalization == "weights":
             if self.is_deepspeed_enabled:
                 raise ValueError(
@@ -525,9 +526,9 @@ class ASFTTrainer(SFTTrainer):
                     "dft_normalization='weights' rescales the step's whole gradient, the MoE router's auxiliary loss "
                     "included. Set dft_normalization='tokens', or switch the auxiliary loss off (router_aux_loss_coef)."
                 )
-        self.special_token_report = None  # filled in by SpecialTokenCheck when training starts
+        self.preflight_report = None  # filled in by PreflightCheck when training starts
         if args.loss_type == "dft":
-            self.add_callback(SpecialTokenCheck(self))
+            self.add_callback(PreflightCheck(self))
 
     def _normalize_by_weights(self, mode: str, loss: torch.Tensor, terms, num_items_in_batch, local_items: int):
         """`dft_normalization="weights"`: the loss divided by the sum W of the DFT weights instead of the token count N.
