@@ -1,5 +1,6 @@
 """`asft-trl` command line. `asft-trl train --config recipes/X.yaml [--field value ...] [accelerate launch flags]`;
-`asft-trl eval SUITE --model PATH [...]` (asft_trl/scripts/evaluate.py), `asft-trl plot RUN_DIR ...` (training curves)
+`asft-trl eval SUITE --model PATH [...]` (asft_trl/scripts/evaluate.py), `asft-trl check-data --config RECIPE.yaml` (the
+pre-flight check of a recipe's data, asft_trl/scripts/check_data.py), `asft-trl plot RUN_DIR ...` (training curves)
 and `asft-trl study` (the drift study) run in this process.
 
 Like `trl sft`: the recipe is parsed and validated here first (every config field, an earlier run in `output_dir`, the
@@ -92,6 +93,11 @@ def _fill_launch_defaults(accelerate_args) -> None:
 # Commands that run in this process: name -> (help, module with `main(argv) -> int`)
 _IN_PROCESS_COMMANDS = {
     "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", "asft_trl.scripts.evaluate"),
+    "check-data": (
+        "Measure a recipe's data before training: the starting model's prior on the completions (share of tokens "
+        "below p 0.1, mean p) and its special tokens; warns where DFT/ASFT would barely learn.",
+        "asft_trl.scripts.check_data",
+    ),
     "plot": ("Draw the training curves of one or more runs into a PNG.", "asft_trl.diagnostics.plot"),
     "study": (
         "Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep (`study knowledge`: the knowledge study, several "
