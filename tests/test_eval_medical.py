@@ -44,6 +44,24 @@ def test_prediction_is_argmax_of_direct_letter_logprobs(tiny_model_path):
     assert metrics["accuracy"] == sum(r["prediction"] == r["answer"] for r in rows) / len(rows)
 
 
+def test_the_head_at_the_last_positions_only_gives_the_same_scores(tiny_model_path, monkeypatch):
+    """With `logits_to_keep` (the head at each row's last real token only) and without it, the same rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from asft_trl.evaluation import medical
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    items = load_benchmark("medical_fixture", "medical", str(FIXTURE))
+    assert medical.accepts_logits_to_keep(model)
+    kept = predict(model, tokenizer, items, batch_size=4)  # four prompts of different lengths in one batch
+    monkeypatch.setattr(medical, "accepts_logits_to_keep", lambda model: False)
+    full = predict(model, tokenizer, items, batch_size=4)
+    for a, b in zip(kept, full):
+        assert a["option_logprobs"] == pytest.approx(b["option_logprobs"], abs=1e-5)
+        assert [t for t, _ in a["top_logprobs"]] == [t for t, _ in b["top_logprobs"]]
+
+
 def test_letter_tokens_prefer_the_spaced_letter_when_it_is_one_token():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

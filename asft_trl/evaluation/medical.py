@@ -53,6 +53,15 @@ def letter_token_ids(tokenizer, letters: str, probe: str = "Question: ?\n\nOptio
     return ids
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward computes its head at given positions only (`logits_to_keep`, transformers' causal
+    LMs); a PEFT model passes it on to the model it wraps."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 def next_token_scores(model, tokenizer, items: list[dict], batch_size: int = 8, top_k: int = AUTHORS_TOP_K):
     """Per item, from the next-token distribution after its prompt: the log-probability (over the whole vocabulary) of
     each option letter, and the `top_k` most likely tokens as [text, log-probability] in rank order."""
@@ -60,6 +69,7 @@ def next_token_scores(model, tokenizer, items: list[dict], batch_size: int = 8, 
     from tqdm.auto import tqdm
 
     letter_scores, top_tokens, letter_ids = [], [], {}
+    keeps_logits = accepts_logits_to_keep(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"  # right padding: the last real token's logits are exact, positions unchanged
     try:
@@ -67,10 +77,15 @@ def next_token_scores(model, tokenizer, items: list[dict], batch_size: int = 8, 
             batch = items[start : start + batch_size]
             prompts = [medical_prompt(item["question"], item["options"]) for item in batch]
             inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-            with torch.inference_mode():
-                logits = model(**inputs).logits
             last = inputs["attention_mask"].sum(dim=1) - 1
-            logprobs = torch.log_softmax(logits[torch.arange(len(batch)), last].float(), dim=-1)
+            with torch.inference_mode():
+                if keeps_logits:  # the head at each row's last position only, not [batch x length x vocabulary]
+                    kept = torch.unique(last)
+                    logits = model(**inputs, logits_to_keep=kept).logits
+                    logits = logits[torch.arange(len(batch)), torch.searchsorted(kept, last)]
+                else:
+                    logits = model(**inputs).logits[torch.arange(len(batch)), last]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             top = logprobs.topk(top_k, dim=-1)
             for row, values, ids, item in zip(logprobs, top.values, top.indices, batch):
                 letters = string.ascii_uppercase[: len(item["options"])]
