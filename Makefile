@@ -44,7 +44,7 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-LINT_PATHS := asft_trl tests benchmarks
+LINT_PATHS := asft_trl studies tests benchmarks
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
