@@ -68,15 +68,19 @@ def next_token_scores(model, tokenizer, items: list[dict], batch_size: int = 8, 
     import torch
     from tqdm.auto import tqdm
 
-    letter_scores, top_tokens, letter_ids = [], [], {}
+    letter_scores, top_tokens, letter_ids = [None] * len(items), [None] * len(items), {}
     keeps_logits = accepts_logits_to_keep(model)
+    prompts = [medical_prompt(item["question"], item["options"]) for item in items]
+    # Batches of prompts of similar length (longest first), so that little of each batch is padding; results go back
+    # to the items' order
+    order = sorted(range(len(items)), key=lambda i: -len(tokenizer(prompts[i])["input_ids"]))
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"  # right padding: the last real token's logits are exact, positions unchanged
     try:
         for start in tqdm(range(0, len(items), batch_size), desc="Scoring options", unit="batch"):
-            batch = items[start : start + batch_size]
-            prompts = [medical_prompt(item["question"], item["options"]) for item in batch]
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+            indices = order[start : start + batch_size]
+            batch = [items[i] for i in indices]
+            inputs = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(model.device)
             last = inputs["attention_mask"].sum(dim=1) - 1
             with torch.inference_mode():
                 if keeps_logits:  # the head at each row's last position only, not [batch x length x vocabulary]
@@ -87,12 +91,12 @@ def next_token_scores(model, tokenizer, items: list[dict], batch_size: int = 8, 
                     logits = model(**inputs).logits[torch.arange(len(batch)), last]
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             top = logprobs.topk(top_k, dim=-1)
-            for row, values, ids, item in zip(logprobs, top.values, top.indices, batch):
+            for index, row, values, ids, item in zip(indices, logprobs, top.values, top.indices, batch):
                 letters = string.ascii_uppercase[: len(item["options"])]
                 if letters not in letter_ids:
                     letter_ids[letters] = letter_token_ids(tokenizer, letters)
-                letter_scores.append(row[letter_ids[letters]].tolist())
-                top_tokens.append([[tokenizer.decode([i]), v] for i, v in zip(ids.tolist(), values.tolist())])
+                letter_scores[index] = row[letter_ids[letters]].tolist()
+                top_tokens[index] = [[tokenizer.decode([i]), v] for i, v in zip(ids.tolist(), values.tolist())]
     finally:
         tokenizer.padding_side = side
     return letter_scores, top_tokens
