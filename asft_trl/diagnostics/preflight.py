@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 
 import torch
 from transformers import TrainerCallback
@@ -45,9 +46,10 @@ SAMPLE_EXAMPLES = 64
 WARN_BELOW = 0.01
 # A completion token with probability below this is "unlikely" (the studies' measure of a token not yet learned)
 LOW_P = 0.1
-# Warn when at least this share of the completion tokens is unlikely under the starting model; set from the two
-# studies' data (docs/method.md, "Which objective"): the invented facts DFT did not learn start at 0.27
-WARN_LOW_P_SHARE = 0.2
+# Warn when at least this share of the completion tokens is unlikely under the starting model. Set from the studies'
+# data (docs/method.md, "Which objective"): the invented facts DFT did not learn measure 0.20-0.22 with SmolLM2-135M,
+# and a 64-example sample varies by a few points
+WARN_LOW_P_SHARE = 0.15
 METHOD_DOC = "docs/method.md#which-objective-a-pre-flight-check-of-the-datas-prior-strength"
 
 
@@ -178,7 +180,9 @@ def first_examples(dataset, n: int = SAMPLE_EXAMPLES) -> list[dict]:
 
 def measure(trainer, model, batch_size: int, sample_size: int = SAMPLE_EXAMPLES) -> dict:
     """The preflight report of `trainer`'s starting model on its first `sample_size` training examples, batched as the
-    trainer batches them: `examples`, `answer_tokens` (`prior_strength`) and `special_tokens` (`summarise`)."""
+    trainer batches them: `examples`, `answer_tokens` (`prior_strength`), `special_tokens` (`summarise`) and the
+    `seconds` it took."""
+    start = time.perf_counter()
     names = special_token_ids(trainer.processing_class)
     examples = first_examples(trainer.train_dataset, sample_size) if trainer.train_dataset is not None else []
     log_probs, targets = [], []
@@ -195,6 +199,7 @@ def measure(trainer, model, batch_size: int, sample_size: int = SAMPLE_EXAMPLES)
         "examples": len(examples),
         "answer_tokens": prior_strength(log_probs, floor),
         "special_tokens": summarise(log_probs, targets, names, floor),
+        "seconds": time.perf_counter() - start,
     }
 
 
