@@ -300,6 +300,12 @@ def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_o
     assert pilot["in_domain"] is None and set(pilot["candidates"]) == set(mcq.PILOT_CANDIDATES)
     assert pilot["candidates"]["medqa"]["sizes"] == {"test": 10, "dev": 5, "train": 15}  # 5 options: 2 + 1 per letter
     assert doc.read_text().count(PILOT_BEGIN) == 1 and "**In-domain set: none**" in doc.read_text()
+    # A fresh output folder starts from the pilot written next to the report: it is not run again
+    fresh = [*common[:-1], str(tmp_path / "fresh"), "--doc", str(doc), *TINY_ARGS, "--pilot_only"]
+    monkeypatch.setattr(mcq, "score_questions", None)  # anything scored would fail
+    assert mcq.main(fresh) == 0
+    assert json.loads((tmp_path / "fresh" / "pilot.json").read_text()) == pilot
+    monkeypatch.undo()
 
     # SFT+KL seed 1 is interrupted at step 2, after its checkpoint at step 1: the study stops there
     class Interrupted(Exception):
@@ -421,3 +427,12 @@ def test_the_real_sources_hold_what_the_design_says():
     medqa, dropped = mcq.SOURCES["medqa"].load(root)
     assert len(medqa) == 1273 and not dropped
     assert not math.isnan(len(mcq.SOURCES["arc_easy"].load(root)[0]))
+
+
+def test_the_committed_report_holds_each_generated_part_once():
+    text = (Path(__file__).parents[1] / "docs" / "study.md").read_text()
+    for marker in (PILOT_BEGIN, PILOT_END, BEGIN, END):
+        assert text.count(marker) == 1, marker
+    assert text.index(PILOT_END) < text.index(BEGIN)
+    pilot = json.loads((Path(__file__).parents[1] / "docs" / "study_mcq_pilot.json").read_text())
+    assert pilot["in_domain"] == "mmlu_medical" and f"**In-domain set: {pilot['in_domain']}**" in text
