@@ -91,6 +91,8 @@ def test_the_prior_is_the_starting_models_on_every_completion_token(tiny_model_p
         trainer.train()
     prior = trainer.preflight_report["answer_tokens"]
     assert trainer.preflight_report["examples"] == len(pc_dataset) and prior["count"] == int(scored.sum())
+    train_seconds = trainer.state.log_history[-1]["train_runtime"]
+    assert 0 < trainer.preflight_report["seconds"] < train_seconds  # what the check cost, within the run's time
     assert prior["mean_probability"] == pytest.approx(p.mean().item(), rel=1e-4)
     assert prior["low_p_share"] == pytest.approx((p < 0.1).double().mean().item())
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Weak prior")]

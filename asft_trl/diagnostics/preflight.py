@@ -182,7 +182,7 @@ def measure(trainer, model, batch_size: int, sample_size: int = SAMPLE_EXAMPLES)
     """The preflight report of `trainer`'s starting model on its first `sample_size` training examples, batched as the
     trainer batches them: `examples`, `answer_tokens` (`prior_strength`), `special_tokens` (`summarise`) and the
     `seconds` it took."""
-    start = time.perf_counter()
+    began = time.perf_counter()
     names = special_token_ids(trainer.processing_class)
     examples = first_examples(trainer.train_dataset, sample_size) if trainer.train_dataset is not None else []
     log_probs, targets = [], []
@@ -199,7 +199,7 @@ def measure(trainer, model, batch_size: int, sample_size: int = SAMPLE_EXAMPLES)
         "examples": len(examples),
         "answer_tokens": prior_strength(log_probs, floor),
         "special_tokens": summarise(log_probs, targets, names, floor),
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - began,
     }
 
 
