@@ -7,9 +7,10 @@ Two layers, both Linux namespaces, both starting `sandbox_init.py` as pid 1 of a
 
 Either way the program sees the system's programs and libraries, the Python that runs it and a few files of /etc,
 all read-only; its own folder, the only writable place (and its HOME); a private /proc, read-only; /dev/null, zero,
-random, urandom. Not /home, /root (other than the Python installation), /tmp, /run, /var, /mnt. It has a network
-namespace of its own (no interface but loopback, so no route out and nothing of the host's to connect to), no
-capability, cannot create user namespaces, and cannot see or signal any process outside its pid namespace.
+random, urandom. Nothing else: of /home or /root only the Python installation, if it lives there; nothing of /tmp,
+/run, /var, /mnt. It has a network namespace of its own (no interface but loopback, so no route out and nothing of
+the host's to connect to), no capability, cannot create user namespaces, and cannot see or signal any process
+outside its pid namespace.
 """
 
 from __future__ import annotations

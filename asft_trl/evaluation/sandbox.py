@@ -132,7 +132,7 @@ def choose_layer(sandbox: str = "auto") -> str:
         warnings.warn(
             f"sandbox='guard': model-generated code runs WITHOUT ISOLATION, as asked. {GUARD_LIMITS}",
             SandboxWarning,
-            stacklevel=2,
+            stacklevel=1,  # from this line, so shown once per run however many callers choose
         )
         return "guard"
     layers = isolation.LAYERS if sandbox in ("auto", "isolated") else (sandbox,)
@@ -148,7 +148,7 @@ def choose_layer(sandbox: str = "auto") -> str:
             f"Model-generated code runs WITHOUT ISOLATION: no isolation layer works on this machine ({why}). "
             f"{GUARD_LIMITS} {_HOW_TO_ISOLATE}; `--sandbox isolated` refuses to run without them.",
             SandboxWarning,
-            stacklevel=2,
+            stacklevel=1,  # from this line, so shown once per run however many callers choose
         )
         return "guard"
     raise SandboxUnavailableError(
@@ -171,9 +171,8 @@ def run_in_layer(
     """`run_program` in a layer already chosen (`choose_layer`: `bubblewrap`, `unshare` or `guard`)."""
     limits = {"memory_mb": memory_mb, "cpu_seconds": max(1, int(timeout) + 1), "file_mb": file_mb}
     with tempfile.TemporaryDirectory(prefix="asft-eval-", ignore_cleanup_errors=True) as base:
-        folder = (
-            Path(base) / "work"
-        )  # the program's folder; `base` also holds its output and the new root's mount point
+        # `base` holds the program's folder, its output and (unshare) the new root's mount point
+        folder = Path(base) / "work"
         folder.mkdir()
         script = folder / "program.py"
         token = secrets.token_hex(16)

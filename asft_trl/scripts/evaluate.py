@@ -17,7 +17,7 @@ from pathlib import Path
 from ..evaluation.arguments import SUITES, EvalArguments
 from ..evaluation.benchmarks import load_benchmark, suite_benchmarks
 from ..evaluation.report import build_results, compare_table, markdown_table, read_jsonl, write_jsonl
-from ..evaluation.sandbox import SandboxUnavailableError
+from ..evaluation.sandbox import SandboxUnavailableError, choose_layer
 from ..utils.io import write_atomic
 
 OUTPUT_FILES = ("generations.jsonl", "scored.jsonl", "results.json", "results.md")
@@ -107,8 +107,6 @@ def _generate_rows(args: EvalArguments, name: str, items: list[dict], model, tok
 
 def run(args: EvalArguments) -> dict:
     if args.suite == "code":
-        from ..evaluation.sandbox import choose_layer
-
         # Refused (or warned about running unisolated) now, not after an hour of generation
         print(f"[asft-trl eval] code runs in: {choose_layer(args.sandbox)}", file=sys.stderr)
     out = _check_output_dir(args)
