@@ -83,7 +83,7 @@ GUARD_LIMITS = (
     "(network, other processes, a fork bomb)."
 )
 _HOW_TO_ISOLATE = (
-    "To isolate them, install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`) or allow user namespaces "
+    "To isolate generated code, install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`) or allow user namespaces "
     "(`sysctl kernel.unprivileged_userns_clone=1`, `user.max_user_namespaces` > 0; Ubuntu 24.04 restricts them "
     "for unshare but not for bubblewrap)"
 )

@@ -17,6 +17,7 @@ CONFIG_JSON (written by `isolation.py`):
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import resource
@@ -26,21 +27,27 @@ import sys
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 # Flags of a mount that a user namespace may not clear when it remounts a bind of it: a remount must repeat them
-_LOCKED_FLAGS = {
-    os.ST_NOSUID: MS_NOSUID,
-    os.ST_NODEV: MS_NODEV,
-    os.ST_NOEXEC: MS_NOEXEC,
-    os.ST_NOATIME: 1024,  # MS_NOATIME
-    os.ST_NODIRATIME: 2048,  # MS_NODIRATIME
-    os.ST_RELATIME: 1 << 21,  # MS_RELATIME
-}
+# (statvfs flag, mount flag); getattr: sandbox.py imports `set_limits` from here on any system
+_LOCKED_FLAGS = [
+    (getattr(os, "ST_NOSUID", 0), MS_NOSUID),
+    (getattr(os, "ST_NODEV", 0), MS_NODEV),
+    (getattr(os, "ST_NOEXEC", 0), MS_NOEXEC),
+    (getattr(os, "ST_NOATIME", 0), 1024),  # MS_NOATIME
+    (getattr(os, "ST_NODIRATIME", 0), 2048),  # MS_NODIRATIME
+    (getattr(os, "ST_RELATIME", 0), 1 << 21),  # MS_RELATIME
+]
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
 POLL_SECONDS = 0.01
 EXIT_SETUP_FAILED = 126  # the sandbox could not be built; the program never ran
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+@functools.cache
+def _libc():
+    """Linux's mount(2) and prctl(2), loaded where they are used (only ever inside a sandbox, on Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return libc
 
 
 def _say(message: str) -> None:
@@ -49,14 +56,14 @@ def _say(message: str) -> None:
 
 def _mount(source, target: str, fstype, flags: int, data=None) -> None:
     encode = lambda value: None if value is None else os.fsencode(value)  # noqa: E731
-    if _libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)) != 0:
+    if _libc().mount(encode(source), encode(target), encode(fstype), flags, encode(data)) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"mount {source or ''} on {target}: {os.strerror(code)}")
 
 
 def _locked_flags(path: str) -> int:
     found = os.statvfs(path).f_flag
-    return sum(mount_flag for stat_flag, mount_flag in _LOCKED_FLAGS.items() if found & stat_flag)
+    return sum(mount_flag for stat_flag, mount_flag in _LOCKED_FLAGS if found & stat_flag)
 
 
 def _bind(root: str, path: str, read_only: bool, devices: bool = False) -> None:
@@ -105,12 +112,13 @@ def build_root(config: dict) -> None:
 
 def _drop_capabilities() -> None:
     """Empty the bounding set and forbid gaining privileges, so the program starts with no capability at all."""
+    libc = _libc()
     capability = 0
-    while _libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) == 0:
+    while libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) == 0:
         capability += 1
     if ctypes.get_errno() != errno.EINVAL:  # EINVAL: past the last capability this kernel knows
         raise OSError(ctypes.get_errno(), "could not drop capabilities")
-    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "could not set no_new_privs")
 
 
