@@ -60,7 +60,8 @@ def load_summary(name_or_path: str, **from_pretrained_kwargs) -> tuple[Tokenizer
     try:
         return summarize(AutoTokenizer.from_pretrained(name_or_path, **kwargs)), ""
     except Exception as error:  # noqa: BLE001 - a tokenizer that won't load is a reason to warn, not to refuse
-        return None, f"its tokenizer could not be loaded ({type(error).__name__}: {str(error).splitlines()[0]})"
+        first_line = (str(error).splitlines() or [""])[0]
+        return None, f"the tokenizer of {name_or_path!r} could not be loaded ({type(error).__name__}: {first_line})"
 
 
 def vocabulary_differences(policy: dict[str, int], reference: dict[str, int]) -> str:
