@@ -40,6 +40,7 @@ from ..losses import asft_loss, asft_token_terms, weight_stats
 from ..reference import cache as reference_cache
 from ..reference import lm_head, precompute
 from ..reference import loading as ref_utils
+from ..reference.tokenizer_check import check_reference_tokenizer, tokenizer_kwargs
 from ..utils.paths import check_model_source, is_hub_id
 from .callbacks import AdaptiveKLCallback
 from .config import ASFTConfig
@@ -104,11 +105,11 @@ class ASFTTrainer(SFTTrainer):
             check_model_source(
                 model, "model", cache_dir=init_kwargs.get("cache_dir"), revision=init_kwargs.get("revision")
             )
+        ref_field = "ref_model_name_or_path" if ref_model == args.ref_model_name_or_path else "ref_model"
         if isinstance(ref_model, str):
-            field = "ref_model_name_or_path" if ref_model == args.ref_model_name_or_path else "ref_model"
             ref_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs or {}
             check_model_source(
-                ref_model, field, cache_dir=ref_kwargs.get("cache_dir"), revision=ref_kwargs.get("revision")
+                ref_model, ref_field, cache_dir=ref_kwargs.get("cache_dir"), revision=ref_kwargs.get("revision")
             )
         # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
         self.dropped_examples: dict[str, int] = {}
@@ -117,6 +118,7 @@ class ASFTTrainer(SFTTrainer):
         self._given_peft_model = not isinstance(model, str) and is_peft_model(model)
         self._reference_adapter: str | None = None
         self._early_reference_check(model, ref_model, args)
+        self._check_reference_tokenizer(model, ref_model, ref_field, args, kwargs.get("processing_class"))
 
         super().__init__(model, args, *pos_args, **kwargs)
 
@@ -175,6 +177,22 @@ class ASFTTrainer(SFTTrainer):
             ref_vocab = ref_utils.output_vocab_size(ref_model)
         ref_utils.check_same_vocabulary(
             policy_vocab, ref_vocab, repr(ref_model if isinstance(ref_model, str) else type(ref_model).__name__)
+        )
+
+    def _check_reference_tokenizer(self, model, ref_model, ref_field: str, args: ASFTConfig, processing_class) -> None:
+        """A named reference must use the policy's tokenizer (`reference.tokenizer_check`): compared from the two
+        tokenizers (`processing_class`, or the one at the policy's path, as TRL loads it) before any weights load."""
+        if args.kl_coef == 0 or not isinstance(ref_model, str):
+            return
+        policy = processing_class
+        if policy is None:
+            policy = model if isinstance(model, str) else ref_utils.get_config_model_id(model.config)
+        check_reference_tokenizer(
+            policy,
+            ref_model,
+            ref_field,
+            policy_kwargs=tokenizer_kwargs(args.model_init_kwargs, args.trust_remote_code),
+            ref_kwargs=tokenizer_kwargs(args.ref_model_init_kwargs or args.model_init_kwargs, args.trust_remote_code),
         )
 
     def _build_reference(self, ref_model, args: ASFTConfig):
