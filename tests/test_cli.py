@@ -97,6 +97,16 @@ def test_no_arguments_prints_usage(capsys):
     assert err.startswith("usage: asft-trl train --config") and "no recipe given" in err
 
 
+def test_the_removed_study_command_says_where_the_studies_went(capsys):
+    """`asft-trl study` left the package (issue 21): one line naming the new commands, not argparse's choice list."""
+    from asft_trl.scripts import cli
+
+    assert cli.main(["study", "knowledge", "--num_threads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("asft-trl: error: `asft-trl study` was removed") and "python -m studies.knowledge" in err
+    assert err.count("\n") == 1
+
+
 def test_help_lists_every_field(capsys):
     """argparse %-formats every help string: one stray '%' made `--help` crash before any option was listed."""
     from asft_trl.scripts import cli

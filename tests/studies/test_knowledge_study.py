@@ -1,4 +1,4 @@
-"""`asft-trl study knowledge`: the generated facts, the never-learned-token measure, the verdict rules, and the study
+"""The knowledge study (`python -m studies.knowledge`): the generated facts, the never-learned-token measure, the verdict rules, and the study
 end to end on the tiny model (reuse, resume after an interruption, the report's markers)."""
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ import math
 import pytest
 import torch
 
-from asft_trl.quickstart.facts import (
+from studies import knowledge
+from studies.common import METHOD_KEYS, judge, verdict
+from studies.drift import BEGIN as WORD_ORDER_BEGIN
+from studies.facts import (
     ATTRIBUTES,
     N_TRAIN_PHRASINGS,
     OCCUPATIONS,
@@ -17,18 +20,7 @@ from asft_trl.quickstart.facts import (
     make_fact_splits,
     spread_subset,
 )
-from asft_trl.scripts import cli, study_knowledge
-from asft_trl.scripts.study import BEGIN as WORD_ORDER_BEGIN
-from asft_trl.scripts.study_knowledge import (
-    BEGIN,
-    END,
-    HYPOTHESES,
-    METHOD_KEYS,
-    answer_token_probs,
-    judge,
-    unlearned_tokens,
-    verdict,
-)
+from studies.knowledge import BEGIN, END, HYPOTHESES, answer_token_probs, unlearned_tokens
 
 # ---------------------------------------------------------------------------------------------------- the task
 
@@ -207,22 +199,22 @@ def _reversed_world(seed: int) -> dict[str, dict]:
 
 
 def test_every_hypothesis_is_shown_on_paper_like_results_and_opposite_on_reversed_ones():
-    shown = judge({seed: _paper_world(seed) for seed in (0, 1, 2)})
+    shown = judge({seed: _paper_world(seed) for seed in (0, 1, 2)}, HYPOTHESES)
     assert [v["key"] for v in shown] == [h.key for h in HYPOTHESES]
     assert {v["key"]: v["verdict"] for v in shown} == {h.key: "shown" for h in HYPOTHESES}
     h1 = shown[0]
     assert h1["seeds"] == [0, 1, 2] and h1["effects"][0] == pytest.approx(0.5)  # (1.5 - 1.0) / 1.0
-    opposite = judge({seed: _reversed_world(seed) for seed in (0, 1, 2)})
+    opposite = judge({seed: _reversed_world(seed) for seed in (0, 1, 2)}, HYPOTHESES)
     assert {v["key"]: v["verdict"] for v in opposite} == {h.key: "opposite" for h in HYPOTHESES}
 
 
 def test_a_seed_against_the_others_makes_it_not_shown_and_incomplete_seeds_do_not_count():
     worlds = {0: _paper_world(0), 1: _paper_world(1), 2: _reversed_world(2)}
-    verdicts = {v["key"]: v["verdict"] for v in judge(worlds)}
+    verdicts = {v["key"]: v["verdict"] for v in judge(worlds, HYPOTHESES)}
     assert set(verdicts.values()) == {"not shown"}
     partial = {0: _paper_world(0), 1: {k: v for k, v in _reversed_world(1).items() if k != "asft"}}
-    assert {v["verdict"] for v in judge(partial)} == {"shown"}  # only seed 0 has all four methods
-    assert judge(partial)[0]["seeds"] == [0]
+    assert {v["verdict"] for v in judge(partial, HYPOTHESES)} == {"shown"}  # only seed 0 has all four methods
+    assert judge(partial, HYPOTHESES)[0]["seeds"] == [0]
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -276,8 +268,6 @@ def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_o
     word_order = f"# Studies\n\nHand-written.\n\n{WORD_ORDER_BEGIN}\nword-order table\n<!-- study:end -->\n\nMore.\n"
     doc.write_text(word_order)
     argv = [
-        "study",
-        "knowledge",
         "--model",
         tiny_model_path,
         "--output_dir",
@@ -305,14 +295,14 @@ def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_o
 
     monkeypatch.setattr(drift, "add_drift_callback", add_with_interrupt)
     with pytest.raises(Interrupted):
-        cli.main(argv)
+        knowledge.main(argv)
     monkeypatch.setattr(drift, "add_drift_callback", real_add)
     asft_dir = tmp_path / "runs" / "asft" / "seed0"
     assert (asft_dir / "checkpoint-2").is_dir() and not (asft_dir / "results.json").exists()
     finished = {k: (tmp_path / "runs" / k / "seed0" / "results.json").read_text() for k in ("sft", "dft", "sft_kl")}
 
     # Again: the three finished runs are reused untouched, ASFT resumes from step 2 and the report is written
-    assert cli.main(argv) == 0
+    assert knowledge.main(argv) == 0
     report = json.loads((tmp_path / "docs" / "study_knowledge_results.json").read_text())
     assert report["trained_runs"] == 1 and report["reused_runs"] == 3
     for key, text in finished.items():
@@ -335,7 +325,7 @@ def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_o
     # The generated part is replaced in place; text written after it survives
     first = json.loads((tmp_path / "docs" / "study_knowledge_results.json").read_text())
     doc.write_text(text + "\nReading of the results.\n")
-    assert cli.main(argv) == 0
+    assert knowledge.main(argv) == 0
     again = json.loads((tmp_path / "docs" / "study_knowledge_results.json").read_text())
     assert again["reused_runs"] == 4
     assert again["runs_seconds"] == first["runs_seconds"] > 0  # what the runs cost survives a re-render
@@ -344,7 +334,7 @@ def test_tiny_study_end_to_end_reuses_finished_runs_and_resumes_an_interrupted_o
 
     # Other settings in the same output folder: refused before anything is written
     with pytest.raises(FileExistsError, match="other settings"):
-        cli.main([*argv, "--lora_r", "2"])
+        knowledge.main([*argv, "--lora_r", "2"])
 
 
 @pytest.mark.parametrize(
@@ -364,9 +354,9 @@ def test_bad_arguments_are_refused(bad, message, capsys, monkeypatch):
     def accepted(args):  # an accepted case would otherwise run the real study with its defaults
         raise AssertionError(f"{bad} was not refused")
 
-    monkeypatch.setattr(study_knowledge, "run_study", accepted)
+    monkeypatch.setattr(knowledge, "run_study", accepted)
     with pytest.raises(SystemExit):
-        cli.main(["study", "knowledge", *bad])
+        knowledge.main(bad)
     assert message in capsys.readouterr().err
 
 
@@ -392,9 +382,9 @@ def test_banded_plot_draws_the_mean_and_the_min_max_of_each_group(tmp_path):
 def test_the_committed_report_holds_each_generated_part_once():
     from pathlib import Path
 
-    from asft_trl.scripts.study import END as WORD_ORDER_END
+    from studies.drift import END as WORD_ORDER_END
 
-    text = (Path(__file__).parents[1] / "docs" / "study.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "study.md").read_text()
     for marker in (WORD_ORDER_BEGIN, WORD_ORDER_END, BEGIN, END):
         assert text.count(marker) == 1
     assert text.index(WORD_ORDER_END) < text.index(BEGIN)

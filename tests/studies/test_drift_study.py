@@ -1,4 +1,4 @@
-"""`asft-trl study`, end to end on the tiny model: 2 steps per run, so the study cannot rot."""
+"""The drift study (`python -m studies.drift`), end to end on the tiny model: 2 steps per run, so it cannot rot."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from asft_trl.scripts import cli
-from asft_trl.scripts.study import BEGIN, END, RunSpec, plan_runs
+from studies import drift
+from studies.drift import BEGIN, END, RunSpec, plan_runs
 
 
 def test_plan_names_the_four_methods_and_shares_coinciding_runs():
@@ -21,7 +21,7 @@ def test_plan_names_the_four_methods_and_shares_coinciding_runs():
 def test_row_counts_take_the_training_recipes_names_and_the_old_flags_warn():
     """`--dataset_size` / `--dataset_test_size` as in a training recipe; `--n_train` / `--n_eval` (the old names)
     still work, with a FutureWarning, and the run folders' stored settings keep the old keys (reusable)."""
-    from asft_trl.scripts.study import _settings, make_parser
+    from studies.drift import _settings, make_parser
 
     parser = make_parser()
     args = parser.parse_args(["--dataset_size", "8", "--dataset_test_size", "4"])
@@ -39,7 +39,6 @@ def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
     doc.parent.mkdir()
     doc.write_text("# My study\n\nHand-written reading of the results.\n")
     argv = [
-        "study",
         "--model",
         tiny_model_path,
         "--output_dir",
@@ -69,7 +68,7 @@ def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
         "--lora_r",
         "4",
     ]
-    assert cli.main(argv) == 0
+    assert drift.main(argv) == 0
     report = json.loads((tmp_path / "docs" / "study_results.json").read_text())
     assert [r["label"] for r in report["methods"]] == ["SFT", "DFT", "SFT+KL λ=0.05", "ASFT λ=0.05"]
     assert [r["settings"]["kl_coef"] for r in report["sweep"]] == [0.0, 0.5]
@@ -85,7 +84,7 @@ def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
 
     # A second study with the same settings reuses every run and keeps the text around the generated part
     doc.write_text(text + "\nMore notes after the table.\n")
-    assert cli.main(argv) == 0
+    assert drift.main(argv) == 0
     report = json.loads((tmp_path / "docs" / "study_results.json").read_text())
     assert report["trained_runs"] == 0 and report["reused_runs"] == 5
     text = doc.read_text()
@@ -93,7 +92,7 @@ def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
 
     # Other settings in the same output folder: refused before anything is overwritten
     with pytest.raises(FileExistsError, match="other settings"):
-        cli.main([*argv[:-2], "--lora_r", "2"])
+        drift.main([*argv[:-2], "--lora_r", "2"])
 
 
 @pytest.mark.parametrize(
@@ -107,5 +106,5 @@ def test_two_step_study_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
 )
 def test_bad_arguments_are_refused(bad, message, capsys):
     with pytest.raises(SystemExit):
-        cli.main(["study", *bad])
+        drift.main(bad)
     assert message in capsys.readouterr().err

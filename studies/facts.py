@@ -1,8 +1,8 @@
-"""A generated knowledge task: facts about fictional people, asked in several phrasings (`asft-trl study knowledge`).
+"""A generated knowledge task: facts about fictional people, asked in several phrasings (`studies.knowledge`).
 
-Why this task: the word-order task of `task.py` is a rule the model learns as a format; the paper's claim about DFT
-(its weights concentrate on tokens that are already likely and leave the unlikely ones unlearned) needs targets that
-stay unlikely for the model: knowledge. Every person, town and pet here is invented from syllables, so
+Why this task: the word-order task of `asft_trl.quickstart.task` is a rule the model learns as a format; the paper's
+claim about DFT (its weights concentrate on tokens that are already likely and leave the unlikely ones unlearned) needs
+targets that stay unlikely for the model: knowledge. Every person, town and pet here is invented from syllables, so
 SmolLM2-135M-Instruct cannot already answer (its recall is measured, not assumed), and the answers hold many tokens the
 base model finds unlikely (invented names split into rare sub-words, the digits of a year) beside many it finds likely
 (the repeated subject name, "was born in", the full stop, the end of turn).

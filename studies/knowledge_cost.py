@@ -1,10 +1,10 @@
-"""Cost of the knowledge study's parts on this machine, to size `asft-trl study knowledge` before running it.
+"""Cost of the knowledge study's parts on this machine, to size `python -m studies.knowledge` before running it.
 
-    python benchmarks/study_knowledge_cost.py --steps 6 --rounds 2 -- --num_threads 1
-    python benchmarks/study_knowledge_cost.py -- --per_device_train_batch_size 4 --n_people 24
+    python -m studies.knowledge_cost --steps 6 --rounds 2 -- --num_threads 1
+    python -m studies.knowledge_cost -- --per_device_train_batch_size 4 --n_people 24
 
-Everything after `--` is a study option (`asft-trl study knowledge --help`): the study's own trainers are built
-(`asft_trl.scripts.study_knowledge.make_trainer`) with the study's defaults unless overridden there. Each method trains
+Everything after `--` is a study option (`python -m studies.knowledge --help`): the study's own trainers are built
+(`studies.knowledge.make_trainer`) with the study's defaults unless overridden there. Each method trains
 `--steps` optimizer steps per round, the methods interleaved (SFT, DFT, SFT+KL, ASFT, SFT, ...) for `--rounds` rounds,
 so a change of load on a shared machine hits every method alike. Every step is timed (wall time, and this process's
 CPU time, which a busy machine inflates much less), and each round's first step is dropped (warm-up). Then it times
@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def main() -> int:
     argv = sys.argv[1:]
@@ -42,7 +40,8 @@ def main() -> int:
     from transformers import TrainerCallback
 
     from asft_trl.quickstart.model import HUB_ID, resolve_quickstart_model
-    from asft_trl.scripts.study_knowledge import (
+
+    from .knowledge import (
         METHOD_KEYS,
         answer_token_probs,
         build_data,
