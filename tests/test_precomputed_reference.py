@@ -46,7 +46,8 @@ def test_no_reference_model_is_kept_or_copied(tiny_model_path, pc_dataset, tmp_p
     monkeypatch.setattr(ref_utils, "load_reference", refuse)
     args = make_args(tmp_path, precompute_ref_log_probs=True, precompute_ref_topk=8, max_steps=1, learning_rate=1e-6)
     trainer = ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset)
-    assert trainer.ref_model is None and trainer._ref_lm is None
+    assert trainer.ref_model is None and trainer.reference.kind == "precomputed"
+    assert trainer.reference.model is None and trainer.reference.causal_lm is None
     assert set(reference_cache.COLUMNS) <= set(trainer.train_dataset.column_names)
     # An untrained tiny model is nearly uniform over its vocabulary: 8 tokens hold a few percent of its mass
     assert 0.01 < trainer.precomputed_topk_mass < 0.2

@@ -1,9 +1,10 @@
 """`ASFTTrainer`: TRL's `SFTTrainer` with the ASFT loss and a frozen reference model, in the manner of TRL's DPO.
 
 What this module adds to SFTTrainer, and nothing else:
-- the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT, or
-  a frozen copy of the adapter a given `PeftModel` carries; or, with `precompute_ref_log_probs`, one pass of it before
-  training whose top-k log-probs ride in the batches);
+- the reference, one `asft_trl.reference.build.Reference` chosen from the config by `build_reference` (a model of its
+  own, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT, or a frozen copy of the
+  adapter a given `PeftModel` carries; or, with `precompute_ref_log_probs`, one pass of it before training whose
+  top-k log-probs ride in the batches);
 - `compute_loss` for `kl_coef > 0` (or a DFT weight floor, or `dft_normalization="weights"`): by default the chunked,
   fused loss from both models' hidden states (`asft_trl.losses.fused`, reached through `asft_trl.reference.lm_head`'s
   `FusedHeadLoss`), else the plain one from full logits; otherwise the loss is TRL's own, untouched;
@@ -18,28 +19,24 @@ run again), however many are built on one model object.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import textwrap
-from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import PreTrainedModel
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import disable_dropout_in_model
+from trl.trainer.utils import disable_dropout_in_model, get_config_model_id
 
 from ..data.checks import check_dataset_format, report_dropped, report_empty_completions
 from ..diagnostics.special_tokens import SpecialTokenCheck
 from ..losses import asft_loss, asft_token_terms, weight_stats
 from ..reference import cache as reference_cache
-from ..reference import lm_head, precompute
-from ..reference import loading as ref_utils
+from ..reference import lm_head
+from ..reference.build import Reference, build_reference, check_vocabulary_early
 from ..utils.paths import check_model_source, is_hub_id
 from .callbacks import AdaptiveKLCallback
 from .config import ASFTConfig
@@ -87,7 +84,7 @@ class ASFTTrainer(SFTTrainer):
         **kwargs,
     ):
         if args is None:
-            name = model if isinstance(model, str) else ref_utils.get_config_model_id(model.config)
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = ASFTConfig(f"{(name or 'model').split('/')[-1]}-ASFT")
         elif not isinstance(args, ASFTConfig):
             args = _as_asft_config(args)
@@ -114,9 +111,8 @@ class ASFTTrainer(SFTTrainer):
         self.dropped_examples: dict[str, int] = {}
         self.empty_completions: dict[str, int] = {}
         # A PeftModel given as is may carry a trained adapter: its reference is then a frozen copy of that adapter
-        self._given_peft_model = not isinstance(model, str) and is_peft_model(model)
-        self._reference_adapter: str | None = None
-        self._early_reference_check(model, ref_model, args)
+        given_peft_model = not isinstance(model, str) and is_peft_model(model)
+        check_vocabulary_early(model, ref_model, args)
 
         super().__init__(model, args, *pos_args, **kwargs)
 
@@ -126,14 +122,23 @@ class ASFTTrainer(SFTTrainer):
         self._policy_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
         # Patched once per model object, holding no trainer: a notebook cell run again frees the previous trainer
         lm_head.patch_forward(self._policy_lm)
-        self._ref_lm = None  # the reference's own causal LM, when it is a separate model
         if args.disable_dropout:
             disable_dropout_in_model(self.accelerator.unwrap_model(self.model))
-        if args.precompute_ref_log_probs:
-            self.ref_model = None
-            self._precompute_reference(ref_model, args)
-        else:
-            self.ref_model = self._build_reference(ref_model, args)
+        # The reference, in whichever form the config gives it (None without an anchor): `asft_trl.reference.build`
+        self.reference: Reference | None = build_reference(
+            ref_model,
+            args,
+            self.accelerator.unwrap_model(self.model),
+            given_peft_model=given_peft_model,
+            accelerator=self.accelerator,
+            deepspeed=self.is_deepspeed_enabled,
+            fsdp=self.is_fsdp_enabled,
+            datasets=(self.train_dataset, self.eval_dataset, self.data_collator),
+        )
+        if self.reference is not None and self.reference.precomputed is not None:
+            self.train_dataset, self.eval_dataset, self.data_collator = self.reference.precomputed.datasets()
+            if self.reference.precomputed.topk_mass is not None:
+                self.precomputed_topk_mass = self.reference.precomputed.topk_mass
         if args.sync_ref_model and self.ref_model is not None:
             # TRL's own callback (TR-DPO): ref = alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` steps,
             # gathering ZeRO-3 partitions itself; it is given the prepared reference, as DPOTrainer does
@@ -157,136 +162,12 @@ class ASFTTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ reference model
 
-    def _early_reference_check(self, model, ref_model, args: ASFTConfig) -> None:
-        """Catch a reference with another vocabulary before any data is tokenised, where that can be known early.
-
-        When TRL will resize the policy (a cloned chat template) the sizes are only comparable after set-up, so the
-        check is left to `_build_reference`.
-        """
-        if args.kl_coef == 0 or ref_model is None or args.chat_template_path is not None:
-            return
-        if isinstance(model, str):
-            policy_vocab = ref_utils.vocab_size_from_path(model, args.trust_remote_code)
-        else:
-            policy_vocab = ref_utils.output_vocab_size(model)
-        if isinstance(ref_model, str):
-            ref_vocab = ref_utils.vocab_size_from_path(ref_model, args.trust_remote_code)
-        else:
-            ref_vocab = ref_utils.output_vocab_size(ref_model)
-        ref_utils.check_same_vocabulary(
-            policy_vocab, ref_vocab, repr(ref_model if isinstance(ref_model, str) else type(ref_model).__name__)
-        )
-
-    def _build_reference(self, ref_model, args: ASFTConfig):
-        """Return the reference model to keep, or None when the adapters-off policy (or nothing) is the reference."""
-        policy = self.accelerator.unwrap_model(self.model)
-        if args.kl_coef == 0:
-            if ref_model is not None:
-                logger.warning("kl_coef=0: the reference model given is not used (no KL term), and is not loaded.")
-            return None
-        if is_peft_model(policy):
-            # With no reference named, the reference is the policy's own base weights: nothing separate to lighten or
-            # sync; and TRL's sync pairs the policy's parameters (adapters included) with the reference's
-            ref_utils.refuse_options_without_separate_reference(
-                args.ref_model_dtype if ref_model is None else None,
-                args.ref_model_quantization if ref_model is None else None,
-                args.sync_ref_model,
-            )
-        if ref_model is None and is_peft_model(policy):
-            if self._given_peft_model:
-                # The model as given, adapter included: a frozen copy of its adapter runs as the reference
-                ref_utils.add_reference_adapter(policy)
-                self._reference_adapter = ref_utils.REFERENCE_ADAPTER
-            return None  # same network: adapters switched off (or the reference adapter on) in `_run_reference`
-
-        ref_model, name = self._separate_reference(ref_model, args, policy)
-        if args.sync_ref_model:
-            ref_utils.check_syncable(policy, ref_model, name)
-        self._ref_lm = ref_model
-
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref_model, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(ref_model, self.accelerator)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-
-    def _separate_reference(self, ref_model, args: ASFTConfig, policy) -> tuple[torch.nn.Module, str]:
-        """The reference as a model of its own, and its name for messages: loaded from a path (`ref_model`, or the
-        policy's own path for a quantised copy of the starting model), a frozen copy of the starting model, or the
-        model given; in `ref_model_dtype` / `ref_model_quantization`; checked against the policy's vocabulary, frozen,
-        and able to run its backbone alone (`lm_head.patch_forward`)."""
-        init_kwargs = dict(args.ref_model_init_kwargs or args.model_init_kwargs or {})
-        init_kwargs = ref_utils.lighter_init_kwargs(
-            init_kwargs, args.ref_model_dtype, args.ref_model_quantization, policy.dtype
-        )
-        distributed_type = str(args.distributed_state.distributed_type).split(".")[-1]
-        if ref_model is None and args.ref_model_quantization is not None:
-            # bitsandbytes quantises while loading, so the starting model is loaded again from the policy's path
-            ref_model = ref_utils.policy_path_for_quantised_reference(policy)
-        if isinstance(ref_model, str):
-            name = repr(ref_model)
-            ref_model = ref_utils.load_reference(
-                ref_model, init_kwargs, distributed_type=distributed_type, trust_remote_code=args.trust_remote_code
-            )
-        elif ref_model is None:
-            name = "(a copy of the starting model)"
-            ref_model = ref_utils.default_reference(
-                policy, init_kwargs, distributed_type=distributed_type, trust_remote_code=args.trust_remote_code
-            )
-            ref_model = ref_utils.cast_reference(ref_model, args.ref_model_dtype)
-        else:
-            name = type(ref_model).__name__
-            if args.ref_model_quantization is not None and not ref_utils.is_quantised(ref_model):
-                raise ValueError(
-                    f"ref_model_quantization={args.ref_model_quantization!r} can't quantise the {name} passed as "
-                    "`ref_model`: bitsandbytes quantises while loading. Pass the reference's path instead (`ref_model` "
-                    "or `ref_model_name_or_path`), or load it yourself with a `BitsAndBytesConfig`."
-                )
-            ref_model = ref_utils.cast_reference(ref_model, args.ref_model_dtype)
-        ref_utils.check_same_vocabulary(
-            ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), name
-        )
-        ref_utils.freeze(ref_model, disable_dropout=True)
-        lm_head.patch_forward(ref_model)
-        return ref_model, name
-
-    def _precompute_reference(self, ref_model, args: ASFTConfig) -> None:
-        """One pass of the reference over the datasets (`asft_trl.reference.cache`); afterwards no reference is kept.
-
-        The default reference is the starting model, which is the policy itself before its first update (adapters off
-        under PEFT, or, for a PeftModel given with its adapter, the policy as given), so no second model is loaded at
-        all; a named reference is loaded for the pass and freed.
-        """
-        if is_deepspeed_zero3_enabled():
-            raise ValueError(
-                "precompute_ref_log_probs=True does not run under DeepSpeed ZeRO-3 (the pass runs before the model is "
-                "sharded). Use ZeRO-2 or FSDP2: with the precomputed reference no reference model is kept to shard."
-            )
-        policy = self.accelerator.unwrap_model(self.model)
-        if ref_model is None:
-            reference_lm, runner = self._policy_lm, policy
-            name = ref_utils.get_config_model_id(self._policy_lm.config) or "the starting model"
-        else:
-            ref_model, name = self._separate_reference(ref_model, args, policy)
-            reference_lm = runner = ref_model.to(self.args.device)
-        # A PeftModel given as is runs with its adapter on; otherwise the policy's adapters are off for the pass
-        adapters_off = runner is policy and is_peft_model(policy) and not self._given_peft_model
-        result = precompute.precompute_reference(
-            reference_lm,
-            runner,
-            name,
-            adapters_off=adapters_off,
-            train_dataset=self.train_dataset,
-            eval_dataset=self.eval_dataset,
-            collator=self.data_collator,
-            args=args,
-            device=self.args.device,
-            autocast=self.accelerator.autocast,
-            main_process_first=self.accelerator.main_process_first,
-        )
-        self.train_dataset, self.eval_dataset, self.data_collator = result.datasets()
-        if result.topk_mass is not None:
-            self.precomputed_topk_mass = result.topk_mass
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        """The reference when it is a model of its own, prepared for the launch (TRL's name, as in `DPOTrainer`);
+        None under PEFT (the policy's network is the reference), with the precomputed reference, or without an
+        anchor. `self.reference` holds the reference in every form."""
+        return None if self.reference is None else self.reference.model
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -319,8 +200,8 @@ class ASFTTrainer(SFTTrainer):
         if not args.use_fused_loss or not self._uses_own_loss(args):
             return False
         problem = lm_head.fused_head_problem(self._policy_lm)
-        if problem is None and self._ref_lm is not None:
-            problem = lm_head.fused_head_problem(self._ref_lm)
+        if problem is None and self.reference is not None:
+            problem = self.reference.head_problem()
         if problem is None and self.aux_loss_enabled:
             problem = "the MoE router's auxiliary loss is enabled"
         if (
@@ -334,32 +215,13 @@ class ASFTTrainer(SFTTrainer):
             return False
         return True
 
-    def _run_reference(self, model, model_inputs: dict[str, Any], **kwargs):
-        """The reference's forward on exactly the policy's inputs (same positions, same packing information)."""
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return self.ref_model(**model_inputs, **kwargs)
-            peft_model = self.accelerator.unwrap_model(model)
-            deterministic = not self.args.disable_dropout
-            if self._reference_adapter is not None:
-                with ref_utils.reference_adapter_active(peft_model, deterministic=deterministic):
-                    return model(**model_inputs, **kwargs)
-            with ref_utils.adapters_disabled(peft_model, deterministic=deterministic):
-                return model(**model_inputs, **kwargs)
-
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save as SFTTrainer does, leaving out the frozen reference adapter: the output holds the trained adapter
         alone, as it would without the reference."""
-        if self._reference_adapter is None or not is_peft_model(self.model):
+        if self.reference is None:
             return super()._save(output_dir, state_dict)
-        trained = [name for name in self.model.peft_config if name != self._reference_adapter]
-        self.model.save_pretrained = functools.partial(
-            type(self.model).save_pretrained, self.model, selected_adapters=trained
-        )
-        try:
-            super()._save(output_dir, state_dict)
-        finally:
-            del self.model.save_pretrained
+        with self.reference.left_out_of_save(self.model):
+            return super()._save(output_dir, state_dict)
 
     # ------------------------------------------------------------------ model card
 
@@ -374,7 +236,7 @@ class ASFTTrainer(SFTTrainer):
         card_path = os.path.join(self.args.output_dir, "README.md")
         with open(card_path) as f:
             lines = f.read().split("\n")
-        base = ref_utils.get_config_model_id(self.model.config)
+        base = get_config_model_id(self.model.config)
         hub_base = bool(base) and not os.path.isdir(base)
         base_text = (
             f"[{base}](https://huggingface.co/{base})"
@@ -411,7 +273,7 @@ class ASFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stored = reference_cache.pop_reference(inputs)
+        stored = Reference.take_stored(inputs)
         if not self._uses_own_loss(self.args):
             # TRL's own loss, untouched; its fused head's per-token log-probabilities also give the DFT weight
             # statistics, read from the call it makes anyway
@@ -458,14 +320,14 @@ class ASFTTrainer(SFTTrainer):
         if self.use_fused_loss:
             ref_hidden = None
             if anchored and stored is None:
-                ref_hidden = self._run_reference(model, model_inputs, asft_hidden_states=True).last_hidden_state
+                ref_hidden = self.reference.forward(model, model_inputs, asft_hidden_states=True).last_hidden_state
                 ref_hidden = ref_hidden if shifted else ref_hidden[:, :-1]
             fused_loss = lm_head.FusedHeadLoss(
                 labels=labels,
                 mask=mask,
                 shifted=shifted,
                 ref_hidden=ref_hidden,
-                ref_lm=self._ref_lm,
+                ref_lm=self.reference.causal_lm if self.reference is not None else None,
                 ref_topk=ref_topk,
                 ref_token_log_probs=ref_token_log_probs,
                 chunk_size=self.args.loss_chunk_size,
@@ -482,7 +344,7 @@ class ASFTTrainer(SFTTrainer):
             policy_logits = outputs.logits if shifted else outputs.logits[:, :-1]
             ref_logits = None
             if anchored and stored is None:
-                ref_logits = self._run_reference(model, model_inputs).logits
+                ref_logits = self.reference.forward(model, model_inputs).logits
                 ref_logits = (ref_logits if shifted else ref_logits[:, :-1])[mask]
             loss, terms = asft_loss(
                 policy_logits[mask],
