@@ -100,14 +100,20 @@ def train_in_process(
 
     base = dist_train.recording_trainer_class()
     if per_micro_batch_mean and dft_normalization == "weights":
+        from asft_trl.trainer.normalization import StepNormalization
+
+        class LastMicroBatchWeightSum(StepNormalization):
+            def normalize(self, *args, **kwargs):
+                self.weight_sum = 0.0
+                return super().normalize(*args, **kwargs)
 
         class OneMicroBatchWeightSumTrainer(base):
             """The control: the step divided by the DFT weight sum of its last micro-batch only (forgetting to add up
             the step's micro-batches)."""
 
-            def _normalize_by_weights(self, mode, loss, terms, num_items_in_batch, local_items):
-                self._dft_step_weight_sum = 0.0
-                return super()._normalize_by_weights(mode, loss, terms, num_items_in_batch, local_items)
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.step_normalization = LastMicroBatchWeightSum(self.args, self.accelerator, self.get_tp_size)
 
         trainer_cls = OneMicroBatchWeightSumTrainer
     elif per_micro_batch_mean:

@@ -16,6 +16,7 @@ from trl import SFTConfig
 from ..losses import KL_DIRECTIONS, KL_ESTIMATORS, LOSS_TYPES
 from ..reference.loading import REF_MODEL_DTYPES, REF_MODEL_QUANTIZATIONS
 from .kl_control import KL_COEF_SCHEDULES, parse_milestones
+from .normalization import DFT_NORMALIZATIONS, refuse_weights_under_deepspeed
 
 
 def _accelerator_available() -> bool:
@@ -26,9 +27,6 @@ def _bf16_accelerator_available() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return hasattr(torch, "xpu") and torch.xpu.is_available()
-
-
-DFT_NORMALIZATIONS = ("tokens", "weights")
 
 
 def _check_choice(name: str, value, choices, fix: str) -> None:
@@ -719,12 +717,7 @@ class ASFTConfig(SFTConfig):
                     f"{self.loss_type!r} weights every token by 1 (the sum is the token count). Set loss_type to 'dft', "
                     "or dft_normalization to 'tokens'."
                 )
-            if self.deepspeed is not None:
-                raise ValueError(
-                    "dft_normalization='weights' rescales the optimizer step's gradients before clipping, and DeepSpeed "
-                    "clips and steps inside its own backward. Use DDP or FSDP2, or dft_normalization='tokens' (with "
-                    "Adam the scale of the loss barely matters; docs/method.md)."
-                )
+            refuse_weights_under_deepspeed(self.dft_normalization, self.deepspeed is not None)
 
     @property
     def method_name(self) -> str:

@@ -41,6 +41,7 @@ from ..utils.paths import check_model_source, is_hub_id
 from .callbacks import AdaptiveKLCallback
 from .config import ASFTConfig
 from .kl_control import KLCoefSchedule
+from .normalization import StepNormalization, refuse_weights_under_deepspeed
 
 logger = logging.getLogger(__name__)
 
@@ -359,14 +360,11 @@ class ASFTTrainer(SFTTrainer):
                     full_kl = asft_token_terms(
                         policy_logits[mask], labels[mask], ref_logits, kl_direction=self.args.kl_direction
                     ).kl
-        # Like TRL: `num_items_in_batch` counts the tokens of every process, and DDP averages gradients across them
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        # The step's normalisation (`asft_trl.trainer.normalization`); "weights" refuses the MoE auxiliary loss
+        loss = self.step_normalization.normalize(mode, loss, terms.weight, num_items_in_batch, int(mask.sum()))
         if self.aux_loss_enabled and getattr(outputs, "aux_loss", None) is not None:
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
-        if self.args.dft_normalization == "weights":
-            loss = self._normalize_by_weights(mode, loss, terms, num_items_in_batch, int(mask.sum()))
 
         self._log_token_metrics(mode, terms, inputs, full_kl)
         return (loss, outputs) if return_outputs else loss
@@ -374,71 +372,23 @@ class ASFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ DFT: weight normalisation, special tokens
 
     def _set_up_dft_options(self, args: ASFTConfig) -> None:
-        """Refuse what `dft_normalization="weights"` can't run under, and, for a DFT loss, check before training that
-        the starting model can learn the special tokens the completions hold (`SpecialTokenCheck`)."""
-        if args.dft_normalization == "weights":
-            if self.is_deepspeed_enabled:
-                raise ValueError(
-                    "dft_normalization='weights' rescales the optimizer step's gradients before clipping, and DeepSpeed "
-                    "clips and steps inside its own backward. Use DDP or FSDP2, or dft_normalization='tokens'."
-                )
-            if self.aux_loss_enabled:
-                raise ValueError(
-                    "dft_normalization='weights' rescales the step's whole gradient, the MoE router's auxiliary loss "
-                    "included. Set dft_normalization='tokens', or switch the auxiliary loss off (router_aux_loss_coef)."
-                )
+        """The step's normalisation, refusing what `dft_normalization="weights"` can't run under; and, for a DFT loss,
+        the check before training that the starting model can learn the special tokens the completions hold
+        (`SpecialTokenCheck`)."""
+        refuse_weights_under_deepspeed(args.dft_normalization, self.is_deepspeed_enabled)
+        if args.dft_normalization == "weights" and self.aux_loss_enabled:
+            raise ValueError(
+                "dft_normalization='weights' rescales the step's whole gradient, the MoE router's auxiliary loss "
+                "included. Set dft_normalization='tokens', or switch the auxiliary loss off (router_aux_loss_coef)."
+            )
+        self.step_normalization = StepNormalization(args, self.accelerator, self.get_tp_size)
         self.special_token_report = None  # filled in by SpecialTokenCheck when training starts
         if args.loss_type == "dft":
             self.add_callback(SpecialTokenCheck(self))
 
-    def _normalize_by_weights(self, mode: str, loss: torch.Tensor, terms, num_items_in_batch, local_items: int):
-        """`dft_normalization="weights"`: the loss divided by the sum W of the DFT weights instead of the token count N.
-
-        Training: the loss stays divided by the step's N (`num_items_in_batch`), and this micro-batch's weight sum is
-        added to the step's; `training_step` multiplies the step's gradients by N / W once its last micro-batch is done
-        (the weights depend on the policy, so W is known only after every micro-batch's forward). Evaluation: a batch
-        is a step of its own and is rescaled here.
-        """
-        weight_sum = terms.weight.detach().float().sum()
-        if mode == "train":
-            if num_items_in_batch is None:
-                raise RuntimeError(
-                    "dft_normalization='weights' needs the Trainer's num_items_in_batch (the step's token count) to "
-                    "rescale the step; it was not given. Use dft_normalization='tokens'."
-                )
-            self._dft_step_weight_sum = weight_sum + getattr(self, "_dft_step_weight_sum", 0.0)
-            self._dft_step_items = num_items_in_batch
-            return loss
-        items = local_items if num_items_in_batch is None else num_items_in_batch
-        return loss * self._weights_scale(items, weight_sum, gathered=num_items_in_batch is not None)
-
-    def _weights_scale(self, items, weight_sum: torch.Tensor, gathered: bool) -> torch.Tensor:
-        """N / W, with W summed over the processes that N (`num_items_in_batch`) counts, as the Trainer counts N."""
-        if gathered and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            # Tensor-parallel ranks hold the same tokens (the Trainer divides N by the same factor)
-            weight_sum = self.accelerator.gather(weight_sum.reshape(1)).sum() / self.get_tp_size()
-        items = torch.as_tensor(items, device=weight_sum.device, dtype=torch.float32)
-        # W is 0 only if every weight underflowed; the task gradient is then 0 too, so leave the step as it is
-        return torch.where(weight_sum > 0, items / weight_sum.clamp_min(1e-30), torch.ones_like(items))
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.args.dft_normalization != "weights":
-            return loss
-        step_loss = loss + getattr(self, "_dft_step_loss", 0.0)  # what the step's micro-batches returned so far
-        # The Trainer sets `sync_gradients` for the step's last micro-batch, and clips and steps right after it
-        if not self.accelerator.sync_gradients:
-            self._dft_step_loss = step_loss
-            return loss
-        scale = self._weights_scale(self._dft_step_items, self._dft_step_weight_sum, gathered=True)
-        factor = float(scale)  # a Python number multiplies any gradient, sharded (DTensor) ones included
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(factor)
-        self._dft_step_loss = self._dft_step_weight_sum = 0.0
-        # The Trainer logs the sum of what this returns over the step: make that sum the weight-normalised loss
-        return loss + step_loss * (scale - 1)
+        return self.step_normalization.after_backward(model, loss)
 
     # ------------------------------------------------------------------ metrics
 
