@@ -31,7 +31,9 @@ def test_defaults_are_the_papers_asft(tmp_path):
     [("nll", 0.0, "SFT"), ("dft", 0.0, "DFT"), ("nll", 0.1, "SFT+KL"), ("dft", 0.1, "ASFT")],
 )
 def test_four_methods_are_two_switches(tmp_path, loss_type, kl_coef, name):
-    assert ASFTConfig(output_dir=str(tmp_path), loss_type=loss_type, kl_coef=kl_coef).method_name == name
+    args = ASFTConfig(output_dir=str(tmp_path), loss_type=loss_type, kl_coef=kl_coef)
+    assert args.method_name == name
+    assert args.anchored is (name in ("SFT+KL", "ASFT"))  # the one place that says whether there is an anchor
 
 
 @pytest.mark.parametrize(

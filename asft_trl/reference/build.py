@@ -118,7 +118,7 @@ def check_vocabulary_early(model, ref_model, args) -> None:
     When TRL will resize the policy (a cloned chat template) the sizes are only comparable after set-up, so the
     check is left to `build_reference`.
     """
-    if args.kl_coef == 0 or ref_model is None or args.chat_template_path is not None:
+    if not args.anchored or ref_model is None or args.chat_template_path is not None:
         return
     if isinstance(model, str):
         policy_vocab = ref_utils.vocab_size_from_path(model, args.trust_remote_code)
@@ -159,7 +159,7 @@ def build_reference(
         datasets: (train, eval, collator) for `precompute_ref_log_probs`; the precomputed reference holds them
             again, with the reference's columns (`Reference.precomputed`).
     """
-    if args.kl_coef == 0:
+    if not args.anchored:
         if ref_model is not None:
             logger.warning("kl_coef=0: the reference model given is not used (no KL term), and is not loaded.")
         return None

@@ -484,7 +484,7 @@ class ASFTConfig(SFTConfig):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number.")
         scheduled = self.kl_coef_schedule != "constant"
-        if (scheduled or self.kl_target is not None) and self.kl_coef == 0:
+        if (scheduled or self.kl_target is not None) and not self.anchored:
             what = f"kl_coef_schedule={self.kl_coef_schedule!r}" if scheduled else f"kl_target={self.kl_target}"
             raise ValueError(
                 f"{what} needs an anchor, but kl_coef=0 builds no reference model. Set kl_coef > 0 (the schedule's "
@@ -595,7 +595,7 @@ class ASFTConfig(SFTConfig):
             )
             if v is not None
         }
-        if lighter and self.kl_coef == 0:
+        if lighter and not self.anchored:
             name, value = next(iter(lighter.items()))
             raise ValueError(
                 f"{name}={value!r} applies to the reference model, but kl_coef=0 builds none (no KL term). Set kl_coef "
@@ -622,7 +622,7 @@ class ASFTConfig(SFTConfig):
         """`precompute_ref_*`: an anchor to precompute, sizes >= 1, and no option that needs a reference model kept."""
         if not self.precompute_ref_log_probs:
             return
-        if self.kl_coef == 0:
+        if not self.anchored:
             raise ValueError(
                 "precompute_ref_log_probs=True needs a KL anchor, but kl_coef=0 (no reference is used). Set "
                 "kl_coef > 0, or precompute_ref_log_probs to False."
@@ -646,7 +646,7 @@ class ASFTConfig(SFTConfig):
 
     def _check_liger(self) -> None:
         """Liger's kernels only with TRL's own loss."""
-        if self.use_liger_kernel and (self.kl_coef > 0 or self.dft_weight_floor > 0):
+        if self.use_liger_kernel and (self.anchored or self.dft_weight_floor > 0):
             raise ValueError(
                 "use_liger_kernel=True does not go with the ASFT loss (kl_coef > 0 or a dft_weight_floor): Liger's "
                 "fused linear cross-entropy, the part that saves memory, computes SFT's loss, not this one (TRL "
@@ -686,7 +686,7 @@ class ASFTConfig(SFTConfig):
             "Use 'full' (the exact KL, the default) or a per-token estimator 'k1', 'k2' or 'k3'.",
         )
         if self.kl_estimator != "full":
-            if self.kl_coef == 0:
+            if not self.anchored:
                 raise ValueError(
                     f"kl_estimator={self.kl_estimator!r} estimates the KL anchor, but kl_coef=0 has none. Set kl_coef > "
                     "0 (lambda does not carry over from the exact KL: docs/method.md), or leave kl_estimator at 'full'."
@@ -718,6 +718,12 @@ class ASFTConfig(SFTConfig):
                     "or dft_normalization to 'tokens'."
                 )
             refuse_weights_under_deepspeed(self.dft_normalization, self.deepspeed is not None)
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the KL anchor is on (`kl_coef > 0`): a reference is built and the loss is this package's. With
+        `kl_coef=0` there is no reference at all."""
+        return self.kl_coef > 0
 
     @property
     def method_name(self) -> str:

@@ -149,7 +149,7 @@ class ASFTTrainer(SFTTrainer):
         # lambda by step (off by default): a schedule, or the adaptive controller in a callback, so that its state
         # rides in trainer_state.json with every checkpoint (transformers' `ExportableState`) and a resume restores it
         self._kl_coef_schedule = None
-        if args.kl_coef > 0 and args.kl_coef_schedule != "constant":
+        if args.anchored and args.kl_coef_schedule != "constant":
             self._kl_coef_schedule = KLCoefSchedule(
                 args.kl_coef_schedule,
                 args.kl_coef,
@@ -157,7 +157,7 @@ class ASFTTrainer(SFTTrainer):
                 args.kl_coef_final,
                 args.kl_coef_milestones or {},
             )
-        if args.kl_coef > 0 and args.kl_target is not None:
+        if args.anchored and args.kl_target is not None:
             self.add_callback(AdaptiveKLCallback(args.kl_coef, args.kl_target, args.kl_horizon, args.kl_error_clip))
         self._set_up_dft_options(args)
 
@@ -183,7 +183,7 @@ class ASFTTrainer(SFTTrainer):
     def _uses_own_loss(args: ASFTConfig) -> bool:
         """Whether the loss is this package's rather than TRL's own SFT/DFT loss: with a KL term, a weight floor, or
         the DFT weight normalisation."""
-        return args.kl_coef > 0 or args.dft_weight_floor > 0 or args.dft_normalization == "weights"
+        return args.anchored or args.dft_weight_floor > 0 or args.dft_normalization == "weights"
 
     @property
     def current_kl_coef(self) -> float:
@@ -296,7 +296,7 @@ class ASFTTrainer(SFTTrainer):
         shifted = "shift_labels" in inputs
         labels = inputs["shift_labels"] if shifted else inputs["labels"][:, 1:]
         mask = labels != -100
-        anchored = self.args.kl_coef > 0
+        anchored = self.args.anchored
         loss_kwargs = dict(
             kl_coef=self.current_kl_coef if anchored else 0.0,
             loss_type=self.args.loss_type,
@@ -422,7 +422,7 @@ class ASFTTrainer(SFTTrainer):
             mode, terms.nll, kl=terms.kl, entropy=terms.entropy, mean_token_accuracy=terms.is_top1, **extra
         )
         metrics = self._metrics[mode]
-        if self.args.kl_coef > 0:
+        if self.args.anchored:
             metrics["kl_coef"].append(self.current_kl_coef)
         if mode == "train":
             self._add_step_kl(sums["kl"], sums["count"])
