@@ -55,15 +55,34 @@ def test_bad_values_name_the_field_the_value_and_the_fix(tmp_path, field, value,
         assert word in str(error.value)
 
 
-def test_every_new_field_is_documented_twice():
+def test_every_new_field_is_documented_once_and_help_says_the_same():
+    """Each field ASFTConfig declares has one docstring entry, whose type and default are the field's, and `--help`
+    prints that entry (filled from it at import): the two can no longer drift apart."""
+    import ast
+
+    from asft_trl.trainer.config import _as_help, parameter_docs
+
     fields = {f.name: f for f in dataclasses.fields(ASFTConfig)}
+    docs = parameter_docs(ASFTConfig)
     # Every field ASFTConfig declares (its own or a changed default), not only a list kept by hand (the
     # precompute_ref_* fields were missed)
     added = set(ASFTConfig.__dict__["__annotations__"]) & set(fields)
     assert set(NEW_FIELDS) <= added and "precompute_ref_topk" in added
     for name in sorted(added):
-        assert fields[name].metadata.get("help"), f"{name} has no metadata help"
-        assert f"{name} (`" in ASFTConfig.__doc__, f"{name} is missing from the docstring"
+        assert name in docs, f"{name} is missing from the docstring"
+        doc, f = docs[name], fields[name]
+        assert f.metadata.get("help") == _as_help(doc.text), f"{name}: --help is not its docstring entry"
+        declared = tuple(t for t in f.type.split(" | ") if t != "None")  # annotations are strings (__future__)
+        assert doc.types == declared, f"{name}: the docstring says {doc.types}, the field is {f.type}"
+        if doc.default is None:
+            assert f.default is None, f"{name}: defaults to {f.default!r}, which the docstring does not say"
+        else:
+            assert ast.literal_eval(doc.default) == f.default, f"{name}: docstring default {doc.default}"
+    # What the docstring documents beyond its own fields (changed TRL defaults) are fields too
+    assert set(docs) <= set(fields)
+    # The text reached --help as the docstring has it, e.g. the estimator sentence the help had lost
+    assert "With a per-token kl_estimator" in fields["precompute_ref_log_probs"].metadata["help"]
+    assert fields["kl_direction"].metadata["help"].startswith("'forward' computes KL(reference || policy)")
 
 
 def test_dict_field_accepts_json_from_the_command_line(tmp_path):

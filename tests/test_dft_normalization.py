@@ -151,7 +151,7 @@ def test_bad_values_and_combinations_are_refused_with_the_fix(tmp_path, override
         assert word in str(error.value)
 
 
-def test_the_fields_are_documented_twice_and_off_by_default(tmp_path):
+def test_the_fields_are_documented_and_off_by_default(tmp_path):
     args = ASFTConfig(output_dir=str(tmp_path))
     assert (args.dft_normalization, args.kl_estimator) == ("tokens", "full")
     fields = {f.name: f for f in dataclasses.fields(ASFTConfig)}
