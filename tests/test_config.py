@@ -90,9 +90,31 @@ def test_dict_field_accepts_json_from_the_command_line(tmp_path):
     assert args.ref_model_init_kwargs == {"dtype": "bfloat16"}
 
 
-def test_cpu_only_machine_does_not_need_extra_flags(tmp_path):
-    import torch
+def test_this_machine_needs_no_extra_flags(tmp_path):
+    """Whatever the machine: bf16 is on where a bf16-capable GPU is (TRL's default) and off elsewhere, so a CPU-only
+    run needs no flag; pinned memory only where there is an accelerator to pin for."""
+    from asft_trl.trainer import config
 
     args = ASFTConfig(output_dir=str(tmp_path))
-    if not torch.cuda.is_available():
-        assert args.bf16 is False
+    assert args.bf16 is config._bf16_accelerator_available()
+    assert args.dataloader_pin_memory is config._accelerator_available()
+
+
+@pytest.mark.parametrize(
+    "bf16_gpu, given, expected",
+    [
+        (False, {}, False),  # a CPU-only machine: off, or transformers refuses TRL's default
+        (True, {}, None),  # left to TRL, which turns it on
+        (False, {"fp16": True}, None),  # fp16 asked for: bf16 is not touched
+        (False, {"bf16": True}, True),  # asked for explicitly: kept (transformers says whether the machine can)
+        (True, {"bf16": False}, False),
+    ],
+)
+def test_bf16_default_follows_the_machine(tmp_path, monkeypatch, bf16_gpu, given, expected):
+    """What ASFTConfig hands to TRL's own post-init, on a machine with and without a bf16-capable GPU, whichever
+    machine runs the test (TRL's and transformers' post-init are stubbed out: they would judge this machine)."""
+    from asft_trl.trainer import config
+
+    monkeypatch.setattr(config, "_bf16_accelerator_available", lambda: bf16_gpu)
+    monkeypatch.setattr(SFTConfig, "__post_init__", lambda self: None)
+    assert ASFTConfig(output_dir=str(tmp_path), **given).bf16 is expected

@@ -88,7 +88,21 @@ def test_head_adapted_by_peft_falls_back_to_the_plain_loss(tiny_model_path, pc_d
         trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path), train_dataset=pc_dataset, peft_config=config)
     assert not trainer.use_fused_loss
     assert "fused ASFT loss is not used" in caplog.text and "PEFT" in caplog.text
+    # The plain loss trains the adapter and the head's trainable copy, against the head the reference runs with its
+    # adapters off: the original one, which stays as it was
+    peft_head = trainer.model.get_base_model().lm_head
+    frozen_head = peft_head.original_module.weight.detach().clone()
+    logits_built = []
+    peft_head.register_forward_hook(lambda *a: logits_built.append(1))
+    start = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    assert any("modules_to_save" in k for k in start)
     trainer.train()
+    end = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    tiny.assert_every_parameter_moved(start, end)
+    assert logits_built  # the head ran as a module: the plain loss, not the fused one
+    assert torch.equal(peft_head.original_module.weight, frozen_head)
+    kl = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert len(kl) == 2 and 0 <= kl[0] < 1e-6 < kl[1]  # 0 before the first update, then the anchor measures drift
 
 
 def test_head_transform_is_read_from_the_config():
