@@ -11,8 +11,8 @@
 - the report: the measured part of a docs file, given explicitly, between a study's own markers; everything else the
   file holds is kept (`write_generated`, `replace_generated`), with the tables' helpers (`mean_sd`, `fmt_effect`,
   `verdict_table`), and the report's common fields (`StudyClock`);
-- the command line: `--model`/`--model_cache_dir`, `--num_threads`, `--seeds`, and the checks every study makes
-  (`parse_study_args`).
+- the command line: `--model`/`--model_cache_dir`, the training options (`add_training_arguments`), `--num_threads`,
+  `--seeds`, and the checks every study makes (`parse_study_args`).
 
 The studies are this repository's experiments, not the library: `asft_trl` never imports them, and the wheel does not
 ship them. Run them from the repository's root (`python -m studies.drift`, `make study-drift`).
@@ -475,6 +475,28 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=os.path.join("outputs", "models"),
         help="Where the offline quickstart model is (or is materialised).",
     )
+
+
+def add_training_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    max_steps: int,
+    per_device_train_batch_size: int,
+    learning_rate: float,
+    warmup_steps: int,
+    max_length: int,
+    logging_steps: int = 5,
+    kl_coef_help: str = "lambda of SFT+KL and ASFT.",
+) -> None:
+    """The options every study's runs train with, with the study's defaults: lambda (`--kl_coef`, 0.05), steps, batch,
+    learning rate, warm-up, maximum length and logging interval."""
+    p.add_argument("--kl_coef", type=float, default=0.05, help=kl_coef_help)
+    p.add_argument("--max_steps", type=int, default=max_steps)
+    p.add_argument("--per_device_train_batch_size", type=int, default=per_device_train_batch_size)
+    p.add_argument("--learning_rate", type=float, default=learning_rate)
+    p.add_argument("--warmup_steps", type=int, default=warmup_steps)
+    p.add_argument("--max_length", type=int, default=max_length)
+    p.add_argument("--logging_steps", type=int, default=logging_steps)
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:

@@ -38,6 +38,7 @@ from .common import (
     accuracy,
     add_model_arguments,
     add_threads_argument,
+    add_training_arguments,
     check_run_dir,
     final_and_peak,
     fmt,
@@ -302,18 +303,21 @@ def make_parser() -> argparse.ArgumentParser:
         help="Report to write (default: the repository's docs/study.md); the figures and <doc>_results.json go next "
         "to it.",
     )
-    p.add_argument("--max_steps", type=int, default=40)
-    p.add_argument("--per_device_train_batch_size", type=int, default=4)
-    p.add_argument("--learning_rate", type=float, default=1.5e-3)
-    p.add_argument("--warmup_steps", type=int, default=4)
-    p.add_argument("--logging_steps", type=int, default=5)
+    add_training_arguments(
+        p,
+        max_steps=40,
+        per_device_train_batch_size=4,
+        learning_rate=1.5e-3,
+        warmup_steps=4,
+        max_length=64,
+        kl_coef_help="lambda of SFT+KL and ASFT in the method comparison.",
+    )
     p.add_argument(
         "--drift_steps",
         type=int,
         default=10,
         help="Measure drift_kl/task_kl at log steps that are a multiple of this (and at step 0).",
     )
-    p.add_argument("--kl_coef", type=float, default=0.05, help="lambda of SFT+KL and ASFT in the method comparison.")
     p.add_argument("--sweep", type=_floats, default=[0.0, 0.01, 0.05, 0.1, 0.5], help="ASFT lambdas, comma-separated.")
     p.add_argument("--dataset_size", type=int, default=800, help="Training prompts (as a recipe's dataset_size).")
     p.add_argument(
@@ -323,7 +327,6 @@ def make_parser() -> argparse.ArgumentParser:
     for old, new in (("--n_train", "--dataset_size"), ("--n_eval", "--dataset_test_size")):
         p.add_argument(old, dest=new[2:], type=int, action=DeprecatedFlag, new_flag=new, help=argparse.SUPPRESS)
     p.add_argument("--lora_r", type=int, default=16, help="LoRA rank on all projections; 0 = full fine-tuning.")
-    p.add_argument("--max_length", type=int, default=64)
     p.add_argument("--ood_max_new_tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     add_threads_argument(p)

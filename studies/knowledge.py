@@ -49,6 +49,7 @@ from .common import (
     accuracy,
     add_model_arguments,
     add_threads_argument,
+    add_training_arguments,
     check_run_dir,
     check_seed_dirs,
     curve_end,
@@ -639,16 +640,12 @@ def make_parser() -> argparse.ArgumentParser:
         default=list(METHOD_KEYS),
         help="Subset of sft,dft,sft_kl,asft (verdicts and the report need all four).",
     )
-    p.add_argument("--kl_coef", type=float, default=0.05, help="lambda of SFT+KL and ASFT.")
-    p.add_argument("--max_steps", type=int, default=200)
-    p.add_argument("--per_device_train_batch_size", type=int, default=2)
-    p.add_argument("--learning_rate", type=float, default=5e-4)
+    add_training_arguments(
+        p, max_steps=200, per_device_train_batch_size=2, learning_rate=5e-4, warmup_steps=10, max_length=96
+    )
     p.add_argument("--lr_scheduler_type", default="constant_with_warmup")
-    p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_alpha", type=int, default=16)
-    p.add_argument("--max_length", type=int, default=96)
-    p.add_argument("--logging_steps", type=int, default=5)
     p.add_argument(
         "--probe_steps",
         type=int,
