@@ -122,7 +122,7 @@ def test_lm_head_gather_context_for_the_fused_loss(monkeypatch):
 def test_the_last_micro_batch_is_marked_before_its_training_step_and_clipped_after():
     """`dft_normalization="weights"` rescales the step's gradients at the end of the last micro-batch's
     `training_step`, which it recognises by `accelerator.sync_gradients`; clipping and the optimizer step must come
-    after it (a test also checks the behaviour: tests/test_dft_normalization.py)."""
+    after it (a test also checks the behaviour: tests/trainer/test_dft_normalization.py)."""
     from transformers import Trainer
 
     source = inspect.getsource(Trainer._run_epoch)

@@ -380,11 +380,10 @@ def test_banded_plot_draws_the_mean_and_the_min_max_of_each_group(tmp_path):
 
 
 def test_the_committed_report_holds_each_generated_part_once():
-    from pathlib import Path
-
     from studies.drift import END as WORD_ORDER_END
+    from tiny import REPO_ROOT
 
-    text = (Path(__file__).parents[2] / "docs" / "study.md").read_text()
+    text = (REPO_ROOT / "docs" / "study.md").read_text()
     for marker in (WORD_ORDER_BEGIN, WORD_ORDER_END, BEGIN, END):
         assert text.count(marker) == 1
     assert text.index(WORD_ORDER_END) < text.index(BEGIN)

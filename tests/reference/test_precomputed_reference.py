@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from test_fused_trainer import _lora, _train
 
+import tiny
 from asft_trl import ASFTConfig, ASFTTrainer
 from asft_trl.reference import cache as reference_cache
 from asft_trl.reference import loading as ref_utils
-from conftest import make_args, prompt_completion_rows
+from tiny import make_args, prompt_completion_rows
 
 WHOLE = 10**6  # more than tests/tiny.py's vocabulary: k is capped at V, so the whole distribution is stored
 
@@ -22,8 +22,8 @@ WHOLE = 10**6  # more than tests/tiny.py's vocabulary: k is capped at V, so the 
 @pytest.mark.parametrize("case", ["full_fused", "full_plain", "lora_fused"])
 def test_k_equal_to_vocabulary_trains_like_the_live_reference(tiny_model_path, pc_dataset, tmp_path, case):
     fused, peft = case.endswith("fused"), case.startswith("lora")
-    live, h_live = _train(tiny_model_path, pc_dataset, tmp_path / "live", fused=fused, peft=peft)
-    stored, h_stored = _train(
+    live, h_live = tiny.train_moved_policy(tiny_model_path, pc_dataset, tmp_path / "live", fused=fused, peft=peft)
+    stored, h_stored = tiny.train_moved_policy(
         tiny_model_path,
         pc_dataset,
         tmp_path / "stored",
@@ -111,13 +111,13 @@ def test_lora_runs_with_other_adapter_seeds_share_the_stored_pass(tiny_model_pat
             seed=seed,
             precompute_ref_cache_dir=str(cache),
         )
-        ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset, peft_config=_lora())
+        ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset, peft_config=tiny.lora_config())
     assert len(list(cache.glob("reference_top4-*.arrow"))) == 1
 
 
 def test_lora_precomputes_with_the_adapters_off(tiny_model_path, pc_dataset, tmp_path):
     args = make_args(tmp_path, precompute_ref_log_probs=True, precompute_ref_topk=WHOLE)
-    trainer = ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset, peft_config=_lora())
+    trainer = ASFTTrainer(tiny_model_path, args=args, train_dataset=pc_dataset, peft_config=tiny.lora_config())
     assert trainer.ref_model is None
     row = trainer.train_dataset[0]
     # A zero-initialised LoRA does not change the model, so compare with the base model's own distribution
@@ -142,7 +142,7 @@ def test_errors_before_any_compute(tiny_model_path, pc_dataset, tmp_path):
 
 @pytest.mark.slow  # a real `asft-trl train` launch in a subprocess
 def test_options_come_from_a_recipe_and_the_command_line(tiny_model_path, tmp_path):
-    from test_cli import run_cli, write_recipe
+    from tiny import run_cli, write_recipe
 
     recipe = write_recipe(
         tmp_path, tiny_model_path, precompute_ref_log_probs=True, precompute_ref_topk=8, dft_weight_floor=0.05

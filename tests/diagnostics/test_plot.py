@@ -138,7 +138,7 @@ def test_same_method_twice_is_told_apart(tmp_path):
 
 def test_end_of_run_curves(tiny_model_path, pc_dataset, tmp_path):
     from asft_trl import ASFTTrainer
-    from conftest import make_args
+    from tiny import make_args
 
     trainer = ASFTTrainer(
         tiny_model_path, args=make_args(tmp_path / "run", kl_coef=0.1, max_steps=2), train_dataset=pc_dataset
@@ -152,7 +152,7 @@ def test_end_of_run_curves(tiny_model_path, pc_dataset, tmp_path):
 
 def test_training_script_writes_its_curves_with_drift(tiny_model_path, tmp_path, caplog):
     from asft_trl.scripts import train
-    from conftest import prompt_completion_rows
+    from tiny import prompt_completion_rows
 
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(8)))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import re
 from importlib.metadata import requires
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 from test_fused_loss import _both, _inputs
 
+import tiny
 from asft_trl.losses import chunked_asft_loss, fused
 
 LOW = [torch.bfloat16, torch.float16]
@@ -184,7 +184,7 @@ def test_fallback_gives_the_float32_branch_values(monkeypatch):
 def test_the_torch_floor_is_one_the_dependencies_accept():
     """`torch>=` in pyproject.toml is no lower than what transformers (which disables torch below its own floor) and
     the other dependencies require; below 2.10 the fused loss still runs (float32 products, tested above)."""
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (tiny.REPO_ROOT / "pyproject.toml").read_text()
     floor = Version(re.search(r'"torch>=([0-9.]+)"', pyproject).group(1))
     for package in ("transformers", "trl", "accelerate", "peft"):
         for line in requires(package) or []:

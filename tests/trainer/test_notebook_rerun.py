@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from asft_trl import ASFTTrainer
-from conftest import make_args
+from tiny import make_args
 
 
 def asft_patches(model) -> int:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
+from tiny import FIXTURES, REPO_ROOT
+
 RECIPES = REPO_ROOT / "recipes"
 ACCELERATE = RECIPES / "accelerate"
-FIXTURES = TESTS_DIR / "fixtures"
 
 # The paper's reported settings (../shared/ASFT_NOTES.md): the recipes must hold them, LoRA/QLoRA variants included,
 # except where the authors published LoRA settings since (AUTHORS_LORA)
@@ -318,9 +317,7 @@ def test_recipe_refuses_data_without_the_columns(tiny_model_path, tmp_path):
 def test_recipe_two_processes_log_the_same_losses_as_one(tiny_model_path, tmp_path):
     """`torchrun --nproc_per_node 2` (gloo, CPU) on a recipe, 2 x micro-batch 2, logs the losses of 1 process with
     micro-batch 4: same examples per optimizer step, loss normalised over both processes' tokens."""
-    if str(TESTS_DIR) not in sys.path:
-        sys.path.insert(0, str(TESTS_DIR))
-    from test_equivalence import _launch
+    from dist_train import launch
 
     def run(nproc: int, batch_size: int) -> list[dict]:
         out = tmp_path / f"{nproc}proc"
@@ -354,7 +351,7 @@ def test_recipe_two_processes_log_the_same_losses_as_one(tiny_model_path, tmp_pa
             if nproc == 1
             else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         )
-        _launch(
+        launch(
             [*launcher, "-m", "asft_trl.scripts.train", "--config", str(RECIPES / "asft_medical.yaml"), *overrides],
             f"{nproc}-process recipe run",
         )

@@ -1,7 +1,7 @@
 """`dft_normalization="weights"`: the step's loss divided by the sum of its DFT weights instead of its token count, the
 gradients rescaled once per optimizer step before clipping; refused where it means nothing or can't run.
 
-Split- and process-invariance (8x1 = 4x2 = 2x4, 1 vs 2 processes) are in tests/test_equivalence.py."""
+Split- and process-invariance (8x1 = 4x2 = 2x4, 1 vs 2 processes) are in tests/distributed/test_equivalence.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 import tiny
 from asft_trl import ASFTConfig, ASFTTrainer
-from conftest import make_args
+from tiny import make_args
 
 
 def _one_step(model_path, dataset, out, learning_rate=0.5, **overrides):

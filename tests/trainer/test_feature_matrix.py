@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 
 from asft_trl import ASFTConfig, ASFTTrainer
-from conftest import WORDS, make_args, prompt_completion_rows
+from tiny import WORDS, make_args, prompt_completion_rows
 
 # Plain SGD with no clipping, at a rate large enough for DFT at random init (its weights are ~1/V): a step's change is
 # the gradient itself (Adam's normalisation would turn float noise in near-zero gradients into full-size steps)

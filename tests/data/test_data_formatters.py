@@ -3,8 +3,6 @@ broken ones included; seeded subsets; column errors before any compute."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from datasets import Dataset, load_dataset
 
@@ -18,8 +16,7 @@ from asft_trl.data import (
     numina_math,
     prepare_split,
 )
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from tiny import FIXTURES
 
 
 def medmcqa_row(**changes) -> dict:

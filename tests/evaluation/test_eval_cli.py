@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tiny
 from asft_trl.scripts.cli import main as asft_main
 
-FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+FIXTURES = tiny.FIXTURES / "eval"
 
 
 def eval_cli(*args) -> int:

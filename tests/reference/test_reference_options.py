@@ -13,13 +13,12 @@ import math
 
 import pytest
 import torch
-import yaml
 from datasets import Dataset
 
 import tiny
 from asft_trl import ASFTConfig, ASFTTrainer
 from asft_trl.reference import lm_head
-from conftest import make_args, prompt_completion_rows
+from tiny import make_args, prompt_completion_rows
 
 # Relative error of the mean per-token KL(reference variant || policy) against KL(float32 reference || policy)
 KL_TOLERANCE = {"bfloat16": 2e-3, "float16": 1e-4, "8bit": 5e-3, "4bit": 3e-2}
@@ -261,25 +260,21 @@ def test_config_refuses_bad_reference_options(tmp_path, overrides, message):
     ],
 )
 def test_peft_without_a_named_reference_refuses_reference_options(model64_path, dataset, tmp_path, overrides, message):
-    from peft import LoraConfig
-
     with pytest.raises(ValueError, match=message):
         ASFTTrainer(
             model64_path,
             args=make_args(tmp_path, **overrides),
             train_dataset=dataset,
-            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+            peft_config=tiny.lora_config(["q_proj"]),
         )
 
 
 def test_peft_with_a_named_reference_accepts_a_lighter_one_but_not_sync(model64_path, dataset, tmp_path):
-    from peft import LoraConfig
-
     trainer = ASFTTrainer(
         model64_path,
         args=make_args(tmp_path, ref_model_name_or_path=model64_path, ref_model_quantization="4bit"),
         train_dataset=dataset,
-        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        peft_config=tiny.lora_config(["q_proj"]),
     )
     check_variant(trainer.ref_model, "4bit")
     with pytest.raises(ValueError, match="sync_ref_model=True is not supported with PEFT"):
@@ -287,7 +282,7 @@ def test_peft_with_a_named_reference_accepts_a_lighter_one_but_not_sync(model64_
             model64_path,
             args=make_args(tmp_path, ref_model_name_or_path=model64_path, sync_ref_model=True),
             train_dataset=dataset,
-            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+            peft_config=tiny.lora_config(["q_proj"]),
         )
 
 
@@ -328,31 +323,20 @@ def test_sync_refuses_a_reference_of_another_shape(model64_path, dataset, tmp_pa
 
 
 def test_reference_options_from_yaml_and_the_command_line(model64_path, tmp_path):
-    import json
 
     from asft_trl.scripts.train import main, parse
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(8)))
-    recipe = {
-        "model_name_or_path": model64_path,
-        "dataset_name": str(data),
-        "output_dir": str(tmp_path / "out"),
-        "max_steps": 2,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 5e-2,
-        "kl_coef": 0.1,
-        "logging_steps": 1,
-        "report_to": "none",
-        "save_strategy": "no",
-        "gradient_checkpointing": False,
-        "disable_tqdm": True,
-        "ref_model_dtype": "bfloat16",
-        "sync_ref_model": True,
-        "ref_model_sync_steps": 1,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = tiny.write_recipe(
+        tmp_path,
+        model64_path,
+        rows=8,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        disable_tqdm=True,
+        ref_model_dtype="bfloat16",
+        sync_ref_model=True,
+        ref_model_sync_steps=1,
+    )
 
     _, args, *_ = parse(["--config", str(path), "--ref_model_quantization", "8bit", "--sync_ref_model", "false"])
     assert (args.ref_model_dtype, args.ref_model_quantization, args.sync_ref_model) == ("bfloat16", "8bit", False)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import tiny
 from asft_trl import ASFTTrainer
 from asft_trl.diagnostics.drift import GENERAL_PROMPTS, DriftProbe, add_drift_callback
 from asft_trl.quickstart.task import OOD_QUESTIONS
 from asft_trl.reference.loading import freeze, frozen_copy
-from conftest import make_args
+from tiny import make_args
 
 
 def test_untouched_model_has_exactly_zero_drift(tiny_model_path):
@@ -37,7 +37,7 @@ def test_tokenizer_without_chat_template_is_refused(tiny_model_path):
 @pytest.mark.parametrize("setup", ["full_kl0", "full_kl", "lora"])
 def test_drift_is_zero_at_step_0_and_positive_after_training(tiny_model_path, pc_dataset, tmp_path, setup):
     kl_coef = 0.0 if setup == "full_kl0" else 0.1
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if setup == "lora" else None
+    peft_config = tiny.lora_config(["q_proj", "v_proj"]) if setup == "lora" else None
     trainer = ASFTTrainer(
         tiny_model_path,
         args=make_args(tmp_path, kl_coef=kl_coef, max_steps=2, learning_rate=5e-2),

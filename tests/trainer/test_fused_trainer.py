@@ -11,57 +11,19 @@ from transformers import LlamaConfig
 import tiny
 from asft_trl import ASFTTrainer
 from asft_trl.reference.lm_head import fused_head_problem, head_transform
-from conftest import make_args
-
-
-def _lora():
-    from peft import LoraConfig
-
-    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
-
-
-def _train(model_path, dataset, out, *, fused, peft=False, **overrides):
-    """Two plain SGD steps (no clipping) from a policy moved away from its reference, so the KL term matters."""
-    args = make_args(
-        out,
-        max_steps=2,
-        learning_rate=2.0,
-        optim="sgd",
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        use_fused_loss=fused,
-        kl_coef=0.5,
-        loss_chunk_size=7,
-        **overrides,
-    )
-    trainer = ASFTTrainer(model_path, args=args, train_dataset=dataset, peft_config=_lora() if peft else None)
-    assert trainer.use_fused_loss is fused
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, param in sorted(trainer.model.named_parameters()):
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    start = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
-    trainer.train()
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    end = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
-    motion = max((end[k] - start[k]).abs().max().item() for k in start)
-    assert motion > 1e-2  # the weights really moved
-    tiny.assert_every_parameter_moved(start, end)
-    return end, history
-
-
-@pytest.fixture(scope="module")
-def tied_model_path(tmp_path_factory) -> str:
-    return tiny.build_model(tmp_path_factory.mktemp("tied") / "model", tie_word_embeddings=True)
+from tiny import make_args
 
 
 @pytest.mark.parametrize("case", ["full", "full_tied", "lora", "reverse"])
 def test_fused_and_plain_paths_train_the_same(tiny_model_path, tied_model_path, pc_dataset, tmp_path, case):
     path = tied_model_path if case == "full_tied" else tiny_model_path
     extra = {"kl_direction": "reverse"} if case == "reverse" else {}
-    plain, h_plain = _train(path, pc_dataset, tmp_path / "p", fused=False, peft=case == "lora", **extra)
-    fused, h_fused = _train(path, pc_dataset, tmp_path / "f", fused=True, peft=case == "lora", **extra)
+    plain, h_plain = tiny.train_moved_policy(
+        path, pc_dataset, tmp_path / "p", fused=False, peft=case == "lora", **extra
+    )
+    fused, h_fused = tiny.train_moved_policy(
+        path, pc_dataset, tmp_path / "f", fused=True, peft=case == "lora", **extra
+    )
     assert plain.keys() == fused.keys()
     moved = max((fused[k] - plain[k]).abs().max().item() for k in plain)
     assert moved < 2e-5, moved
@@ -81,9 +43,7 @@ def test_fused_path_never_builds_full_logits(tiny_model_path, pc_dataset, tmp_pa
 
 
 def test_head_adapted_by_peft_falls_back_to_the_plain_loss(tiny_model_path, pc_dataset, tmp_path, caplog):
-    from peft import LoraConfig
-
-    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    config = tiny.lora_config(["q_proj"], modules_to_save=["lm_head"])
     with caplog.at_level(logging.WARNING):
         trainer = ASFTTrainer(tiny_model_path, args=make_args(tmp_path), train_dataset=pc_dataset, peft_config=config)
     assert not trainer.use_fused_loss

@@ -9,20 +9,20 @@ import gc
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import tiny
 from asft_trl import ASFTTrainer
 from asft_trl.reference.loading import REFERENCE_ADAPTER
-from conftest import make_args
+from tiny import make_args
 
 TARGETS = ["q_proj", "v_proj", "o_proj"]
 PATHS = {"fused": {}, "plain": {"use_fused_loss": False}, "precomputed": {"precompute_ref_log_probs": True}}
 
 
-def lora_config() -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS)
+def lora_config():
+    return tiny.lora_config(TARGETS, lora_dropout=0.1)
 
 
 def trained_peft_model(path: str) -> PeftModel:

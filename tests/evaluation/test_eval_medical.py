@@ -3,16 +3,15 @@ log-probabilities, checked against a direct one-question-at-a-time computation; 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+import tiny
 from asft_trl.evaluation.benchmarks import SchemaError, load_benchmark
 from asft_trl.evaluation.medical import letter_token_ids, predict, score_rows
 from asft_trl.evaluation.prompts import medical_prompt
 
-FIXTURE = Path(__file__).parent / "fixtures" / "eval" / "medical.jsonl"
+FIXTURE = tiny.FIXTURES / "eval" / "medical.jsonl"
 
 
 def test_fixture_rows_of_four_schemas_normalise_to_the_same_form():

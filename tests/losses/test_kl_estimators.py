@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import tiny
 from asft_trl.losses import (
     ESTIMATOR_LOG_RATIO_CLAMP,
     ESTIMATOR_VALUE_CLAMP,
@@ -337,24 +338,22 @@ def test_references_an_estimator_cannot_use_are_refused():
 
 @pytest.mark.parametrize("estimator, direction", [("k3", "forward"), ("k1", "reverse"), ("k2", "forward")])
 def test_fused_and_plain_trainers_train_the_same(tiny_model_path, pc_dataset, tmp_path, estimator, direction):
-    from test_fused_trainer import _train
-
     kwargs = dict(kl_estimator=estimator, kl_direction=direction)
-    plain, h_plain = _train(tiny_model_path, pc_dataset, tmp_path / "p", fused=False, **kwargs)
-    fused, h_fused = _train(tiny_model_path, pc_dataset, tmp_path / "f", fused=True, **kwargs)
+    plain, h_plain = tiny.train_moved_policy(tiny_model_path, pc_dataset, tmp_path / "p", fused=False, **kwargs)
+    fused, h_fused = tiny.train_moved_policy(tiny_model_path, pc_dataset, tmp_path / "f", fused=True, **kwargs)
     assert max((fused[k] - plain[k]).abs().max().item() for k in plain) < 2e-5
     assert abs(h_fused[-1]["kl"]) > 1e-4 and h_fused[-1]["kl"] == pytest.approx(h_plain[-1]["kl"], rel=1e-3)
 
 
 @pytest.mark.parametrize("case", ["full_fused", "full_plain", "lora_fused"])
 def test_one_stored_float_per_token_trains_like_the_live_reference(tiny_model_path, pc_dataset, tmp_path, case):
-    from test_fused_trainer import _train
-
     from asft_trl.reference import cache as reference_cache
 
     fused, peft = case.endswith("fused"), case.startswith("lora")
-    live, h_live = _train(tiny_model_path, pc_dataset, tmp_path / "live", fused=fused, peft=peft, kl_estimator="k3")
-    stored, h_stored = _train(
+    live, h_live = tiny.train_moved_policy(
+        tiny_model_path, pc_dataset, tmp_path / "live", fused=fused, peft=peft, kl_estimator="k3"
+    )
+    stored, h_stored = tiny.train_moved_policy(
         tiny_model_path,
         pc_dataset,
         tmp_path / "stored",
@@ -375,7 +374,7 @@ def test_the_token_store_is_one_float_per_token_and_its_own_file(tiny_model_path
 
     from asft_trl import ASFTTrainer
     from asft_trl.reference import cache as reference_cache
-    from conftest import make_args
+    from tiny import make_args
 
     cache = tmp_path / "cache"
     common = dict(precompute_ref_log_probs=True, precompute_ref_cache_dir=str(cache))
@@ -398,7 +397,7 @@ def test_the_token_store_is_one_float_per_token_and_its_own_file(tiny_model_path
 
 def test_evaluation_logs_the_exact_kl_beside_the_estimate(tiny_model_path, pc_dataset, tmp_path):
     from asft_trl import ASFTTrainer
-    from conftest import make_args
+    from tiny import make_args
 
     trainer = ASFTTrainer(
         tiny_model_path,
@@ -443,7 +442,7 @@ def test_bad_values_and_combinations_are_refused_with_the_fix(tmp_path, override
 
 @pytest.mark.slow  # a real `asft-trl train` launch in a subprocess
 def test_options_come_from_a_recipe_and_the_command_line(tiny_model_path, tmp_path):
-    from test_cli import run_cli, write_recipe
+    from tiny import run_cli, write_recipe
 
     recipe = write_recipe(
         tmp_path, tiny_model_path, kl_estimator="k3", dft_normalization="weights", precompute_ref_log_probs=True
@@ -463,7 +462,8 @@ def test_a_bad_combination_from_the_command_line_fails_before_launch(tiny_model_
     """In this process (the launch path itself is the test above's): the recipe's k3 overridden by k2, with a reverse
     direction k2 can't tell apart, ends with exit status 2 and the reason, and nothing is launched."""
     import accelerate.commands.launch as launch
-    from test_cli import train_error, write_recipe
+
+    from tiny import train_error, write_recipe
 
     monkeypatch.setattr(launch, "launch_command", lambda args: pytest.fail("accelerate launch was called"))
     recipe = write_recipe(

@@ -10,7 +10,7 @@ import torch
 import tiny
 from asft_trl import ASFTTrainer
 from asft_trl.reference.lm_head import head_transform
-from conftest import make_args
+from tiny import make_args
 
 STEPS = 2
 # Plain SGD, no clipping. DFT at random init weights every token by ~1/V, hence large rates; chosen per architecture
@@ -21,18 +21,7 @@ ATOL = 2e-5
 
 
 def _train(model_path, dataset, out, fused: bool, learning_rate: float, **overrides):
-    args = make_args(
-        out,
-        max_steps=STEPS,
-        learning_rate=learning_rate,
-        optim="sgd",
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        use_fused_loss=fused,
-        kl_coef=0.5,
-        loss_chunk_size=7,
-        **overrides,
-    )
+    args = tiny.sgd_args(out, fused=fused, max_steps=STEPS, learning_rate=learning_rate, **overrides)
     trainer = ASFTTrainer(model_path, args=args, train_dataset=dataset)
     assert trainer.use_fused_loss is fused
     start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -44,7 +33,7 @@ def _train(model_path, dataset, out, fused: bool, learning_rate: float, **overri
 
 @pytest.mark.parametrize("architecture", sorted(tiny.ARCHITECTURES))
 def test_architecture_trains_with_kl_zero_at_step_0_and_fused_equals_plain(architecture, pc_dataset, tmp_path):
-    path = tiny.build_arch_model(tmp_path / "model", architecture)
+    path = tiny.build_model(tmp_path / "model", architecture=architecture)
     # An MoE's router auxiliary loss (TRL's default for MoE models) needs the plain loss: compared without it here
     # (the next test trains with it)
     overrides = {"router_aux_loss_coef": 0.0} if architecture == "qwen3_moe" else {}
@@ -75,7 +64,7 @@ def test_architecture_trains_with_kl_zero_at_step_0_and_fused_equals_plain(archi
 def test_moe_with_its_router_loss_trains_on_the_plain_loss(pc_dataset, tmp_path, caplog):
     """With TRL's default router auxiliary loss the fused loss steps aside (it has no router term): the plain loss
     trains, with KL 0 at step 0 and the auxiliary loss in the objective."""
-    path = tiny.build_arch_model(tmp_path / "model", "qwen3_moe")
+    path = tiny.build_model(tmp_path / "model", architecture="qwen3_moe")
     args = make_args(
         tmp_path / "out",
         max_steps=STEPS,

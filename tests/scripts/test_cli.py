@@ -3,44 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import prompt_completion_rows
-
-
-def write_recipe(tmp_path: Path, model_path: str, **overrides) -> Path:
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(12)))
-    recipe = {
-        "model_name_or_path": model_path,
-        "dataset_name": str(data),
-        "output_dir": str(tmp_path / "out"),
-        "max_steps": 2,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 1.0e-3,
-        "kl_coef": 0.1,
-        "logging_steps": 1,
-        "report_to": "none",
-        "save_strategy": "no",
-        "gradient_checkpointing": False,
-        **overrides,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def run_cli(*args, timeout=300):
-    cli = [sys.executable, "-c", "import sys; from asft_trl.scripts.cli import main; sys.exit(main())", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(cli, capture_output=True, text=True, timeout=timeout, env=env)
+from tiny import run_cli, train_error, write_recipe
 
 
 @pytest.mark.slow
@@ -72,21 +39,6 @@ def no_launch(monkeypatch):
         raise AssertionError("accelerate launch was called: the error was not caught before launching")
 
     monkeypatch.setattr(launch, "launch_command", launched)
-
-
-def train_error(capsys, *argv) -> str:
-    """Run `asft-trl train ARGV` in this process; it must end with exit status 2 and one line, no traceback."""
-    from asft_trl.scripts import cli
-
-    try:
-        status = cli.main(["train", *map(str, argv)])
-    except SystemExit as exit:  # argparse's own exit
-        status = exit.code
-    err = capsys.readouterr().err
-    assert status == 2, err
-    lines = [line for line in err.strip().splitlines() if "kernels-community" not in line]  # bitsandbytes' import note
-    assert "Traceback" not in err and lines[-1].startswith("asft-trl train: error: "), err
-    return lines[-1]
 
 
 def test_no_arguments_prints_usage(capsys):

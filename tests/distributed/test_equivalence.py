@@ -9,26 +9,17 @@ or per-process averaging gives other weights: the controls check that the compar
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import dist_train  # tests/dist_train.py: shared data, settings, recording trainer, and how to launch it
 import pytest
 import torch
+from dist_train import launch, max_abs_diff, step_losses
 
-TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+import tiny
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import dist_train  # noqa: E402  (tests/dist_train.py: shared data, settings and recording trainer)
-
-import tiny  # noqa: E402
-
-REPO_ROOT = TESTS_DIR.parent
 GLOBAL_BATCH = 8  # examples per optimizer step in every split
 STEPS = 3
 # Large enough SGD rates that the weights move by 0.3-2 in 3 steps at random init (where the DFT weight is ~1/V,
@@ -45,12 +36,6 @@ pytestmark = pytest.mark.slow
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    assert a.keys() == b.keys(), f"different parameter names: {sorted(a.keys() ^ b.keys())}"
-    worst = max(a, key=lambda k: (a[k].float() - b[k].float()).abs().max().item())
-    return (a[worst].float() - b[worst].float()).abs().max().item(), worst
 
 
 def step_groups(batches: list[dict]) -> dict[int, Counter]:
@@ -73,10 +58,6 @@ def final_metric(log_history: list[dict], name: str) -> float:
     values = [entry[name] for entry in log_history if name in entry]
     assert values, f"metric {name!r} was never logged: {log_history}"
     return float(values[-1])
-
-
-def _losses(log_history: list[dict]) -> list[float]:
-    return [entry["loss"] for entry in log_history if "loss" in entry]
 
 
 def _local_items_per_step(batches: list[dict]) -> dict[int, list[int]]:
@@ -242,7 +223,7 @@ def test_batch_times_accumulation_split_gives_same_weights(run, initial_weights,
             f"{motion:.3g})"
         )
         # Same per-step loss as logged by the Trainer, too
-        for ref_entry, entry in zip(_losses(reference["log_history"]), _losses(result["log_history"])):
+        for ref_entry, entry in zip(step_losses(reference["log_history"]), step_losses(result["log_history"])):
             assert entry == pytest.approx(ref_entry, rel=1e-4, abs=1e-6)
 
 
@@ -268,7 +249,7 @@ def test_weight_normalised_steps_give_the_same_weights_for_every_split(run, init
     assert final_metric(reference["log_history"], "kl") > MIN_FINAL_KL
     # The normalisation really differs from the token count's: the losses are ~1 / mean weight times larger
     tokens = run(8, 1, "dft")
-    ratio = _losses(reference["log_history"])[0] / _losses(tokens["log_history"])[0]
+    ratio = step_losses(reference["log_history"])[0] / step_losses(tokens["log_history"])[0]
     assert ratio == pytest.approx(1 / reference["log_history"][0]["dft_weight_mean"], rel=1e-3) and ratio > 20
     for batch_size, grad_accum in [(4, 2), (2, 4)]:
         result = run(batch_size, grad_accum, "dft", dft_normalization="weights")
@@ -276,7 +257,7 @@ def test_weight_normalised_steps_give_the_same_weights_for_every_split(run, init
         diff, param = max_abs_diff(result["weights"], reference["weights"])
         print(f"\n[weights] max |w_{batch_size}x{grad_accum} - w_8x1| = {diff:.3g} ({param}), motion {motion:.3g}")
         assert diff < ATOL, f"{batch_size}x{grad_accum} differs from 8x1 by {diff:.3g} in {param}"
-        for ref_entry, entry in zip(_losses(reference["log_history"]), _losses(result["log_history"])):
+        for ref_entry, entry in zip(step_losses(reference["log_history"]), step_losses(result["log_history"])):
             assert entry == pytest.approx(ref_entry, rel=1e-4, abs=1e-6)
 
     # Control: dividing by one micro-batch's weight sum instead of the step's gives other weights
@@ -290,22 +271,6 @@ def test_weight_normalised_steps_give_the_same_weights_for_every_split(run, init
 
 # ---------------------------------------------------------------------------------------------------- 2 processes
 
-SUBPROCESS_TIMEOUT = 300
-
-
-def _launch(cmd: list[str], what: str) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
-    except subprocess.TimeoutExpired as err:
-        tail = (err.stderr or b"")[-4000:]
-        pytest.fail(f"{what} did not finish within {SUBPROCESS_TIMEOUT}s: {' '.join(cmd)}\nstderr tail:\n{tail}")
-    if proc.returncode != 0:
-        pytest.fail(
-            f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-            f"stdout tail:\n{proc.stdout[-2000:]}\nstderr tail:\n{proc.stderr[-6000:]}"
-        )
-
 
 def _dist_run(
     model: str,
@@ -318,7 +283,7 @@ def _dist_run(
     learning_rate: float = LEARNING_RATES["dft"],
 ) -> dict:
     script_args = [
-        str(TESTS_DIR / "dist_train.py"),
+        dist_train.__file__,
         "--model",
         model,
         "--out",
@@ -349,7 +314,7 @@ def _dist_run(
             str(nproc),
             *script_args,
         ]
-    _launch(cmd, f"{nproc}-process training")
+    launch(cmd, f"{nproc}-process training")
     result = json.loads((out / "result.json").read_text())
     result["weights"] = torch.load(out / "weights.pt", map_location="cpu")
     result["batches_per_rank"] = [json.loads((out / f"batches-rank{rank}.json").read_text()) for rank in range(nproc)]
@@ -390,7 +355,7 @@ def test_two_processes_give_same_weights_as_one(tiny_model, initial_weights, tmp
     assert motion > MIN_MOTION
     assert final_kl > MIN_FINAL_KL
     assert diff < ATOL, f"2 processes differ from 1 by {diff:.3g} in {param} (tolerance {ATOL}, motion {motion:.3g})"
-    for a, b in zip(_losses(single["log_history"]), _losses(double["log_history"])):
+    for a, b in zip(step_losses(single["log_history"]), step_losses(double["log_history"])):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
 
     # Control: each process normalising by its own token count (then DDP's mean) must give other weights
@@ -450,7 +415,7 @@ def test_two_processes_normalised_by_the_weight_sum_train_like_one(tiny_model, i
     print(f"\n[2 processes, weights] motion {motion:.4g}, max |w_2proc - w_1proc| = {diff:.3g} ({param})")
     assert motion > MIN_MOTION and final_metric(double["log_history"], "kl") > MIN_FINAL_KL
     assert diff < ATOL, f"2 processes differ from 1 by {diff:.3g} in {param} (tolerance {ATOL})"
-    for a, b in zip(_losses(single["log_history"]), _losses(double["log_history"])):
+    for a, b in zip(step_losses(single["log_history"]), step_losses(double["log_history"])):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
 
     # Control: each process dividing by its own weight sum (and token count) gives other weights

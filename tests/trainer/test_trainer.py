@@ -10,8 +10,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 
+import tiny
 from asft_trl import ASFTTrainer, asft_loss
-from conftest import make_args, prompt_completion_rows
+from tiny import make_args, prompt_completion_rows
 
 
 def first_batch(trainer):
@@ -116,14 +117,12 @@ def count_llamas() -> int:
 
 
 def test_lora_uses_adapters_off_as_reference_and_no_second_model(tiny_model_path, pc_dataset, tmp_path):
-    from peft import LoraConfig
-
     baseline = count_llamas()
     trainer = ASFTTrainer(
         tiny_model_path,
         args=make_args(tmp_path, max_steps=4, learning_rate=5e-2),
         train_dataset=pc_dataset,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+        peft_config=tiny.lora_config(),
     )
     assert trainer.ref_model is None
     assert count_llamas() - baseline == 1  # the policy only
@@ -136,14 +135,12 @@ def test_lora_uses_adapters_off_as_reference_and_no_second_model(tiny_model_path
 
 
 def test_explicit_reference_is_used_under_lora(tiny_model_path, pc_dataset, tmp_path):
-    from peft import LoraConfig
-
     trainer = ASFTTrainer(
         tiny_model_path,
         ref_model=tiny_model_path,
         args=make_args(tmp_path),
         train_dataset=pc_dataset,
-        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        peft_config=tiny.lora_config(["q_proj"]),
     )
     assert isinstance(trainer.ref_model, LlamaForCausalLM)
 

@@ -72,8 +72,10 @@ def test_every_new_field_is_documented_once_and_help_says_the_same():
         assert name in docs, f"{name} is missing from the docstring"
         doc, f = docs[name], fields[name]
         assert f.metadata.get("help") == _as_help(doc.text), f"{name}: --help is not its docstring entry"
-        declared = tuple(t for t in f.type.split(" | ") if t != "None")  # annotations are strings (__future__)
-        assert doc.types == declared, f"{name}: the docstring says {doc.types}, the field is {f.type}"
+        # The class's own annotation (a string, under __future__): HfArgumentParser rewrites `f.type` in place
+        annotation = ASFTConfig.__dict__["__annotations__"][name]
+        declared = tuple(t for t in annotation.split(" | ") if t != "None")
+        assert doc.types == declared, f"{name}: the docstring says {doc.types}, the field is {annotation}"
         if doc.default is None:
             assert f.default is None, f"{name}: defaults to {f.default!r}, which the docstring does not say"
         else:

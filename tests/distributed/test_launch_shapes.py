@@ -19,19 +19,14 @@ import socket
 import sys
 from pathlib import Path
 
+import dist_modes
 import pytest
 import torch
+from dist_train import launch, max_abs_diff
 
-TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+import tiny
+from tiny import REPO_ROOT
 
-import dist_modes  # noqa: E402
-from test_equivalence import _launch, max_abs_diff  # noqa: E402
-
-import tiny  # noqa: E402
-
-REPO_ROOT = TESTS_DIR.parent
 ACCELERATE = REPO_ROOT / "recipes" / "accelerate"
 ATOL = 1e-5  # float32, another summation order: ~1e-6 here
 MIN_MOTION = 1000 * ATOL
@@ -78,10 +73,10 @@ def models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def baseline(models, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("one-process")
-    _launch(
+    launch(
         [
             sys.executable,
-            str(TESTS_DIR / "dist_modes.py"),
+            dist_modes.__file__,
             "--models",
             str(models),
             "--out",
@@ -103,7 +98,7 @@ def launched(models, tmp_path_factory):
         if shape not in cache:
             config, runs, extra = SHAPES[shape]
             out = tmp_path_factory.mktemp(shape)
-            _launch(
+            launch(
                 [
                     sys.executable,
                     "-m",
@@ -116,7 +111,7 @@ def launched(models, tmp_path_factory):
                     "no",
                     "--main_process_port",
                     str(_free_port()),
-                    str(TESTS_DIR / "dist_modes.py"),
+                    dist_modes.__file__,
                     "--models",
                     str(models),
                     "--out",
@@ -267,7 +262,7 @@ def test_a_reference_loaded_from_a_path_is_placed_by_the_distributed_run(monkeyp
 def test_fsdp2_config_on_cpu_is_refused_not_run_as_ddp(tiny_model_path, tmp_path):
     """`asft-trl train --accelerate_config recipes/accelerate/fsdp2.yaml --use_cpu true` on CPU: accelerate would
     train plain DDP under an FSDP config; the launch stops with the reason and the fix instead."""
-    from test_cli import run_cli, write_recipe
+    from tiny import run_cli, write_recipe
 
     recipe = write_recipe(tmp_path, tiny_model_path)
     result = run_cli(

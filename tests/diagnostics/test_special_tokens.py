@@ -13,7 +13,7 @@ import torch
 from asft_trl import ASFTTrainer
 from asft_trl.diagnostics import special_tokens
 from asft_trl.diagnostics.special_tokens import SpecialTokenCheck, special_token_ids, summarise
-from conftest import make_args
+from tiny import make_args
 
 LOGGER = "asft_trl.diagnostics.special_tokens"
 
@@ -116,7 +116,7 @@ def test_special_ids_and_summary():
 
 @pytest.mark.slow  # a real `asft-trl train` launch in a subprocess
 def test_the_report_is_in_the_runs_info(tiny_model_path, tmp_path):
-    from test_cli import run_cli, write_recipe
+    from tiny import run_cli, write_recipe
 
     recipe = write_recipe(tmp_path, tiny_model_path)
     result = run_cli("train", "--config", str(recipe))

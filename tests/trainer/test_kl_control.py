@@ -12,12 +12,12 @@ import dist_train  # tests/dist_train.py: the equivalence tests' data and determ
 import pytest
 import torch
 import yaml
-from test_equivalence import _losses
+from dist_train import step_losses
 from transformers import AutoTokenizer
 
 from asft_trl import ASFTConfig, ASFTTrainer, asft_loss
 from asft_trl.trainer.kl_control import AdaptiveKLController, KLCoefSchedule, adaptive_update, parse_milestones
-from conftest import make_args
+from tiny import make_args
 
 # ---------------------------------------------------------------------------------------------------- schedules
 
@@ -300,7 +300,7 @@ def test_gradient_accumulation_gives_the_same_lambda_and_loss(controlled):
     model_path, root, reference = controlled
     split = controlled_run(model_path, root / "2x2", batch_size=2, grad_accum=2)
     assert logged(split, "kl_coef") == pytest.approx(logged(reference, "kl_coef"), rel=1e-5)
-    assert _losses(split.state.log_history) == pytest.approx(_losses(reference.state.log_history), rel=1e-5)
+    assert step_losses(split.state.log_history) == pytest.approx(step_losses(reference.state.log_history), rel=1e-5)
     # Teeth: 2x2 logs the mean of its micro-batch means, which is not the step's token-weighted KL; a controller fed
     # that would have produced another lambda sequence
     wrong = implied_kl_coefs(logged(split, "kl"))
