@@ -134,6 +134,16 @@ def accuracy(model, tokenizer, dataset, max_new_tokens: int, match: str = "exact
     return result["accuracy"], [list(f) for f in result["failures"][:3]]
 
 
+def train_timed(trainer, probes, checkpoint: str | None = None) -> tuple[float, float, int]:
+    """Train (resuming from `checkpoint` when given) and say what it took: the wall seconds, the probes' share of them
+    (`DriftCallback.seconds`), and the optimizer steps run here."""
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    resumed_at = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+    return seconds, sum(p.seconds for p in probes), trainer.state.global_step - resumed_at
+
+
 def series(history: list[dict], key: str) -> list[list[float]]:
     """[step, value] of every logged `key` in a Trainer's log history."""
     return [[e["step"], e[key]] for e in history if key in e and "step" in e and isinstance(e[key], (int, float))]

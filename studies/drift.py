@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import time
 from pathlib import Path
 
 from asft_trl.utils.io import write_json_atomic
@@ -48,6 +47,7 @@ from .common import (
     parse_study_args,
     prompt_answer_pairs,
     set_threads,
+    train_timed,
     trainer_config,
     write_generated,
 )
@@ -140,10 +140,7 @@ def train_one(spec: RunSpec, model_path: str, splits, ood, args, run_dir: Path) 
         add_drift_callback(trainer, task_prompts, name="task", every_steps=every),
     ]
     print(f"{PREFIX} training {spec.label} ({spec.loss_type}, kl_coef={spec.kl_coef:g}) into {run_dir}")
-    start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - start
-    probe_seconds = sum(p.seconds for p in probes)
+    train_seconds, probe_seconds, _ = train_timed(trainer, probes)
     scores = score_model(trainer.model, trainer.processing_class, splits["test"], ood, args.ood_max_new_tokens)
     save_run_info(trainer)  # trainer_state.json (the curves) and asft_run.json (the run's label)
     history = trainer.state.log_history

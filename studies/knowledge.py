@@ -73,6 +73,7 @@ from .common import (
     seeds,
     series,
     set_threads,
+    train_timed,
     trainer_config,
     verdict_table,
     write_generated,
@@ -281,11 +282,7 @@ def train_one(spec: RunSpec, seed: int, model_path: str, data: StudyData, base: 
         f"{PREFIX} training {label} ({spec.loss_type}, kl_coef={spec.kl_coef:g}) into {run_dir}"
         + (f", resuming from {checkpoint}" if checkpoint else "")
     )
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - start
-    probe_seconds = sum(p.seconds for p in probes)
-    steps_run = trainer.state.global_step - (int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0)
+    train_seconds, probe_seconds, steps_run = train_timed(trainer, probes, checkpoint)
 
     start = time.perf_counter()
     model, tokenizer = trainer.model, trainer.processing_class
