@@ -1,10 +1,13 @@
 """What any study here needs, so that a new study is its task, its measures and its report, and nothing else.
 
 - the methods: `RunSpec` (the two switches, `loss_type` and `kl_coef`), the paper's four (`method_specs`), the
-  trainer's config and LoRA set-up every study trains with (`trainer_config`, `lora_config`);
+  trainer's config and LoRA set-up every study trains with (`trainer_config`, `lora_config`), training with its
+  cost measured (`train_timed`), scoring greedy answers (`accuracy`) and the probes' (prompt, answer) pairs
+  (`prompt_answer_pairs`);
 - run folders: a finished run is reused when its stored settings match, an unfinished one resumes from its last
   checkpoint, and a folder that holds other settings is refused before anything is written (`check_run_dir`,
-  `last_checkpoint`); runs go seed by seed, so an interrupted study already holds whole seeds (`run_seed_by_seed`);
+  `check_seed_dirs`, `last_checkpoint`); runs go seed by seed (`seed_dir`), so an interrupted study already holds
+  whole seeds (`run_seed_by_seed`);
 - verdicts by rules fixed before a study runs (`Hypothesis`, `verdict`, `judge`) and the effects they read from runs'
   curves (`curve_end`, `curve_mid`, `curve_start`, `relative`, `reduction`, `minus`);
 - figures: curves of several seeds as a mean and a min-max band per method (`plot_seed_bands`);
@@ -50,6 +53,8 @@ NEW_DOC_HEAD = "# Drift study: SFT vs DFT vs SFT+KL vs ASFT\n\n"
 
 @dataclass(frozen=True)
 class RunSpec:
+    """One run's method, as the paper's two switches; its name (SFT, DFT, SFT+KL, ASFT), label and folder name."""
+
     loss_type: str
     kl_coef: float
 
