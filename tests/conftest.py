@@ -16,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
 
+# Tests written before the helpers moved to tiny.py (and on branches not merged yet) import these from here
+from tiny import WORDS, make_args, prompt_completion_rows  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
