@@ -205,7 +205,7 @@ def check_run(
     # A named reference must use the policy's tokenizer; a self-resolving policy is compared once it is resolved
     if (
         training_args.ref_model_name_or_path
-        and training_args.kl_coef > 0
+        and training_args.anchored
         and not resolves_itself(model_args.model_name_or_path)
     ):
         from ..reference.tokenizer_check import check_reference_tokenizer, tokenizer_kwargs
