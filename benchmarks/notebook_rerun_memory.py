@@ -9,7 +9,7 @@ ending with `del trainer`. The model object stays alive across cells. After each
 `malloc_trim(0)` (so freed memory is handed back and RSS shows what is still held), then the process RSS and how many
 `ASFTTrainer` objects are still alive (weak references), and how many `forward` wrappers the model's forward carries.
 
-Nothing here is a test (tests/test_notebook_rerun.py is); the RSS depends on the machine and the allocator.
+Nothing here is a test (tests/trainer/test_notebook_rerun.py is); the RSS depends on the machine and the allocator.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny offline models and small datasets. Nothing here reaches the network."""
+"""Shared fixtures: tiny offline models and small datasets (built by `tiny.py`, whose helpers the tests import).
+Nothing here reaches the network."""
 
 from __future__ import annotations
 
@@ -15,21 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
 
-WORDS = ["cat", "dog", "fox", "quick", "brown", "lazy", "hello", "world", "tiny", "corpus", "answer", "four"]
-
-
-def prompt_completion_rows(n: int = 16) -> list[dict]:
-    """Conversational prompt/completion rows with completions of different lengths."""
-    rows = []
-    for i in range(n):
-        word = WORDS[i % len(WORDS)]
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": f"reverse the word {word}"}],
-                "completion": [{"role": "assistant", "content": " ".join([word[::-1]] * (1 + i % 3))}],
-            }
-        )
-    return rows
+# Tests written before the helpers moved to tiny.py (and on branches not merged yet) import these from here
+from tiny import WORDS, make_args, prompt_completion_rows  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")
@@ -43,28 +31,25 @@ def other_vocab_model_path(tmp_path_factory) -> str:
     return tiny.build_model(tmp_path_factory.mktemp("tiny_other") / "model", vocab_size=300)
 
 
+@pytest.fixture(scope="session")
+def tied_model_path(tmp_path_factory) -> str:
+    """A tiny model whose LM head is tied to its input embeddings."""
+    return tiny.build_model(tmp_path_factory.mktemp("tied") / "model", tie_word_embeddings=True)
+
+
 @pytest.fixture
 def pc_dataset():
     from datasets import Dataset
 
-    return Dataset.from_list(prompt_completion_rows())
+    return Dataset.from_list(tiny.prompt_completion_rows())
 
 
-def make_args(output_dir, **overrides):
-    """An ASFTConfig for fast CPU tests; overrides win."""
-    from asft_trl import ASFTConfig
+@pytest.fixture
+def no_launch(monkeypatch):
+    """`asft-trl train` in this process, with accelerate's launch replaced: a test fails if anything is launched."""
+    import accelerate.commands.launch as launch
 
-    defaults = dict(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to="none",
-        logging_steps=1,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        seed=0,
-        dataset_num_proc=None,
-    )
-    defaults.update(overrides)
-    return ASFTConfig(**defaults)
+    def launched(args):
+        raise AssertionError("accelerate launch was called: the error was not caught before launching")
+
+    monkeypatch.setattr(launch, "launch_command", launched)

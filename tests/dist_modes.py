@@ -1,4 +1,5 @@
-"""Helper for tests/test_launch_shapes.py: several short ASFT trainings in one launch, each recording what it ran as.
+"""Helper for tests/distributed/test_launch_shapes.py: several short ASFT trainings in one launch, each recording what
+it ran as.
 
 Run under a shipped accelerate config, the way a user launches a recipe, or as one plain process for the baseline:
 
@@ -42,14 +43,15 @@ RUNS = {
     "named": dict(model="untied", named_reference=True),  # the reference loaded from a path (the starting model's)
 }
 GLOBAL_BATCH, GRAD_ACCUM, STEPS = 8, 2, 3
-LEARNING_RATES = {"full": 100.0, "lora": 1000.0}  # see tests/test_equivalence.py: DFT at random init needs large rates
+# See tests/distributed/test_equivalence.py: DFT at random init needs large rates
+LEARNING_RATES = {"full": 100.0, "lora": 1000.0}
 KL_COEF = 0.1
 
 
 def lora_config():
-    from peft import LoraConfig
+    import tiny
 
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    return tiny.lora_config(["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
 
 
 def build_trainer(run: str, models: Path, out: Path, world_size: int, device: str = "cpu", **overrides):
@@ -299,8 +301,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # gloo's background threads can abort the interpreter's own teardown after every result is written
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from dist_train import exit_without_teardown
+
+    exit_without_teardown(main())

@@ -1,4 +1,4 @@
-"""Helper for tests/test_equivalence.py: a short, deterministic ASFT run that records what it saw.
+"""Helper for tests/distributed/test_equivalence.py: a short, deterministic ASFT run that records what it saw.
 
 Run as one process (`python tests/dist_train.py ...`) or several (`python -m torch.distributed.run --nproc_per_node 2
 tests/dist_train.py ...`, gloo on CPU). It writes into `--out`:
@@ -111,6 +111,46 @@ def recording_trainer_class():
     return RecordingASFTTrainer
 
 
+# ---------------------------------------------------------------------------------------------------- for the tests
+# (tests/distributed, and the trainer and recipe tests that compare a launched run with one in process)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def max_abs_diff(a: dict, b: dict) -> tuple[float, str]:
+    """The largest absolute difference between two state dicts with the same names, and where it is."""
+    assert a.keys() == b.keys(), f"different parameter names: {sorted(a.keys() ^ b.keys())}"
+    worst = max(a, key=lambda k: (a[k].float() - b[k].float()).abs().max().item())
+    return (a[worst].float() - b[worst].float()).abs().max().item(), worst
+
+
+def step_losses(log_history: list[dict]) -> list[float]:
+    return [entry["loss"] for entry in log_history if "loss" in entry]
+
+
+SUBPROCESS_TIMEOUT = 300
+
+
+def launch(cmd: list[str], what: str) -> None:
+    """Run `cmd` (a launch of this script, or of another) from the repository's root, offline; a failure or a timeout
+    fails the calling test with the tails of its output."""
+    import subprocess
+
+    import pytest
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired as err:
+        tail = (err.stderr or b"")[-4000:]
+        pytest.fail(f"{what} did not finish within {SUBPROCESS_TIMEOUT}s: {' '.join(cmd)}\nstderr tail:\n{tail}")
+    if proc.returncode != 0:
+        pytest.fail(
+            f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+            f"stdout tail:\n{proc.stdout[-2000:]}\nstderr tail:\n{proc.stderr[-6000:]}"
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="path of the tiny model (tests/tiny.py build_model)")
@@ -185,10 +225,13 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = main()
-    # gloo's background threads can abort the interpreter's own teardown ("terminate called without an active
-    # exception") after every result is written; leave without running it
+def exit_without_teardown(code: int) -> None:
+    """End a launched process: gloo's background threads can abort the interpreter's own teardown ("terminate called
+    without an active exception") after every result is written, so leave without running it."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_without_teardown(main())

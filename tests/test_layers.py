@@ -1,5 +1,6 @@
-"""The package's layers (docs/architecture.md) hold: each folder imports only the layers below it, and the quickstart
-demo plugs into the libraries without their importing it. Parsed with `ast`, so an import inside a function counts."""
+"""The package's layers (docs/architecture.md) hold: each folder imports only the layers below it, the quickstart
+demo plugs into the libraries without their importing it, and nothing in the package imports the repository's
+`studies/` (they use the package, never the reverse). Parsed with `ast`, so an import inside a function counts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "asft_trl"
 
@@ -26,6 +29,8 @@ ALLOWED = {
 }
 # The loss is pure functions of tensors: torch and the standard library only
 LOSSES_MAY_NOT_IMPORT = {"transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "numpy"}
+# The repository's folders beside the package, which it must never import (they are not installed with it)
+OUTSIDE_THE_PACKAGE = {"studies", "benchmarks", "tests", "tiny", "conftest"}
 
 
 def _layer_and_package(path: Path) -> tuple[str, str]:
@@ -76,6 +81,8 @@ def _violations() -> list[str]:
                 target = _layer_of(module)
                 if target != layer and target not in ALLOWED[layer]:
                     problems.append(f"{where}, but {layer} may import only {sorted(ALLOWED[layer]) or 'itself'}")
+            elif module.split(".")[0] in OUTSIDE_THE_PACKAGE:
+                problems.append(f"{where}: the package never imports the repository's {module.split('.')[0]}/")
             elif layer == "losses" and module.split(".")[0] in LOSSES_MAY_NOT_IMPORT:
                 problems.append(f"{where}: the loss imports only torch")
     return problems
@@ -92,9 +99,25 @@ def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
     (fake / "losses" / "bad.py").write_text(
         "def f():\n    from ..trainer import ASFTTrainer\n    import transformers\n"
     )
+    (fake / "scripts").mkdir()
+    (fake / "scripts" / "bad.py").write_text("from studies.common import RunSpec\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     problems = _violations()
-    assert len(problems) == 2 and "asft_trl.trainer" in problems[0] and "transformers" in problems[1]
+    assert len(problems) == 3 and "asft_trl.trainer" in problems[0] and "transformers" in problems[1]
+    assert "scripts/bad.py:1 imports studies.common" in problems[2] and "studies/" in problems[2]
+
+
+def test_the_wheel_ships_the_package_only():
+    """With pyproject's package list, setuptools finds `asft_trl` and its sub-packages, never the repository's
+    `studies` (nor tests, benchmarks)."""
+    from setuptools import find_packages
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    found = find_packages(str(PACKAGE.parent), **pyproject["tool"]["setuptools"]["packages"]["find"])
+    assert "asft_trl" in found and "asft_trl.trainer" in found
+    assert not [p for p in found if not p.startswith("asft_trl")]
+    assert (PACKAGE.parent / "studies" / "__init__.py").is_file()  # a package, and still left out
 
 
 def test_importing_the_libraries_does_not_load_the_demo():

@@ -93,19 +93,36 @@ def test_transformers_counts_items_for_models_that_accept_loss_kwargs():
     assert hasattr(Trainer, "loss_is_scaled_for_ga")
 
 
-def test_lm_head_gather_context_for_the_fused_loss():
-    """The fused loss reads the head's weight directly; under ZeRO-3 TRL's context gathers it."""
+def test_lm_head_gather_context_for_the_fused_loss(monkeypatch):
+    """The fused loss reads the head's weight directly (`reference.lm_head.FusedHeadLoss`); TRL's context gathers it
+    under ZeRO-3, each partitioned parameter once (the policy's head is passed twice when it is the reference's too),
+    None and already gathered parameters left out; without ZeRO-3 it is a null context."""
+    import contextlib
+
+    import deepspeed
+    import torch
+    import transformers.integrations.deepspeed as hf_deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
     assert list(inspect.signature(maybe_gather_lm_head_ctx).parameters) == ["params"]
-    with maybe_gather_lm_head_ctx(None):  # a null context without ZeRO-3
-        pass
+    weight, bias, tied = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    assert isinstance(maybe_gather_lm_head_ctx(weight, None), contextlib.nullcontext)  # no ZeRO-3
+
+    gathered = []
+    monkeypatch.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", lambda params: gathered.append(params) or "gathering")
+    weight.ds_status = bias.ds_status = ZeroParamStatus.NOT_AVAILABLE
+    tied.ds_status = ZeroParamStatus.AVAILABLE  # tied embeddings: already gathered by embed_tokens
+    assert maybe_gather_lm_head_ctx(weight, bias, weight, None, tied) == "gathering"
+    assert [[id(p) for p in params] for params in gathered] == [[id(weight), id(bias)]]
+    assert isinstance(maybe_gather_lm_head_ctx(tied, None), contextlib.nullcontext) and len(gathered) == 1
 
 
 def test_the_last_micro_batch_is_marked_before_its_training_step_and_clipped_after():
     """`dft_normalization="weights"` rescales the step's gradients at the end of the last micro-batch's
     `training_step`, which it recognises by `accelerator.sync_gradients`; clipping and the optimizer step must come
-    after it (a test also checks the behaviour: tests/test_dft_normalization.py)."""
+    after it (a test also checks the behaviour: tests/trainer/test_dft_normalization.py)."""
     from transformers import Trainer
 
     source = inspect.getsource(Trainer._run_epoch)

@@ -2,7 +2,7 @@
 
 Reads each run's `trainer_state.json` (its `log_history`: training metrics such as `loss`, `nll`, `kl`,
 `dft_weight_ess`, `drift_kl`, and eval metrics such as `eval_kl`) and draws one panel per metric, one line per run,
-labelled by method and lambda (from the run's `asft_run.json`, which `asft-trl train` and `asft-trl study` write).
+labelled by method and lambda (from the run's `asft_run.json`, which `asft-trl train` and the studies write).
 A metric asked for with `--metrics` that a run did not log is reported and skipped for that run, never an error; of the
 default metrics, each run draws those it logged, without a word about the others. Only reads runs; writes one PNG.
 """

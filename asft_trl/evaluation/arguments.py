@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..data.formatting import PROMPT_TEMPLATES
 from .medical import MEDICAL_SCORINGS
+from .sandbox import SANDBOXES
 
 SUITES = ("math", "medical", "code", "quickstart")
 # The training recipes' prompt templates, plus the text as is
@@ -53,6 +54,9 @@ class EvalArguments:
         > Code execution
         timeout: seconds of wall time per problem; memory_mb: address-space limit per problem; workers: problems
             run at once.
+        sandbox: how model-generated programs are isolated: `auto` (an isolation layer when this machine has one,
+            else the audit-hook guard alone, with a loud warning), `isolated` (an isolation layer or refuse),
+            `bubblewrap` or `unshare` (that layer or refuse), `guard` (the guard alone, no isolation).
 
         > Output
         output_dir: where `generations.jsonl`, `results.json` and `results.md` go; an existing results file is
@@ -111,6 +115,15 @@ class EvalArguments:
     timeout: float = field(default=10.0, metadata={"help": "Code suite: seconds of wall time per problem."})
     memory_mb: int = field(default=2048, metadata={"help": "Code suite: address-space limit per problem (MiB)."})
     workers: int = field(default=2, metadata={"help": "Code suite: problems executed at once."})
+    sandbox: str = field(
+        default="auto",
+        metadata={
+            "help": "Code suite: how generated programs are isolated. auto: bubblewrap or unshare namespaces when "
+            "they work here (no network, read-only system, nothing of the user's files), else the audit-hook guard "
+            "alone with a loud warning; isolated: refuse instead of falling back; bubblewrap, unshare: that layer "
+            "or refuse; guard: the guard alone (no isolation)."
+        },
+    )
     output_dir: str = field(
         default="outputs/eval", metadata={"help": "Folder for generations, results.json, results.md."}
     )
@@ -144,6 +157,8 @@ class EvalArguments:
                 f"prompt_template={self.prompt_template!r}: the medical suite scores the paper's zero-shot raw prompt "
                 "(Question/Options/Answer:); drop --prompt_template or pass --prompt_template raw."
             )
+        if self.sandbox not in SANDBOXES:
+            raise ValueError(f"sandbox={self.sandbox!r} is not supported; use one of {', '.join(SANDBOXES)}.")
         if self.medical_scoring not in MEDICAL_SCORINGS:
             raise ValueError(
                 f"medical_scoring={self.medical_scoring!r} is not supported; use one of {', '.join(MEDICAL_SCORINGS)}."

@@ -4,7 +4,8 @@ HumanEval-style items (`mode="complete"`) give a signature and docstring: a fenc
 as the whole function (after the prompt, so the prompt's imports still apply), plain text is taken as the body
 that continues the prompt, cut where a new top-level statement starts. MBPP-style items (`mode="write"`) need the
 whole function: the first fenced block, or the answer as is. The program is then the test imports, the code, the
-tests, and `check(entry_point)` when the tests define `check` (HumanEval's convention). Execution is sandbox.py's.
+tests, and `check(entry_point)` when the tests define `check` (HumanEval's convention). Execution is sandbox.py's:
+isolated by namespaces where the machine allows it (`sandbox`), each program failing its own problem only.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from .sandbox import run_program
+from .sandbox import choose_layer, run_in_layer
 
 # Where a plain-text HumanEval completion stops being the function body (the usual HumanEval stop sequences).
 STOP_SEQUENCES = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
@@ -43,12 +44,13 @@ def build_program(item: dict, code: str) -> str:
 
 
 def score_rows(
-    rows: list[dict], timeout: float = 10.0, memory_mb: int = 2048, workers: int = 2
+    rows: list[dict], timeout: float = 10.0, memory_mb: int = 2048, workers: int = 2, sandbox: str = "auto"
 ) -> tuple[dict, list[dict]]:
     """Execute each row's first sample (`prediction`, a string or a list) against its tests; pass@1 = mean passed.
 
     Rows need the item fields (`prompt`, `test`, `mode`, optional `entry_point`, `test_imports`) and `prediction`.
-    A sample that hangs, crashes or exits early fails its own problem only.
+    A sample that hangs, crashes, exits early or attacks fails its own problem only. `sandbox`: see
+    `asft_trl.evaluation.sandbox` (the layer used is reported as the metric `sandbox`).
     """
     from tqdm.auto import tqdm
 
@@ -56,11 +58,12 @@ def score_rows(
         missing = [f for f in ("prediction", "prompt", "test", "mode") if f not in row]
         if missing:
             raise ValueError(f"Code row {index} lacks {missing} (it has {sorted(row)}).")
+    layer = choose_layer(sandbox)  # once: refuses, or warns about running unisolated, before anything runs
 
     def run(row):
         sample = row["prediction"][0] if isinstance(row["prediction"], list) else row["prediction"]
         program = build_program(row, extract_code(row, str(sample)))
-        return run_program(program, timeout=timeout, memory_mb=memory_mb)
+        return run_in_layer(program, layer, timeout=timeout, memory_mb=memory_mb)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the work happens in child processes; threads just wait
         results = list(tqdm(pool.map(run, rows), total=len(rows), desc="Running code tests", unit="problem"))
@@ -72,5 +75,6 @@ def score_rows(
         "accuracy": sum(r.passed for r in results) / len(results),
         "num_problems": len(results),
         "timeouts": statuses.count("timeout"),
+        "sandbox": layer,
     }
     return metrics, scored

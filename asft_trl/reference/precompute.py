@@ -2,10 +2,10 @@
 training, whose top-k log-probs (or, for a per-token KL estimator, its log-probability of each target) ride in the
 batches as columns, so that no reference model is kept while training.
 
-`precompute_reference` runs that pass for the trainer: it fingerprints the reference's weights (the cache key), runs
-its backbone over each split in evaluation mode, stores the columns (`asft_trl.reference.cache`) and wraps the data
-collator so the columns reach `compute_loss`. Which model is the reference, and refusing launch shapes the pass can't
-run under, stay the trainer's.
+`precompute_reference` runs that pass for `build_reference`: it fingerprints the reference's weights (the cache key),
+runs its backbone over each split in evaluation mode, stores the columns (`asft_trl.reference.cache`) and wraps the
+data collator so the columns reach `compute_loss`. Which model is the reference, and refusing launch shapes the pass
+can't run under, are `build_reference`'s.
 """
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset
 
 from . import cache as reference_cache
 from . import lm_head
-from .loading import adapters_disabled
+
+if TYPE_CHECKING:
+    from .build import Reference
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +44,9 @@ class PrecomputedReference:
 
 
 def precompute_reference(
-    reference_lm: torch.nn.Module,
-    runner: torch.nn.Module,
-    name: str,
+    reference: Reference,
+    policy: torch.nn.Module,
     *,
-    adapters_off: bool,
     train_dataset,
     eval_dataset,
     collator,
@@ -56,27 +58,28 @@ def precompute_reference(
     """One pass of the reference over the datasets; afterwards nothing of it need be kept.
 
     Args:
-        reference_lm: the reference's causal LM, whose head and weights are read (under PEFT: the policy's base model).
-        runner: the module whose forward runs the reference's backbone (`asft_hidden_states=True`): the policy, or
-            the separate reference.
-        name: the reference's name, for the cache key and messages.
-        adapters_off: run `runner` (a PeftModel) with its adapters switched off, and leave them out of the fingerprint.
+        reference: the reference as it runs before training (`build_reference`): a model of its own, or the policy's
+            network (adapters off, or as given).
+        policy: the policy, unwrapped: its network runs the pass when the reference is not a model of its own, and
+            its head is then the reference's.
         args: the `ASFTConfig` (`precompute_ref_*`, `kl_estimator`, `output_dir`, `per_device_train_batch_size`).
         autocast, main_process_first: the accelerator's context managers (mixed precision; the main process fills
             the cache first, the others read it).
     """
-    weight, bias = lm_head.head_parameters(reference_lm)
-    head = (weight, bias, lm_head.head_transform(reference_lm.config))
+    from .build import ADAPTERS_OFF
+
+    policy_lm = policy.get_base_model() if is_peft_model(policy) else policy
+    head_lm = reference.causal_lm if reference.causal_lm is not None else policy_lm
+    weight, bias = lm_head.head_parameters(head_lm)
+    head = (weight, bias, lm_head.head_transform(head_lm.config))
     # Adapters switched off for the pass are left out of the fingerprint; a given PeftModel runs as is, adapter on
-    adapters = tuple(runner.peft_config) if adapters_off else ()
-    reference_id = f"{name}:{reference_cache.weights_fingerprint(reference_lm, skip_adapters=adapters)}"
+    adapters = tuple(policy.peft_config) if reference.kind == ADAPTERS_OFF else ()
+    reference_id = f"{reference.name}:{reference_cache.weights_fingerprint(head_lm, skip_adapters=adapters)}"
+    runner = reference.model if reference.model is not None else policy
 
     def run_backbone(inputs):
         with autocast():
-            if adapters_off:
-                with adapters_disabled(runner, deterministic=True):
-                    return runner(**inputs, asft_hidden_states=True).last_hidden_state
-            return runner(**inputs, asft_hidden_states=True).last_hidden_state
+            return reference.forward(runner, inputs, asft_hidden_states=True).last_hidden_state
 
     cache_dir = args.precompute_ref_cache_dir or f"{args.output_dir}/reference_cache"
     # A per-token KL estimator needs only the reference's log-probability of each target: one float per token
@@ -109,13 +112,13 @@ def precompute_reference(
     collator = reference_cache.ReferenceColumnsCollator(collator, store=store)
     if store == "token":
         logger.info(
-            f"Precomputed the reference ({name}) into {cache_dir}: its log-probability of each completion "
+            f"Precomputed the reference ({reference.name}) into {cache_dir}: its log-probability of each completion "
             f"token, for kl_estimator={args.kl_estimator!r}."
         )
         return PrecomputedReference(train_dataset, eval_dataset, collator, None)
     topk_mass = reference_cache.mean_topk_mass(train_dataset)
     message = (
-        f"Precomputed the reference ({name}) into {cache_dir}: its top-{args.precompute_ref_topk} tokens hold "
+        f"Precomputed the reference ({reference.name}) into {cache_dir}: its top-{args.precompute_ref_topk} tokens hold "
         f"{100 * topk_mass:.1f}% of its probability mass on average over the training tokens."
     )
     if topk_mass < 0.9:

@@ -1,7 +1,7 @@
 """`asft-trl` command line. `asft-trl train --config recipes/X.yaml [--field value ...] [accelerate launch flags]`;
 `asft-trl eval SUITE --model PATH [...]` (asft_trl/scripts/evaluate.py), `asft-trl check-data --config RECIPE.yaml` (the
-pre-flight check of a recipe's data, asft_trl/scripts/check_data.py), `asft-trl plot RUN_DIR ...` (training curves)
-and `asft-trl study` (the drift study) run in this process.
+pre-flight check of a recipe's data, asft_trl/scripts/check_data.py) and `asft-trl plot RUN_DIR ...` (training curves)
+run in this process. The studies are the repository's, not the package's: `python -m studies.drift` (README).
 
 Like `trl sft`: the recipe is parsed and validated here first (every config field, an earlier run in `output_dir`, the
 dataset, the model and reference paths: `asft_trl.scripts.train.check_run`), so a bad recipe ends in seconds with one
@@ -99,16 +99,22 @@ _IN_PROCESS_COMMANDS = {
         "asft_trl.scripts.check_data",
     ),
     "plot": ("Draw the training curves of one or more runs into a PNG.", "asft_trl.diagnostics.plot"),
-    "study": (
-        "Run SFT vs DFT vs SFT+KL vs ASFT and a lambda sweep (`study knowledge`: the knowledge study, several "
-        "seeds); write docs/study.md.",
-        "asft_trl.scripts.study",
-    ),
+}
+
+
+# Commands that left the package, and where they went
+_MOVED_COMMANDS = {
+    "study": "the studies are the repository's experiments, no longer part of the package: from a clone of the "
+    "repository, run `python -m studies.drift` or `python -m studies.knowledge` (`make study-drift`, "
+    "`make study-knowledge`)",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in _MOVED_COMMANDS:
+        print(f"asft-trl: error: `asft-trl {argv[0]}` was removed: {_MOVED_COMMANDS[argv[0]]}.", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="asft-trl", description="Anchored Supervised Fine-Tuning on TRL.")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("train", help="Train from a YAML recipe (TRL's parser; CLI overrides win).", add_help=False)

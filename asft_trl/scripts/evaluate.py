@@ -17,6 +17,7 @@ from pathlib import Path
 from ..evaluation.arguments import SUITES, EvalArguments
 from ..evaluation.benchmarks import load_benchmark, suite_benchmarks
 from ..evaluation.report import build_results, compare_table, markdown_table, read_jsonl, write_jsonl
+from ..evaluation.sandbox import SandboxUnavailableError, choose_layer
 from ..utils.io import write_atomic
 
 OUTPUT_FILES = ("generations.jsonl", "scored.jsonl", "results.json", "results.md")
@@ -59,7 +60,9 @@ def _score(suite: str, rows: list[dict], args: EvalArguments):
     if suite == "code":
         from ..evaluation.code import score_rows
 
-        return score_rows(rows, timeout=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
+        return score_rows(
+            rows, timeout=args.timeout, memory_mb=args.memory_mb, workers=args.workers, sandbox=args.sandbox
+        )
     from ..evaluation.exact_match import score_rows
 
     return score_rows(rows)
@@ -105,6 +108,9 @@ def _generate_rows(args: EvalArguments, name: str, items: list[dict], model, tok
 
 
 def run(args: EvalArguments) -> dict:
+    if args.suite == "code":
+        # Refused (or warned about running unisolated) now, not after an hour of generation
+        print(f"[asft-trl eval] code runs in: {choose_layer(args.sandbox)}", file=sys.stderr)
     out = _check_output_dir(args)
     if args.predictions:
         rows = read_jsonl(args.predictions)
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         run(parse_args(argv))
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, SandboxUnavailableError) as error:
         # Bad settings or data: one line that says what to fix, not a traceback.
         raise SystemExit(f"asft-trl eval: error: {error}") from error
     return 0

@@ -170,9 +170,10 @@ def prepare_training_data(splits, script_args: ASFTScriptArguments, training_arg
 def check_run(
     script_args: ASFTScriptArguments, training_args: ASFTConfig, model_args: ModelConfig, dataset_args=None
 ) -> None:
-    """What can be checked about a run without loading anything: an earlier run in `output_dir`, a dataset named and
-    where it comes from, the model's and the reference's paths. The config fields themselves were checked when they
-    were parsed. `asft-trl train` calls this before it launches anything, so a bad recipe fails in seconds."""
+    """What can be checked about a run without loading any weights: an earlier run in `output_dir`, a dataset named
+    and where it comes from, the model's and the reference's paths, and that a named reference uses the policy's
+    tokenizer. The config fields themselves were checked when they were parsed. `asft-trl train` calls this before
+    it launches anything, so a bad recipe fails in seconds."""
     from ..data.loading import check_dataset_given
     from ..utils.paths import check_dataset_source, check_model_source, resolves_itself
 
@@ -201,6 +202,22 @@ def check_run(
         cache_dir=ref_kwargs.get("cache_dir"),
         revision=ref_kwargs.get("revision"),
     )
+    # A named reference must use the policy's tokenizer; a self-resolving policy is compared once it is resolved
+    if (
+        training_args.ref_model_name_or_path
+        and training_args.anchored
+        and not resolves_itself(model_args.model_name_or_path)
+    ):
+        from ..reference.tokenizer_check import check_reference_tokenizer, tokenizer_kwargs
+
+        policy_kwargs = {**(training_args.model_init_kwargs or {}), "revision": model_args.model_revision}
+        check_reference_tokenizer(
+            model_args.model_name_or_path,
+            training_args.ref_model_name_or_path,
+            "ref_model_name_or_path",
+            policy_kwargs=tokenizer_kwargs(policy_kwargs, training_args.trust_remote_code),
+            ref_kwargs=tokenizer_kwargs(ref_kwargs, training_args.trust_remote_code),
+        )
 
 
 def check_launch(training_args: ASFTConfig) -> None:

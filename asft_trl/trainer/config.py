@@ -1,14 +1,17 @@
 """`ASFTConfig`: TRL's `SFTConfig` plus the anchor (reference model and KL term) of Anchored Supervised Fine-Tuning.
 
-Every field is documented twice, in the docstring and in `metadata["help"]`, so the same words reach `--help`, the
-docs and notebook users. All validation happens in `__post_init__`, before any model or data is loaded.
+Every field is documented once, in the class docstring (TRL's format); its `metadata["help"]`, which `--help` prints,
+is filled from there when this module is imported (`parameter_docs`), so the two cannot drift apart. All validation
+happens in `__post_init__`, before any model or data is loaded.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+import re
+import types
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
 
 import torch
 from trl import SFTConfig
@@ -16,6 +19,7 @@ from trl import SFTConfig
 from ..losses import KL_DIRECTIONS, KL_ESTIMATORS, LOSS_TYPES
 from ..reference.loading import REF_MODEL_DTYPES, REF_MODEL_QUANTIZATIONS
 from .kl_control import KL_COEF_SCHEDULES, parse_milestones
+from .normalization import DFT_NORMALIZATIONS, refuse_weights_under_deepspeed
 
 
 def _accelerator_available() -> bool:
@@ -26,9 +30,6 @@ def _bf16_accelerator_available() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return hasattr(torch, "xpu") and torch.xpu.is_available()
-
-
-DFT_NORMALIZATIONS = ("tokens", "weights")
 
 
 def _check_choice(name: str, value, choices, fix: str) -> None:
@@ -120,7 +121,7 @@ class ASFTConfig(SFTConfig):
         ref_model_name_or_path (`str`, *optional*):
             Path or Hub id of the reference model. By default the reference is the starting model itself: a frozen
             copy for full fine-tuning, the same network with its adapters switched off under PEFT.
-        ref_model_init_kwargs (`dict[str, Any]`, *optional*):
+        ref_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
             Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the reference is loaded from a path.
             Defaults to the policy's `model_init_kwargs`.
         ref_model_dtype (`str`, *optional*):
@@ -198,236 +199,37 @@ class ASFTConfig(SFTConfig):
 
     # TRL sets the deprecated name to True, which makes transformers warn on every config; the new name carries the
     # same default (resolved in `__post_init__`)
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Deprecated alias of activation_checkpointing (transformers), unset by default. Use "
-            "activation_checkpointing, which is on by default as in TRL."
-        },
-    )
+    gradient_checkpointing: bool | None = None
 
-    kl_coef: float = field(
-        default=0.05,
-        metadata={
-            "help": "Weight lambda of the KL anchor. 0.05 is the paper's main-table value; the authors' code defaults "
-            "to 0.1. With 0, no reference model is built and the loss is TRL's own SFT/DFT loss."
-        },
-    )
-    kl_direction: str = field(
-        default="forward",
-        metadata={
-            "help": "'forward' computes KL(reference || policy) over the full vocabulary, as every public ASFT "
-            "implementation does; 'reverse' computes KL(policy || reference), the paper's ablation.",
-            "choices": list(KL_DIRECTIONS),
-        },
-    )
-    kl_coef_schedule: str = field(
-        default="constant",
-        metadata={
-            "help": "How lambda moves with the optimizer step: 'constant' (kl_coef throughout, the paper's), "
-            "'constant_with_warmup' (linear from 0 to kl_coef over kl_coef_warmup_steps, then constant), 'cosine' "
-            "(half a cosine from kl_coef to kl_coef_final over the run, after an optional warm-up) or 'by_step' "
-            "(piecewise constant, kl_coef_milestones). Needs kl_coef > 0: kl_coef is the peak/start.",
-            "choices": list(KL_COEF_SCHEDULES),
-        },
-    )
-    kl_coef_warmup_steps: float = field(
-        default=0,
-        metadata={
-            "help": "Warm-up of 'constant_with_warmup' and 'cosine': a number of optimizer steps, or a ratio of the "
-            "run's steps when below 1 (as warmup_steps). The KL is still measured and logged while lambda is small."
-        },
-    )
-    kl_coef_final: float = field(
-        default=0.0,
-        metadata={
-            "help": "Lambda at the end of a 'cosine' schedule. Above kl_coef it makes the anchor tighten over the run."
-        },
-    )
-    kl_coef_milestones: dict[str, float] | str | None = field(
-        default=None,
-        metadata={
-            "help": "For 'by_step': {step: lambda}; lambda is kl_coef until the first milestone and becomes v once s "
-            "optimizer steps have been taken. A mapping in YAML, a JSON object on the command line ('{\"100\": 0.02}')."
-        },
-    )
-    kl_target: float | None = field(
-        default=None,
-        metadata={
-            "help": "Adaptive anchoring: after every optimizer step, lambda is moved (starting from kl_coef) to hold "
-            "the measured per-token KL in nats (the logged kl) near this target, in the manner of the adaptive KL "
-            "controller of RLHF (Ziegler et al., 2019). Unset: no controller. Not combinable with a schedule."
-        },
-    )
-    kl_horizon: float = field(
-        default=10.0,
-        metadata={
-            "help": "Horizon of the controller in optimizer steps: lambda <- lambda x (1 + clip(kl/kl_target - 1) / "
-            "kl_horizon). A KL off target moves lambda by at most a factor exp(kl_error_clip) every kl_horizon steps: "
-            "with the defaults about 1.2x per 10 steps, 7x per 100, so it matters in a run of tens of steps and "
-            "settles within a few hundred, while one noisy batch moves lambda by a factor of at most 1.02."
-        },
-    )
-    kl_error_clip: float = field(
-        default=0.2,
-        metadata={
-            "help": "Clip of the controller's proportional error kl/kl_target - 1 (0.2 as in Ziegler et al. and TRL's "
-            "old controller), so that one outlying batch cannot move lambda far. In (0, 1)."
-        },
-    )
-    loss_type: str = field(
-        default="dft",
-        metadata={
-            "help": "Task term: 'dft' weights each token's NLL by its detached probability (DFT), 'nll' is plain SFT.",
-            "choices": list(LOSS_TYPES),
-        },
-    )
-    dft_weight_floor: float = field(
-        default=0.0,
-        metadata={
-            "help": "Floor of the DFT weight: each token's NLL is weighted by max(p(y_t), floor) instead of p(y_t), the "
-            "known fix for DFT not learning tokens the model finds very unlikely. 0 is the paper's DFT/ASFT. Only for "
-            "loss_type='dft'."
-        },
-    )
-    use_fused_loss: bool = field(
-        default=True,
-        metadata={
-            "help": "Compute the ASFT loss from hidden states in chunks, never building the [tokens x vocabulary] "
-            "logits of the policy or the reference. False uses the plain implementation, which builds both models' "
-            "full logits. Used whenever the loss is this package's: kl_coef > 0, a dft_weight_floor, or "
-            "dft_normalization='weights'; without any of those the loss is TRL's own. Where the fused loss can't run "
-            "it falls back to the plain one with a warning: an LM head that is not a plain linear layer (adapted or "
-            "trained by PEFT, or quantised), in the policy or a separate reference; the MoE router's auxiliary loss; "
-            "FSDP1."
-        },
-    )
-    loss_chunk_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Completion tokens per chunk of the fused loss. Its extra memory is a few [chunk x vocabulary] "
-            "float32 buffers. Default: as many tokens as fit 16M (CPU) or 64M (GPU) logits per buffer."
-        },
-    )
-    ref_model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Path or Hub id of the reference model. By default the reference is the starting model itself: a "
-            "frozen copy for full fine-tuning, the same network with its adapters switched off under PEFT."
-        },
-    )
-    ref_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the reference is loaded from a "
-            "path. Defaults to the policy's `model_init_kwargs`."
-        },
-    )
-    ref_model_dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "Keep a reference model in this dtype instead of the policy's: the default frozen copy is cast, a "
-            "reference loaded from a path is loaded in it. A bfloat16 reference halves the memory of a float32 one. "
-            "Unset: the policy's (or ref_model_init_kwargs') dtype. Needs a separate reference model (full "
-            "fine-tuning, or a named reference) and kl_coef > 0.",
-            "choices": list(REF_MODEL_DTYPES),
-        },
-    )
-    ref_model_quantization: str | None = field(
-        default=None,
-        metadata={
-            "help": "Load the reference quantised with bitsandbytes: '8bit' (LLM.int8) or '4bit' (NF4, computing in "
-            "ref_model_dtype or the policy's dtype). The LM head stays unquantised. The reference is loaded from "
-            "ref_model_name_or_path or, by default, from the policy's own path. Needs a separate reference model and "
-            "kl_coef > 0, and can't be combined with sync_ref_model.",
-            "choices": list(REF_MODEL_QUANTIZATIONS),
-        },
-    )
-    sync_ref_model: bool = field(
-        default=False,
-        metadata={
-            "help": "Move the anchor slowly towards the policy: every ref_model_sync_steps optimizer steps the "
-            "reference becomes ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference, through TRL's "
-            "SyncRefModelCallback (as DPOConfig.sync_ref_model, from TR-DPO). Off: the paper's fixed anchor. Needs "
-            "full fine-tuning, an unquantised reference and kl_coef > 0."
-        },
-    )
-    ref_model_mixup_alpha: float = field(
-        default=0.6,
-        metadata={
-            "help": "Weight of the policy when the reference is synced (TR-DPO's alpha, as in DPOConfig). Only used "
-            "with sync_ref_model=True."
-        },
-    )
-    ref_model_sync_steps: int = field(
-        default=512,
-        metadata={
-            "help": "Optimizer steps between two syncs of the reference (TR-DPO's tau, as in DPOConfig). Only used "
-            "with sync_ref_model=True."
-        },
-    )
-    disable_dropout: bool = field(
-        default=True,
-        metadata={
-            "help": "Switch dropout off in the policy and the reference, so that the KL measures the change of the "
-            "weights and not dropout noise (it is then exactly 0 before the first update)."
-        },
-    )
+    kl_coef: float = 0.05
+    kl_direction: str = field(default="forward", metadata={"choices": list(KL_DIRECTIONS)})
+    kl_coef_schedule: str = field(default="constant", metadata={"choices": list(KL_COEF_SCHEDULES)})
+    kl_coef_warmup_steps: float = 0
+    kl_coef_final: float = 0.0
+    kl_coef_milestones: dict[int, float] | str | None = None
+    kl_target: float | None = None
+    kl_horizon: float = 10.0
+    kl_error_clip: float = 0.2
+    loss_type: str = field(default="dft", metadata={"choices": list(LOSS_TYPES)})
+    dft_weight_floor: float = 0.0
+    use_fused_loss: bool = True
+    loss_chunk_size: int | None = None
+    ref_model_name_or_path: str | None = None
+    ref_model_init_kwargs: dict[str, Any] | str | None = None
+    ref_model_dtype: str | None = field(default=None, metadata={"choices": list(REF_MODEL_DTYPES)})
+    ref_model_quantization: str | None = field(default=None, metadata={"choices": list(REF_MODEL_QUANTIZATIONS)})
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    disable_dropout: bool = True
 
-    precompute_ref_log_probs: bool = field(
-        default=False,
-        metadata={
-            "help": "Run the reference once over the datasets before training and store, per completion token, its "
-            "`precompute_ref_topk` most likely tokens with their log-probabilities and the mass of the rest; training "
-            "then keeps no reference model in memory and runs no reference forward. The KL is then taken against the "
-            "top-k plus one tail bucket, a lower bound of the exact KL."
-        },
-    )
-    precompute_ref_topk: int = field(
-        default=64,
-        metadata={
-            "help": "Reference tokens stored per completion token (k). Disk: 8 k + 4 bytes per completion token."
-        },
-    )
-    precompute_ref_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Batch size of the precomputing pass. Defaults to `per_device_train_batch_size`."},
-    )
-    precompute_ref_cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Folder of the precomputed reference's files, named by a fingerprint of the data, the reference's "
-            "weights and k, so later runs on the same data and reference reuse them. Defaults to "
-            "`<output_dir>/reference_cache`."
-        },
-    )
+    precompute_ref_log_probs: bool = False
+    precompute_ref_topk: int = 64
+    precompute_ref_batch_size: int | None = None
+    precompute_ref_cache_dir: str | None = None
 
-    kl_estimator: str = field(
-        default="full",
-        metadata={
-            "help": "'full' is the exact KL over the vocabulary (the paper's). 'k1', 'k2', 'k3' are Schulman's "
-            "per-token estimates from the target token alone (as NeMo-RL's ASFT; k3 there): with u = log p(y) - log "
-            "p_ref(y) for kl_direction='forward' (minus that for 'reverse'), k1 = -u, k2 = u^2/2, k3 = e^u - 1 - u, u "
-            "clamped to +-20 and the estimate to +-10 nats. They need the reference's log-probability of the target "
-            "only (no reference softmax; with precompute_ref_log_probs, one float per token on disk), but on "
-            "demonstration data they estimate a different quantity than the KL and lambda does not carry over "
-            "(docs/method.md). The logged kl is the estimate; evaluation also logs the exact KL as kl_full. Needs "
-            "kl_coef > 0; k2 is the same in both directions, so it takes kl_direction='forward' only.",
-            "choices": list(KL_ESTIMATORS),
-        },
-    )
-    dft_normalization: str = field(
-        default="tokens",
-        metadata={
-            "help": "What the loss of an optimizer step is divided by: 'tokens', the number of completion tokens of the "
-            "whole step (the paper's, and TRL's num_items_in_batch); 'weights', the sum of the DFT weights of the "
-            "whole step over all accumulation micro-batches and processes, which puts DFT's loss and gradient on "
-            "cross-entropy's scale (DFT's is 10-20x smaller). Both terms (task and KL) are divided by it, so the "
-            "balance that lambda sets is the default's; the step's gradients are rescaled once, before clipping. Only "
-            "for loss_type='dft'; not under DeepSpeed (which clips inside its own step).",
-            "choices": list(DFT_NORMALIZATIONS),
-        },
-    )
+    kl_estimator: str = field(default="full", metadata={"choices": list(KL_ESTIMATORS)})
+    dft_normalization: str = field(default="tokens", metadata={"choices": list(DFT_NORMALIZATIONS)})
 
     def __post_init__(self):
         # Checked before SFTConfig's own post-init, so that a bad ASFT field fails before anything else is set up. One
@@ -486,7 +288,7 @@ class ASFTConfig(SFTConfig):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number.")
         scheduled = self.kl_coef_schedule != "constant"
-        if (scheduled or self.kl_target is not None) and self.kl_coef == 0:
+        if (scheduled or self.kl_target is not None) and not self.anchored:
             what = f"kl_coef_schedule={self.kl_coef_schedule!r}" if scheduled else f"kl_target={self.kl_target}"
             raise ValueError(
                 f"{what} needs an anchor, but kl_coef=0 builds no reference model. Set kl_coef > 0 (the schedule's "
@@ -597,7 +399,7 @@ class ASFTConfig(SFTConfig):
             )
             if v is not None
         }
-        if lighter and self.kl_coef == 0:
+        if lighter and not self.anchored:
             name, value = next(iter(lighter.items()))
             raise ValueError(
                 f"{name}={value!r} applies to the reference model, but kl_coef=0 builds none (no KL term). Set kl_coef "
@@ -624,7 +426,7 @@ class ASFTConfig(SFTConfig):
         """`precompute_ref_*`: an anchor to precompute, sizes >= 1, and no option that needs a reference model kept."""
         if not self.precompute_ref_log_probs:
             return
-        if self.kl_coef == 0:
+        if not self.anchored:
             raise ValueError(
                 "precompute_ref_log_probs=True needs a KL anchor, but kl_coef=0 (no reference is used). Set "
                 "kl_coef > 0, or precompute_ref_log_probs to False."
@@ -648,7 +450,7 @@ class ASFTConfig(SFTConfig):
 
     def _check_liger(self) -> None:
         """Liger's kernels only with TRL's own loss."""
-        if self.use_liger_kernel and (self.kl_coef > 0 or self.dft_weight_floor > 0):
+        if self.use_liger_kernel and (self.anchored or self.dft_weight_floor > 0):
             raise ValueError(
                 "use_liger_kernel=True does not go with the ASFT loss (kl_coef > 0 or a dft_weight_floor): Liger's "
                 "fused linear cross-entropy, the part that saves memory, computes SFT's loss, not this one (TRL "
@@ -688,7 +490,7 @@ class ASFTConfig(SFTConfig):
             "Use 'full' (the exact KL, the default) or a per-token estimator 'k1', 'k2' or 'k3'.",
         )
         if self.kl_estimator != "full":
-            if self.kl_coef == 0:
+            if not self.anchored:
                 raise ValueError(
                     f"kl_estimator={self.kl_estimator!r} estimates the KL anchor, but kl_coef=0 has none. Set kl_coef > "
                     "0 (lambda does not carry over from the exact KL: docs/method.md), or leave kl_estimator at 'full'."
@@ -719,14 +521,68 @@ class ASFTConfig(SFTConfig):
                     f"{self.loss_type!r} weights every token by 1 (the sum is the token count). Set loss_type to 'dft', "
                     "or dft_normalization to 'tokens'."
                 )
-            if self.deepspeed is not None:
-                raise ValueError(
-                    "dft_normalization='weights' rescales the optimizer step's gradients before clipping, and DeepSpeed "
-                    "clips and steps inside its own backward. Use DDP or FSDP2, or dft_normalization='tokens' (with "
-                    "Adam the scale of the loss barely matters; docs/method.md)."
-                )
+            refuse_weights_under_deepspeed(self.dft_normalization, self.deepspeed is not None)
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the KL anchor is on (`kl_coef > 0`): a reference is built and the loss is this package's. With
+        `kl_coef=0` there is no reference at all."""
+        return self.kl_coef > 0
 
     @property
     def method_name(self) -> str:
         """The paper's name for this combination of switches: SFT, DFT, SFT+KL or ASFT."""
         return method_name(self.loss_type, self.kl_coef)
+
+
+class ParameterDoc(NamedTuple):
+    """A field's entry in a docstring written as TRL documents its configs: `name (`type` or `type`, *optional*,
+    defaults to `value`):` and the indented text below it."""
+
+    types: tuple[str, ...]
+    default: str | None  # the text between the backticks of "defaults to `...`", if any
+    text: str
+
+
+_ENTRY = re.compile(r"^ {8}(\w+) \((.*)\):$")
+
+
+def parameter_docs(cls) -> dict[str, ParameterDoc]:
+    """{field: its docstring entry} from the `Parameters:` section of `cls.__doc__`."""
+    entries, name, head, text = {}, None, "", []
+
+    def close():
+        if name is not None:
+            default = re.search(r"defaults to `(.*)`", head)
+            types_ = tuple(re.findall(r"`([^`]+)`", head.split(", *optional*")[0]))
+            entries[name] = ParameterDoc(types_, default and default.group(1), " ".join(text))
+
+    for line in cls.__doc__.splitlines():
+        entry = _ENTRY.match(line)
+        if entry:
+            close()
+            name, head, text = entry.group(1), entry.group(2), []
+        elif name is not None and line.startswith(" " * 12):
+            text.append(line.strip())
+        else:
+            close()
+            name = None
+    close()
+    return entries
+
+
+def _as_help(text: str) -> str:
+    """A docstring entry as plain `--help` text: `"value"` in backticks becomes 'value', other backticks go."""
+    return re.sub(r'`"([^"`]*)"`', r"'\1'", text).replace("`", "")
+
+
+def _help_from_docstring(cls) -> None:
+    """Each field the class declares gets its docstring entry as `metadata["help"]` (its other metadata, such as
+    `choices`, kept)."""
+    docs = parameter_docs(cls)
+    for f in fields(cls):
+        if f.name in docs and f.name in cls.__dict__.get("__annotations__", {}):
+            f.metadata = types.MappingProxyType({**f.metadata, "help": _as_help(docs[f.name].text)})
+
+
+_help_from_docstring(ASFTConfig)

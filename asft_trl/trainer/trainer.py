@@ -1,9 +1,10 @@
 """`ASFTTrainer`: TRL's `SFTTrainer` with the ASFT loss and a frozen reference model, in the manner of TRL's DPO.
 
 What this module adds to SFTTrainer, and nothing else:
-- the reference model (built, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT, or
-  a frozen copy of the adapter a given `PeftModel` carries; or, with `precompute_ref_log_probs`, one pass of it before
-  training whose top-k log-probs ride in the batches);
+- the reference, one `asft_trl.reference.build.Reference` chosen from the config by `build_reference` (a model of its
+  own, checked, frozen and prepared for DeepSpeed/FSDP; or adapters switched off under PEFT, or a frozen copy of the
+  adapter a given `PeftModel` carries; or, with `precompute_ref_log_probs`, one pass of it before training whose
+  top-k log-probs ride in the batches);
 - `compute_loss` for `kl_coef > 0` (or a DFT weight floor, or `dft_normalization="weights"`): by default the chunked,
   fused loss from both models' hidden states (`asft_trl.losses.fused`, reached through `asft_trl.reference.lm_head`'s
   `FusedHeadLoss`), else the plain one from full logits; otherwise the loss is TRL's own, untouched;
@@ -18,32 +19,29 @@ run again), however many are built on one model object.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import textwrap
-from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import PreTrainedModel
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import disable_dropout_in_model
+from trl.trainer.utils import disable_dropout_in_model, get_config_model_id
 
 from ..data.checks import check_dataset_format, report_dropped, report_empty_completions
 from ..diagnostics.preflight import PreflightCheck
 from ..losses import asft_loss, asft_token_terms, weight_stats
 from ..reference import cache as reference_cache
-from ..reference import lm_head, precompute
-from ..reference import loading as ref_utils
+from ..reference import lm_head
+from ..reference.build import Reference, build_reference, check_tokenizer_early, check_vocabulary_early
 from ..utils.paths import check_model_source, is_hub_id
 from .callbacks import AdaptiveKLCallback
 from .config import ASFTConfig
 from .kl_control import KLCoefSchedule
+from .normalization import StepNormalization, refuse_weights_under_deepspeed
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +85,7 @@ class ASFTTrainer(SFTTrainer):
         **kwargs,
     ):
         if args is None:
-            name = model if isinstance(model, str) else ref_utils.get_config_model_id(model.config)
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = ASFTConfig(f"{(name or 'model').split('/')[-1]}-ASFT")
         elif not isinstance(args, ASFTConfig):
             args = _as_asft_config(args)
@@ -104,19 +102,19 @@ class ASFTTrainer(SFTTrainer):
             check_model_source(
                 model, "model", cache_dir=init_kwargs.get("cache_dir"), revision=init_kwargs.get("revision")
             )
+        ref_field = "ref_model_name_or_path" if ref_model == args.ref_model_name_or_path else "ref_model"
         if isinstance(ref_model, str):
-            field = "ref_model_name_or_path" if ref_model == args.ref_model_name_or_path else "ref_model"
             ref_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs or {}
             check_model_source(
-                ref_model, field, cache_dir=ref_kwargs.get("cache_dir"), revision=ref_kwargs.get("revision")
+                ref_model, ref_field, cache_dir=ref_kwargs.get("cache_dir"), revision=ref_kwargs.get("revision")
             )
         # Filled in by `_prepare_dataset`, which SFTTrainer.__init__ calls
         self.dropped_examples: dict[str, int] = {}
         self.empty_completions: dict[str, int] = {}
         # A PeftModel given as is may carry a trained adapter: its reference is then a frozen copy of that adapter
-        self._given_peft_model = not isinstance(model, str) and is_peft_model(model)
-        self._reference_adapter: str | None = None
-        self._early_reference_check(model, ref_model, args)
+        given_peft_model = not isinstance(model, str) and is_peft_model(model)
+        check_vocabulary_early(model, ref_model, args)
+        check_tokenizer_early(model, ref_model, ref_field, args, kwargs.get("processing_class"))
 
         super().__init__(model, args, *pos_args, **kwargs)
 
@@ -126,14 +124,23 @@ class ASFTTrainer(SFTTrainer):
         self._policy_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
         # Patched once per model object, holding no trainer: a notebook cell run again frees the previous trainer
         lm_head.patch_forward(self._policy_lm)
-        self._ref_lm = None  # the reference's own causal LM, when it is a separate model
         if args.disable_dropout:
             disable_dropout_in_model(self.accelerator.unwrap_model(self.model))
-        if args.precompute_ref_log_probs:
-            self.ref_model = None
-            self._precompute_reference(ref_model, args)
-        else:
-            self.ref_model = self._build_reference(ref_model, args)
+        # The reference, in whichever form the config gives it (None without an anchor): `asft_trl.reference.build`
+        self.reference: Reference | None = build_reference(
+            ref_model,
+            args,
+            self.accelerator.unwrap_model(self.model),
+            given_peft_model=given_peft_model,
+            accelerator=self.accelerator,
+            deepspeed=self.is_deepspeed_enabled,
+            fsdp=self.is_fsdp_enabled,
+            datasets=(self.train_dataset, self.eval_dataset, self.data_collator),
+        )
+        if self.reference is not None and self.reference.precomputed is not None:
+            self.train_dataset, self.eval_dataset, self.data_collator = self.reference.precomputed.datasets()
+            if self.reference.precomputed.topk_mass is not None:
+                self.precomputed_topk_mass = self.reference.precomputed.topk_mass
         if args.sync_ref_model and self.ref_model is not None:
             # TRL's own callback (TR-DPO): ref = alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` steps,
             # gathering ZeRO-3 partitions itself; it is given the prepared reference, as DPOTrainer does
@@ -143,7 +150,7 @@ class ASFTTrainer(SFTTrainer):
         # lambda by step (off by default): a schedule, or the adaptive controller in a callback, so that its state
         # rides in trainer_state.json with every checkpoint (transformers' `ExportableState`) and a resume restores it
         self._kl_coef_schedule = None
-        if args.kl_coef > 0 and args.kl_coef_schedule != "constant":
+        if args.anchored and args.kl_coef_schedule != "constant":
             self._kl_coef_schedule = KLCoefSchedule(
                 args.kl_coef_schedule,
                 args.kl_coef,
@@ -151,142 +158,18 @@ class ASFTTrainer(SFTTrainer):
                 args.kl_coef_final,
                 args.kl_coef_milestones or {},
             )
-        if args.kl_coef > 0 and args.kl_target is not None:
+        if args.anchored and args.kl_target is not None:
             self.add_callback(AdaptiveKLCallback(args.kl_coef, args.kl_target, args.kl_horizon, args.kl_error_clip))
         self._set_up_dft_options(args)
 
     # ------------------------------------------------------------------ reference model
 
-    def _early_reference_check(self, model, ref_model, args: ASFTConfig) -> None:
-        """Catch a reference with another vocabulary before any data is tokenised, where that can be known early.
-
-        When TRL will resize the policy (a cloned chat template) the sizes are only comparable after set-up, so the
-        check is left to `_build_reference`.
-        """
-        if args.kl_coef == 0 or ref_model is None or args.chat_template_path is not None:
-            return
-        if isinstance(model, str):
-            policy_vocab = ref_utils.vocab_size_from_path(model, args.trust_remote_code)
-        else:
-            policy_vocab = ref_utils.output_vocab_size(model)
-        if isinstance(ref_model, str):
-            ref_vocab = ref_utils.vocab_size_from_path(ref_model, args.trust_remote_code)
-        else:
-            ref_vocab = ref_utils.output_vocab_size(ref_model)
-        ref_utils.check_same_vocabulary(
-            policy_vocab, ref_vocab, repr(ref_model if isinstance(ref_model, str) else type(ref_model).__name__)
-        )
-
-    def _build_reference(self, ref_model, args: ASFTConfig):
-        """Return the reference model to keep, or None when the adapters-off policy (or nothing) is the reference."""
-        policy = self.accelerator.unwrap_model(self.model)
-        if args.kl_coef == 0:
-            if ref_model is not None:
-                logger.warning("kl_coef=0: the reference model given is not used (no KL term), and is not loaded.")
-            return None
-        if is_peft_model(policy):
-            # With no reference named, the reference is the policy's own base weights: nothing separate to lighten or
-            # sync; and TRL's sync pairs the policy's parameters (adapters included) with the reference's
-            ref_utils.refuse_options_without_separate_reference(
-                args.ref_model_dtype if ref_model is None else None,
-                args.ref_model_quantization if ref_model is None else None,
-                args.sync_ref_model,
-            )
-        if ref_model is None and is_peft_model(policy):
-            if self._given_peft_model:
-                # The model as given, adapter included: a frozen copy of its adapter runs as the reference
-                ref_utils.add_reference_adapter(policy)
-                self._reference_adapter = ref_utils.REFERENCE_ADAPTER
-            return None  # same network: adapters switched off (or the reference adapter on) in `_run_reference`
-
-        ref_model, name = self._separate_reference(ref_model, args, policy)
-        if args.sync_ref_model:
-            ref_utils.check_syncable(policy, ref_model, name)
-        self._ref_lm = ref_model
-
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref_model, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(ref_model, self.accelerator)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-
-    def _separate_reference(self, ref_model, args: ASFTConfig, policy) -> tuple[torch.nn.Module, str]:
-        """The reference as a model of its own, and its name for messages: loaded from a path (`ref_model`, or the
-        policy's own path for a quantised copy of the starting model), a frozen copy of the starting model, or the
-        model given; in `ref_model_dtype` / `ref_model_quantization`; checked against the policy's vocabulary, frozen,
-        and able to run its backbone alone (`lm_head.patch_forward`)."""
-        init_kwargs = dict(args.ref_model_init_kwargs or args.model_init_kwargs or {})
-        init_kwargs = ref_utils.lighter_init_kwargs(
-            init_kwargs, args.ref_model_dtype, args.ref_model_quantization, policy.dtype
-        )
-        distributed_type = str(args.distributed_state.distributed_type).split(".")[-1]
-        if ref_model is None and args.ref_model_quantization is not None:
-            # bitsandbytes quantises while loading, so the starting model is loaded again from the policy's path
-            ref_model = ref_utils.policy_path_for_quantised_reference(policy)
-        if isinstance(ref_model, str):
-            name = repr(ref_model)
-            ref_model = ref_utils.load_reference(
-                ref_model, init_kwargs, distributed_type=distributed_type, trust_remote_code=args.trust_remote_code
-            )
-        elif ref_model is None:
-            name = "(a copy of the starting model)"
-            ref_model = ref_utils.default_reference(
-                policy, init_kwargs, distributed_type=distributed_type, trust_remote_code=args.trust_remote_code
-            )
-            ref_model = ref_utils.cast_reference(ref_model, args.ref_model_dtype)
-        else:
-            name = type(ref_model).__name__
-            if args.ref_model_quantization is not None and not ref_utils.is_quantised(ref_model):
-                raise ValueError(
-                    f"ref_model_quantization={args.ref_model_quantization!r} can't quantise the {name} passed as "
-                    "`ref_model`: bitsandbytes quantises while loading. Pass the reference's path instead (`ref_model` "
-                    "or `ref_model_name_or_path`), or load it yourself with a `BitsAndBytesConfig`."
-                )
-            ref_model = ref_utils.cast_reference(ref_model, args.ref_model_dtype)
-        ref_utils.check_same_vocabulary(
-            ref_utils.output_vocab_size(policy), ref_utils.output_vocab_size(ref_model), name
-        )
-        ref_utils.freeze(ref_model, disable_dropout=True)
-        lm_head.patch_forward(ref_model)
-        return ref_model, name
-
-    def _precompute_reference(self, ref_model, args: ASFTConfig) -> None:
-        """One pass of the reference over the datasets (`asft_trl.reference.cache`); afterwards no reference is kept.
-
-        The default reference is the starting model, which is the policy itself before its first update (adapters off
-        under PEFT, or, for a PeftModel given with its adapter, the policy as given), so no second model is loaded at
-        all; a named reference is loaded for the pass and freed.
-        """
-        if is_deepspeed_zero3_enabled():
-            raise ValueError(
-                "precompute_ref_log_probs=True does not run under DeepSpeed ZeRO-3 (the pass runs before the model is "
-                "sharded). Use ZeRO-2 or FSDP2: with the precomputed reference no reference model is kept to shard."
-            )
-        policy = self.accelerator.unwrap_model(self.model)
-        if ref_model is None:
-            reference_lm, runner = self._policy_lm, policy
-            name = ref_utils.get_config_model_id(self._policy_lm.config) or "the starting model"
-        else:
-            ref_model, name = self._separate_reference(ref_model, args, policy)
-            reference_lm = runner = ref_model.to(self.args.device)
-        # A PeftModel given as is runs with its adapter on; otherwise the policy's adapters are off for the pass
-        adapters_off = runner is policy and is_peft_model(policy) and not self._given_peft_model
-        result = precompute.precompute_reference(
-            reference_lm,
-            runner,
-            name,
-            adapters_off=adapters_off,
-            train_dataset=self.train_dataset,
-            eval_dataset=self.eval_dataset,
-            collator=self.data_collator,
-            args=args,
-            device=self.args.device,
-            autocast=self.accelerator.autocast,
-            main_process_first=self.accelerator.main_process_first,
-        )
-        self.train_dataset, self.eval_dataset, self.data_collator = result.datasets()
-        if result.topk_mass is not None:
-            self.precomputed_topk_mass = result.topk_mass
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        """The reference when it is a model of its own, prepared for the launch (TRL's name, as in `DPOTrainer`);
+        None under PEFT (the policy's network is the reference), with the precomputed reference, or without an
+        anchor. `self.reference` holds the reference in every form."""
+        return None if self.reference is None else self.reference.model
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -301,7 +184,7 @@ class ASFTTrainer(SFTTrainer):
     def _uses_own_loss(args: ASFTConfig) -> bool:
         """Whether the loss is this package's rather than TRL's own SFT/DFT loss: with a KL term, a weight floor, or
         the DFT weight normalisation."""
-        return args.kl_coef > 0 or args.dft_weight_floor > 0 or args.dft_normalization == "weights"
+        return args.anchored or args.dft_weight_floor > 0 or args.dft_normalization == "weights"
 
     @property
     def current_kl_coef(self) -> float:
@@ -319,8 +202,8 @@ class ASFTTrainer(SFTTrainer):
         if not args.use_fused_loss or not self._uses_own_loss(args):
             return False
         problem = lm_head.fused_head_problem(self._policy_lm)
-        if problem is None and self._ref_lm is not None:
-            problem = lm_head.fused_head_problem(self._ref_lm)
+        if problem is None and self.reference is not None:
+            problem = self.reference.head_problem()
         if problem is None and self.aux_loss_enabled:
             problem = "the MoE router's auxiliary loss is enabled"
         if (
@@ -334,32 +217,13 @@ class ASFTTrainer(SFTTrainer):
             return False
         return True
 
-    def _run_reference(self, model, model_inputs: dict[str, Any], **kwargs):
-        """The reference's forward on exactly the policy's inputs (same positions, same packing information)."""
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return self.ref_model(**model_inputs, **kwargs)
-            peft_model = self.accelerator.unwrap_model(model)
-            deterministic = not self.args.disable_dropout
-            if self._reference_adapter is not None:
-                with ref_utils.reference_adapter_active(peft_model, deterministic=deterministic):
-                    return model(**model_inputs, **kwargs)
-            with ref_utils.adapters_disabled(peft_model, deterministic=deterministic):
-                return model(**model_inputs, **kwargs)
-
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save as SFTTrainer does, leaving out the frozen reference adapter: the output holds the trained adapter
         alone, as it would without the reference."""
-        if self._reference_adapter is None or not is_peft_model(self.model):
+        if self.reference is None:
             return super()._save(output_dir, state_dict)
-        trained = [name for name in self.model.peft_config if name != self._reference_adapter]
-        self.model.save_pretrained = functools.partial(
-            type(self.model).save_pretrained, self.model, selected_adapters=trained
-        )
-        try:
-            super()._save(output_dir, state_dict)
-        finally:
-            del self.model.save_pretrained
+        with self.reference.left_out_of_save(self.model):
+            return super()._save(output_dir, state_dict)
 
     # ------------------------------------------------------------------ model card
 
@@ -374,7 +238,7 @@ class ASFTTrainer(SFTTrainer):
         card_path = os.path.join(self.args.output_dir, "README.md")
         with open(card_path) as f:
             lines = f.read().split("\n")
-        base = ref_utils.get_config_model_id(self.model.config)
+        base = get_config_model_id(self.model.config)
         hub_base = bool(base) and not os.path.isdir(base)
         base_text = (
             f"[{base}](https://huggingface.co/{base})"
@@ -411,7 +275,7 @@ class ASFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stored = reference_cache.pop_reference(inputs)
+        stored = Reference.take_stored(inputs)
         if not self._uses_own_loss(self.args):
             # TRL's own loss, untouched; its fused head's per-token log-probabilities also give the DFT weight
             # statistics, read from the call it makes anyway
@@ -433,7 +297,7 @@ class ASFTTrainer(SFTTrainer):
         shifted = "shift_labels" in inputs
         labels = inputs["shift_labels"] if shifted else inputs["labels"][:, 1:]
         mask = labels != -100
-        anchored = self.args.kl_coef > 0
+        anchored = self.args.anchored
         loss_kwargs = dict(
             kl_coef=self.current_kl_coef if anchored else 0.0,
             loss_type=self.args.loss_type,
@@ -458,14 +322,14 @@ class ASFTTrainer(SFTTrainer):
         if self.use_fused_loss:
             ref_hidden = None
             if anchored and stored is None:
-                ref_hidden = self._run_reference(model, model_inputs, asft_hidden_states=True).last_hidden_state
+                ref_hidden = self.reference.forward(model, model_inputs, asft_hidden_states=True).last_hidden_state
                 ref_hidden = ref_hidden if shifted else ref_hidden[:, :-1]
             fused_loss = lm_head.FusedHeadLoss(
                 labels=labels,
                 mask=mask,
                 shifted=shifted,
                 ref_hidden=ref_hidden,
-                ref_lm=self._ref_lm,
+                ref_lm=self.reference.causal_lm if self.reference is not None else None,
                 ref_topk=ref_topk,
                 ref_token_log_probs=ref_token_log_probs,
                 chunk_size=self.args.loss_chunk_size,
@@ -482,7 +346,7 @@ class ASFTTrainer(SFTTrainer):
             policy_logits = outputs.logits if shifted else outputs.logits[:, :-1]
             ref_logits = None
             if anchored and stored is None:
-                ref_logits = self._run_reference(model, model_inputs).logits
+                ref_logits = self.reference.forward(model, model_inputs).logits
                 ref_logits = (ref_logits if shifted else ref_logits[:, :-1])[mask]
             loss, terms = asft_loss(
                 policy_logits[mask],
@@ -497,14 +361,11 @@ class ASFTTrainer(SFTTrainer):
                     full_kl = asft_token_terms(
                         policy_logits[mask], labels[mask], ref_logits, kl_direction=self.args.kl_direction
                     ).kl
-        # Like TRL: `num_items_in_batch` counts the tokens of every process, and DDP averages gradients across them
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        # The step's normalisation (`asft_trl.trainer.normalization`); "weights" refuses the MoE auxiliary loss
+        loss = self.step_normalization.normalize(mode, loss, terms.weight, num_items_in_batch, int(mask.sum()))
         if self.aux_loss_enabled and getattr(outputs, "aux_loss", None) is not None:
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
-        if self.args.dft_normalization == "weights":
-            loss = self._normalize_by_weights(mode, loss, terms, num_items_in_batch, int(mask.sum()))
 
         self._log_token_metrics(mode, terms, inputs, full_kl)
         return (loss, outputs) if return_outputs else loss
@@ -512,72 +373,23 @@ class ASFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ DFT: weight normalisation, special tokens
 
     def _set_up_dft_options(self, args: ASFTConfig) -> None:
-        """Refuse what `dft_normalization="weights"` can't run under, and, for a DFT loss, check before training how
-        strong the starting model's prior on the completions is and whether it can learn the special tokens they hold
-        (`PreflightCheck`)."""
-        if args.dft_normalization == "weights":
-            if self.is_deepspeed_enabled:
-                raise ValueError(
-                    "dft_normalization='weights' rescales the optimizer step's gradients before clipping, and DeepSpeed "
-                    "clips and steps inside its own backward. Use DDP or FSDP2, or dft_normalization='tokens'."
-                )
-            if self.aux_loss_enabled:
-                raise ValueError(
-                    "dft_normalization='weights' rescales the step's whole gradient, the MoE router's auxiliary loss "
-                    "included. Set dft_normalization='tokens', or switch the auxiliary loss off (router_aux_loss_coef)."
-                )
+        """The step's normalisation, refusing what `dft_normalization="weights"` can't run under; and, for a DFT loss,
+        the check before training of how strong the starting model's prior on the completions is and whether it can
+        learn the special tokens they hold (`PreflightCheck`)."""
+        refuse_weights_under_deepspeed(args.dft_normalization, self.is_deepspeed_enabled)
+        if args.dft_normalization == "weights" and self.aux_loss_enabled:
+            raise ValueError(
+                "dft_normalization='weights' rescales the step's whole gradient, the MoE router's auxiliary loss "
+                "included. Set dft_normalization='tokens', or switch the auxiliary loss off (router_aux_loss_coef)."
+            )
+        self.step_normalization = StepNormalization(args, self.accelerator, self.get_tp_size)
         self.preflight_report = None  # filled in by PreflightCheck when training starts
         if args.loss_type == "dft":
             self.add_callback(PreflightCheck(self))
 
-    def _normalize_by_weights(self, mode: str, loss: torch.Tensor, terms, num_items_in_batch, local_items: int):
-        """`dft_normalization="weights"`: the loss divided by the sum W of the DFT weights instead of the token count N.
-
-        Training: the loss stays divided by the step's N (`num_items_in_batch`), and this micro-batch's weight sum is
-        added to the step's; `training_step` multiplies the step's gradients by N / W once its last micro-batch is done
-        (the weights depend on the policy, so W is known only after every micro-batch's forward). Evaluation: a batch
-        is a step of its own and is rescaled here.
-        """
-        weight_sum = terms.weight.detach().float().sum()
-        if mode == "train":
-            if num_items_in_batch is None:
-                raise RuntimeError(
-                    "dft_normalization='weights' needs the Trainer's num_items_in_batch (the step's token count) to "
-                    "rescale the step; it was not given. Use dft_normalization='tokens'."
-                )
-            self._dft_step_weight_sum = weight_sum + getattr(self, "_dft_step_weight_sum", 0.0)
-            self._dft_step_items = num_items_in_batch
-            return loss
-        items = local_items if num_items_in_batch is None else num_items_in_batch
-        return loss * self._weights_scale(items, weight_sum, gathered=num_items_in_batch is not None)
-
-    def _weights_scale(self, items, weight_sum: torch.Tensor, gathered: bool) -> torch.Tensor:
-        """N / W, with W summed over the processes that N (`num_items_in_batch`) counts, as the Trainer counts N."""
-        if gathered and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            # Tensor-parallel ranks hold the same tokens (the Trainer divides N by the same factor)
-            weight_sum = self.accelerator.gather(weight_sum.reshape(1)).sum() / self.get_tp_size()
-        items = torch.as_tensor(items, device=weight_sum.device, dtype=torch.float32)
-        # W is 0 only if every weight underflowed; the task gradient is then 0 too, so leave the step as it is
-        return torch.where(weight_sum > 0, items / weight_sum.clamp_min(1e-30), torch.ones_like(items))
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.args.dft_normalization != "weights":
-            return loss
-        step_loss = loss + getattr(self, "_dft_step_loss", 0.0)  # what the step's micro-batches returned so far
-        # The Trainer sets `sync_gradients` for the step's last micro-batch, and clips and steps right after it
-        if not self.accelerator.sync_gradients:
-            self._dft_step_loss = step_loss
-            return loss
-        scale = self._weights_scale(self._dft_step_items, self._dft_step_weight_sum, gathered=True)
-        factor = float(scale)  # a Python number multiplies any gradient, sharded (DTensor) ones included
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(factor)
-        self._dft_step_loss = self._dft_step_weight_sum = 0.0
-        # The Trainer logs the sum of what this returns over the step: make that sum the weight-normalised loss
-        return loss + step_loss * (scale - 1)
+        return self.step_normalization.after_backward(model, loss)
 
     # ------------------------------------------------------------------ metrics
 
@@ -611,7 +423,7 @@ class ASFTTrainer(SFTTrainer):
             mode, terms.nll, kl=terms.kl, entropy=terms.entropy, mean_token_accuracy=terms.is_top1, **extra
         )
         metrics = self._metrics[mode]
-        if self.args.kl_coef > 0:
+        if self.args.anchored:
             metrics["kl_coef"].append(self.current_kl_coef)
         if mode == "train":
             self._add_step_kl(sums["kl"], sums["count"])
