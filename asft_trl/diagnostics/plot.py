@@ -324,8 +324,9 @@ def save_run_info(trainer) -> None:
         "kl_target": getattr(args, "kl_target", None),
         "kl_estimator": getattr(args, "kl_estimator", None),
         "dft_normalization": getattr(args, "dft_normalization", None),
-        # The starting model's probability of the completions' special tokens (DFT runs; SpecialTokenCheck)
-        "special_tokens": getattr(trainer, "special_token_report", None),
+        # The starting model's prior on the completions and its probability of their special tokens (DFT runs;
+        # diagnostics.preflight)
+        "preflight": getattr(trainer, "preflight_report", None),
     }
     with open(Path(args.output_dir) / RUN_INFO_FILE, "w") as f:
         json.dump(info, f, indent=2)

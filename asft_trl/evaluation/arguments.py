@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..data.formatting import PROMPT_TEMPLATES
+from .medical import MEDICAL_SCORINGS
 from .sandbox import SANDBOXES
 
 SUITES = ("math", "medical", "code", "quickstart")
@@ -44,6 +45,11 @@ class EvalArguments:
         num_samples, temperature, top_p, max_new_tokens: sampling; temperature 0 means greedy.
         batch_size: prompts per `generate` call / questions per forward pass.
         backend: `auto` (vLLM when installed and a GPU is present, else Hugging Face `generate`), `hf`, `vllm`.
+
+        > Medical scoring
+        medical_scoring: how the next-token distribution after "Answer:" becomes a letter: `letters` (the option
+            letter with the highest log-probability; default) or `authors` (the ASFT authors' code: the best letter
+            among the 10 most likely tokens, else "A"). See asft_trl/evaluation/medical.py.
 
         > Code execution
         timeout: seconds of wall time per problem; memory_mb: address-space limit per problem; workers: problems
@@ -98,6 +104,14 @@ class EvalArguments:
     batch_size: int = field(default=8, metadata={"help": "Prompts per generate call / questions per forward pass."})
     backend: str = field(default="auto", metadata={"help": "Generation backend: auto, hf, vllm."})
     seed: int = field(default=0, metadata={"help": "Random seed for sampling."})
+    medical_scoring: str = field(
+        default="letters",
+        metadata={
+            "help": "Medical suite: `letters` (the option letter with the highest next-token log-probability) or "
+            "`authors` (the ASFT authors' evaluation: the best option letter among the 10 most likely next tokens, "
+            'else "A"), so numbers compare with the paper\'s. With --predictions, rescores the saved rows.'
+        },
+    )
     timeout: float = field(default=10.0, metadata={"help": "Code suite: seconds of wall time per problem."})
     memory_mb: int = field(default=2048, metadata={"help": "Code suite: address-space limit per problem (MiB)."})
     workers: int = field(default=2, metadata={"help": "Code suite: problems executed at once."})
@@ -145,6 +159,10 @@ class EvalArguments:
             )
         if self.sandbox not in SANDBOXES:
             raise ValueError(f"sandbox={self.sandbox!r} is not supported; use one of {', '.join(SANDBOXES)}.")
+        if self.medical_scoring not in MEDICAL_SCORINGS:
+            raise ValueError(
+                f"medical_scoring={self.medical_scoring!r} is not supported; use one of {', '.join(MEDICAL_SCORINGS)}."
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not supported; use one of {', '.join(BACKENDS)}.")
         if self.model is None and self.predictions is None:

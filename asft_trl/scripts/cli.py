@@ -1,6 +1,7 @@
 """`asft-trl` command line. `asft-trl train --config recipes/X.yaml [--field value ...] [accelerate launch flags]`;
-`asft-trl eval SUITE --model PATH [...]` (asft_trl/scripts/evaluate.py) and `asft-trl plot RUN_DIR ...` (training
-curves) run in this process. The studies are the repository's, not the package's: `python -m studies.drift` (README).
+`asft-trl eval SUITE --model PATH [...]` (asft_trl/scripts/evaluate.py), `asft-trl check-data --config RECIPE.yaml` (the
+pre-flight check of a recipe's data, asft_trl/scripts/check_data.py) and `asft-trl plot RUN_DIR ...` (training curves)
+run in this process. The studies are the repository's, not the package's: `python -m studies.drift` (README).
 
 Like `trl sft`: the recipe is parsed and validated here first (every config field, an earlier run in `output_dir`, the
 dataset, the model and reference paths: `asft_trl.scripts.train.check_run`), so a bad recipe ends in seconds with one
@@ -92,6 +93,11 @@ def _fill_launch_defaults(accelerate_args) -> None:
 # Commands that run in this process: name -> (help, module with `main(argv) -> int`)
 _IN_PROCESS_COMMANDS = {
     "eval": ("Score a model on the math, medical or code suite; `eval compare` runs.", "asft_trl.scripts.evaluate"),
+    "check-data": (
+        "Measure a recipe's data before training: the starting model's prior on the completions (share of tokens "
+        "below p 0.1, mean p) and its special tokens; warns where DFT/ASFT would barely learn.",
+        "asft_trl.scripts.check_data",
+    ),
     "plot": ("Draw the training curves of one or more runs into a PNG.", "asft_trl.diagnostics.plot"),
 }
 

@@ -55,7 +55,8 @@ def _score(suite: str, rows: list[dict], args: EvalArguments):
     if suite == "medical":
         from ..evaluation.medical import score_rows
 
-        return score_rows(rows)
+        # Generated rows were chosen by the rule already; saved ones are rescored by the rule asked for
+        return score_rows(rows, args.medical_scoring if args.predictions else None)
     if suite == "code":
         from ..evaluation.code import score_rows
 
@@ -74,7 +75,8 @@ def _generate_rows(args: EvalArguments, name: str, items: list[dict], model, tok
     if args.suite == "medical":
         from ..evaluation.medical import predict
 
-        return [{"benchmark": name, **row} for row in predict(model, tokenizer, items, args.batch_size)]
+        rows = predict(model, tokenizer, items, args.batch_size, scoring=args.medical_scoring)
+        return [{"benchmark": name, **row} for row in rows]
     if args.suite == "math":
         chats = [prompts.math_prompt(item["question"], args.prompt_template) for item in items]
     elif args.suite == "code":

@@ -51,7 +51,14 @@ def print_summary(trainer, before: dict, after: dict, note: str | None = None) -
         f"  final train loss: {_fmt(_last(history, 'loss'))}   final KL to the reference: {_fmt(_last(history, 'kl'))}"
         f"   DFT weight ESS: {_fmt(_last(history, 'dft_weight_ess'))}",
     ]
-    unlearnable = [e for e in getattr(trainer, "special_token_report", None) or [] if e["warned"]]
+    preflight = getattr(trainer, "preflight_report", None) or {}
+    prior = preflight.get("answer_tokens") or {}
+    if prior.get("warned"):
+        lines.append(
+            f"  weak prior: {prior['low_p_share']:.0%} of the completion tokens started below p {prior['low_p']:g} "
+            "(DFT/ASFT barely learn them) -- see the warning at the start"
+        )
+    unlearnable = [e for e in preflight.get("special_tokens") or [] if e["warned"]]
     if unlearnable:
         lines.append(
             "  special tokens DFT may not learn (starting model's mean probability): "

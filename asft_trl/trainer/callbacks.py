@@ -1,8 +1,8 @@
 """The callbacks `ASFTTrainer` installs that hold state of their own, as TRL keeps its in `trl/trainer/callbacks.py`.
 
 `AdaptiveKLCallback` holds the adaptive KL controller (`kl_target`). TRL's `SyncRefModelCallback` (TR-DPO) is used as
-it is; the special-token check (`asft_trl.diagnostics.special_tokens.SpecialTokenCheck`) is a diagnostic and lives
-with the others. Nothing here computes a loss.
+it is; the pre-flight check (`asft_trl.diagnostics.preflight.PreflightCheck`) is a diagnostic and lives with the
+others. Nothing here computes a loss.
 """
 
 from __future__ import annotations

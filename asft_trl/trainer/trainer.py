@@ -32,7 +32,7 @@ from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model, get_config_model_id
 
 from ..data.checks import check_dataset_format, report_dropped, report_empty_completions
-from ..diagnostics.special_tokens import SpecialTokenCheck
+from ..diagnostics.preflight import PreflightCheck
 from ..losses import asft_loss, asft_token_terms, weight_stats
 from ..reference import cache as reference_cache
 from ..reference import lm_head
@@ -374,8 +374,8 @@ class ASFTTrainer(SFTTrainer):
 
     def _set_up_dft_options(self, args: ASFTConfig) -> None:
         """The step's normalisation, refusing what `dft_normalization="weights"` can't run under; and, for a DFT loss,
-        the check before training that the starting model can learn the special tokens the completions hold
-        (`SpecialTokenCheck`)."""
+        the check before training of how strong the starting model's prior on the completions is and whether it can
+        learn the special tokens they hold (`PreflightCheck`)."""
         refuse_weights_under_deepspeed(args.dft_normalization, self.is_deepspeed_enabled)
         if args.dft_normalization == "weights" and self.aux_loss_enabled:
             raise ValueError(
@@ -383,9 +383,9 @@ class ASFTTrainer(SFTTrainer):
                 "included. Set dft_normalization='tokens', or switch the auxiliary loss off (router_aux_loss_coef)."
             )
         self.step_normalization = StepNormalization(args, self.accelerator, self.get_tp_size)
-        self.special_token_report = None  # filled in by SpecialTokenCheck when training starts
+        self.preflight_report = None  # filled in by PreflightCheck when training starts
         if args.loss_type == "dft":
-            self.add_callback(SpecialTokenCheck(self))
+            self.add_callback(PreflightCheck(self))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -90,6 +90,19 @@ def test_medical_and_config_file(tiny_model_path, tmp_path):
     expected = sum(r["prediction"] == r["answer"] for r in rows) / 4
     assert results["benchmarks"]["medqa"]["accuracy"] == expected == results["average"]
 
+    # The authors' rule: generated directly, or the saved rows rescored without the model, the same letters
+    authors = ["--medical_scoring", "authors", "--output_dir"]
+    assert eval_cli("medical", "--config", config, *authors, tmp_path / "authors") == 0
+    generated = read_jsonl(tmp_path / "authors" / "generations.jsonl")
+    assert all("fallback" in r and len(r["top_logprobs"]) == 10 for r in generated)
+    predictions = tmp_path / "medical" / "generations.jsonl"
+    assert eval_cli("medical", "--predictions", predictions, *authors, tmp_path / "rescored") == 0
+    rescored = read_jsonl(tmp_path / "rescored" / "scored.jsonl")
+    assert [r["prediction"] for r in rescored] == [r["prediction"] for r in generated]
+    metrics = json.loads((tmp_path / "rescored" / "results.json").read_text())["benchmarks"]["medqa"]
+    assert metrics["fallbacks"] == sum(r["fallback"] for r in generated)
+    assert "fallbacks" in (tmp_path / "rescored" / "results.md").read_text()
+
 
 def test_code_from_model_and_from_predictions(tiny_model_path, tmp_path):
     assert (
@@ -167,6 +180,8 @@ def test_bad_input_fails_before_a_model_is_loaded(tmp_path):
         eval_cli("math", "--output_dir", tmp_path / "o")
     with pytest.raises(SystemExit, match="template"):
         eval_cli("medical", "--model", "m", "--template", "chat")
+    with pytest.raises(SystemExit, match="medical_scoring='paper' is not supported"):
+        eval_cli("medical", "--model", "m", "--medical_scoring", "paper")
     with pytest.raises(SystemExit, match="not a suite"):
         eval_cli("poetry", "--model", "m")
 

@@ -298,7 +298,7 @@ def test_recipe_dry_run_with_the_dft_and_estimator_options(tiny_model_path, tmp_
     kls = [entry["kl"] for entry in trainer.state.log_history if "kl" in entry]
     assert kls[-1] > 0 and all(math.isfinite(kl) for kl in kls)
     info = json.loads((tmp_path / "asft_run.json").read_text())
-    assert info["kl_estimator"] == "k3" and info["special_tokens"]  # the recipe's completions end with EOS
+    assert info["kl_estimator"] == "k3" and info["preflight"]["special_tokens"]  # the completions end with EOS
 
 
 def test_recipe_refuses_data_without_the_columns(tiny_model_path, tmp_path):
