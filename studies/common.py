@@ -112,6 +112,71 @@ def trainer_config(run_dir: Path, spec: RunSpec, args, seed: int, **options):
     return ASFTConfig(**{**settings, **options})
 
 
+def resumable_trainer(model_path: str, run_dir: Path, spec: RunSpec, args, seed: int, train_dataset):
+    """A LoRA `ASFTTrainer` for one study run, with checkpoints only so that an interrupted run resumes (the last one
+    stays: the trained adapter) and the LoRA initialisation seeded. `args` holds the study's training options
+    (`trainer_config`), `lr_scheduler_type`, `save_steps`, `lora_r` and `lora_alpha`."""
+    from transformers import set_seed
+
+    from asft_trl.trainer.trainer import ASFTTrainer
+
+    config = trainer_config(
+        run_dir,
+        spec,
+        args,
+        seed,
+        lr_scheduler_type=args.lr_scheduler_type,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=1,
+        gradient_checkpointing=False,
+        data_seed=seed,
+    )
+    set_seed(seed)  # the LoRA initialisation happens while the trainer is built, before the Trainer seeds anything
+    return ASFTTrainer(
+        model_path, args=config, train_dataset=train_dataset, peft_config=lora_config(args.lora_r, args.lora_alpha)
+    )
+
+
+def time_steps_interleaved(trainers: dict, rounds: int) -> tuple[dict, list[float]]:
+    """Train each of `trainers` (method key -> trainer set to a few steps) once per round, the methods interleaved so
+    that a change of load hits all of them, timing every step (wall and this process's CPU time) and dropping each
+    round's first (warm-up; a DFT loss's pre-flight check). Returns per method the median seconds per step and the
+    steps timed, and the 1-minute load average after each round. The cost scripts' shared measurement."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.wall, self.cpu, self._t = [], [], None
+
+        def on_step_begin(self, *a, **k):
+            self._t = (time.perf_counter(), time.process_time())
+
+        def on_step_end(self, *a, **k):
+            self.wall.append(time.perf_counter() - self._t[0])
+            self.cpu.append(time.process_time() - self._t[1])
+
+    timers = {key: StepTimer() for key in trainers}
+    for key, trainer in trainers.items():
+        trainer.add_callback(timers[key])
+    loads = []
+    for _ in range(rounds):
+        for key, trainer in trainers.items():
+            n = len(timers[key].wall)
+            trainer.train()
+            del timers[key].wall[n], timers[key].cpu[n]
+        loads.append(os.getloadavg()[0])
+    methods = {
+        key: {
+            "wall_s_per_step": statistics.median(timer.wall),
+            "cpu_s_per_step": statistics.median(timer.cpu),
+            "steps_timed": len(timer.wall),
+        }
+        for key, timer in timers.items()
+    }
+    return methods, loads
+
+
 def lora_config(r: int, alpha: int):
     """LoRA on every projection, without dropout (the base model is the network with its adapters off)."""
     from peft import LoraConfig

